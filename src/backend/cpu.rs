@@ -1,0 +1,1 @@
+//! The CPU executor (filled in by the engine-core work).

@@ -1,0 +1,1 @@
+//! The CUDA backend: kernel compilation (NVRTC), loading, launchers, arena.

@@ -1,0 +1,1 @@
+//! Image data: ImageFolder and packed files, decoding, transforms, loader threads.

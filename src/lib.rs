@@ -1,0 +1,12 @@
+//! inception-engine: a training engine for InceptionV4.
+//!
+//! See docs/ARCHITECTURE.md for the map of the code.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod ops;
+pub mod params;
+pub mod plan;
+pub mod train;

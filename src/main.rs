@@ -1,0 +1,53 @@
+//! The `inception-engine` command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use inception_engine::cli::{inspect, bench, selftest, train, eval, predict, pack, export};
+
+#[derive(Parser)]
+#[command(name = "inception-engine", version, about = "Train, evaluate and export InceptionV4 on the CPU or an NVIDIA GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the per-layer table of a plan: shapes, parameters, MACs, arena size.
+    Inspect(inspect::Args),
+    /// Time training steps or kernels.
+    Bench(bench::Args),
+    /// Compile the CUDA kernels, or check them against the CPU reference.
+    Selftest(selftest::Args),
+    /// Train a plan on an image folder or packed file.
+    Train(train::Args),
+    /// Evaluate a checkpoint: loss, top-1, top-5.
+    Eval(eval::Args),
+    /// Classify images with a checkpoint.
+    Predict(predict::Args),
+    /// Pack an image folder into one memory-mapped file.
+    Pack(pack::Args),
+    /// Export a checkpoint to ONNX or a timm state dict.
+    Export(export::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Selftest(a) => selftest::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Pack(a) => pack::run(a),
+        Command::Export(a) => export::run(a),
+    }
+}

@@ -1,0 +1,1 @@
+//! The flat parameter and state buffers of a plan.

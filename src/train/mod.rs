@@ -1,0 +1,1 @@
+//! Training: loop, optimizer, learning-rate schedule, loss scaler, metrics, logging.
