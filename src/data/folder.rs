@@ -83,7 +83,9 @@ fn is_hidden(path: &Path) -> bool {
 }
 
 fn has_image_extension(path: &Path) -> bool {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
     ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 

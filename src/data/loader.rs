@@ -90,7 +90,12 @@ impl Loader {
         ensure!(cfg.batch_size >= 1, "batch size must be at least 1");
         ensure!(cfg.image_size >= 1, "image size must be at least 1");
         ensure!(cfg.world_size >= 1, "world size must be at least 1");
-        ensure!(cfg.rank < cfg.world_size, "rank {} is not below world size {}", cfg.rank, cfg.world_size);
+        ensure!(
+            cfg.rank < cfg.world_size,
+            "rank {} is not below world size {}",
+            cfg.rank,
+            cfg.world_size
+        );
         cfg.augment.validate()?;
         if cfg.workers == 0 {
             cfg.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -149,7 +154,8 @@ impl Loader {
     pub fn shard(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.cfg.train {
-            let mut rng = ChaCha8Rng::seed_from_u64(hash_seed(&[ORDER_TAG, self.cfg.seed, epoch as u64]));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(hash_seed(&[ORDER_TAG, self.cfg.seed, epoch as u64]));
             order.shuffle(&mut rng);
         }
         order[self.shard_range()].to_vec()
@@ -192,7 +198,7 @@ impl Loader {
     }
 }
 
-const ORDER_TAG: u64 = 0x6f72_6465_72; // "order"
+const ORDER_TAG: u64 = 0x6f_7264_6572; // "order"
 const AUGMENT_TAG: u64 = 0x6175_676d; // "augm"
 
 /// splitmix64's finaliser: spreads nearby inputs (epoch 1, 2, ...) to unrelated seeds.
@@ -266,8 +272,19 @@ impl Shared {
         let size = self.cfg.image_size;
         let tensor = if self.cfg.train {
             // `pass` only differs from 0 when skips made the epoch wrap around its shard.
-            let seed = hash_seed(&[AUGMENT_TAG, self.cfg.seed, self.epoch as u64, index as u64, pass as u64]);
-            train_transform(&img, size, &self.cfg.augment, &mut ChaCha8Rng::seed_from_u64(seed))
+            let seed = hash_seed(&[
+                AUGMENT_TAG,
+                self.cfg.seed,
+                self.epoch as u64,
+                index as u64,
+                pass as u64,
+            ]);
+            train_transform(
+                &img,
+                size,
+                &self.cfg.augment,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+            )
         } else {
             eval_transform(&img, size)
         };
@@ -277,7 +294,8 @@ impl Shared {
 
 fn worker(shared: &Shared, tx: &Sender<(usize, Vec<Item>)>) {
     while let Some(k) = shared.claim() {
-        let end = shared.stream_len.map_or(usize::MAX, |len| len.min((k + 1) * shared.chunk));
+        let end = (k + 1) * shared.chunk;
+        let end = shared.stream_len.map_or(end, |len| len.min(end));
         let items = (k * shared.chunk..end).map(|p| shared.load(p)).collect();
         if tx.send((k, items)).is_err() {
             return;
@@ -316,12 +334,15 @@ impl Epoch {
         }
         let k = self.position / sh.chunk;
         while !self.pending.contains_key(&k) {
-            let (chunk, items) = self.rx.recv().expect("a data loader worker thread panicked");
+            let (chunk, items) = self
+                .rx
+                .recv()
+                .expect("a data loader worker thread panicked");
             self.pending.insert(chunk, items.into_iter());
         }
         let item = self.pending.get_mut(&k).unwrap().next().unwrap();
         self.position += 1;
-        if self.position % sh.chunk == 0 || sh.stream_len == Some(self.position) {
+        if self.position.is_multiple_of(sh.chunk) || sh.stream_len == Some(self.position) {
             self.pending.remove(&k);
             sh.state.lock().unwrap().consumed = k + 1;
             sh.wake.notify_all();
@@ -332,7 +353,7 @@ impl Epoch {
     /// True when a whole pass over the shard produced nothing usable.
     fn all_bad(&mut self) -> bool {
         let n = self.shared.order.len();
-        if self.position % n != 0 {
+        if !self.position.is_multiple_of(n) {
             return false;
         }
         let all_bad = self.good_since_wrap == 0;
@@ -349,7 +370,11 @@ impl Iterator for Epoch {
 
     fn next(&mut self) -> Option<Batch> {
         let cfg = &self.shared.cfg;
-        let (train, b, pixels) = (cfg.train, cfg.batch_size, cfg.image_size * cfg.image_size * 3);
+        let (train, b, pixels) = (
+            cfg.train,
+            cfg.batch_size,
+            cfg.image_size * cfg.image_size * 3,
+        );
         if train && self.batches_left == 0 {
             return None;
         }
@@ -364,7 +389,8 @@ impl Iterator for Epoch {
             let Some(item) = self.next_item() else { break };
             match item {
                 Some((index, label, tensor)) => {
-                    batch.images[batch.len * pixels..(batch.len + 1) * pixels].copy_from_slice(&tensor);
+                    batch.images[batch.len * pixels..(batch.len + 1) * pixels]
+                        .copy_from_slice(&tensor);
                     batch.labels[batch.len] = label;
                     batch.indices.push(index);
                     batch.len += 1;

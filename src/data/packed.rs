@@ -132,9 +132,15 @@ impl<'a> Cursor<'a> {
 
 fn parse(bytes: &[u8]) -> Result<(Vec<String>, Vec<Entry>)> {
     let mut c = Cursor { bytes, pos: 0 };
-    ensure!(c.take(8)? == MAGIC, "bad magic (not written by `inception-engine pack`)");
+    ensure!(
+        c.take(8)? == MAGIC,
+        "bad magic (not written by `inception-engine pack`)"
+    );
     let version = c.u32()?;
-    ensure!(version == VERSION, "unsupported version {version} (this build reads {VERSION})");
+    ensure!(
+        version == VERSION,
+        "unsupported version {version} (this build reads {VERSION})"
+    );
     let num_classes = c.u32()? as usize;
     let num_images = c.u64()?;
     let mut classes = Vec::with_capacity(num_classes.min(1 << 16));
@@ -148,7 +154,7 @@ fn parse(bytes: &[u8]) -> Result<(Vec<String>, Vec<Entry>)> {
     let index_bytes = (num_images as usize).checked_mul(INDEX_ENTRY_BYTES);
     ensure!(
         index_bytes.is_some_and(|n| n <= bytes.len() - c.pos),
-        "index of {num_images} images runs past the end of the file"
+        "index of {num_images} images runs past the end of the file (truncated?)"
     );
     let data_start = (c.pos + INDEX_ENTRY_BYTES * num_images as usize) as u64;
     let mut entries = Vec::with_capacity(num_images as usize);
@@ -161,7 +167,11 @@ fn parse(bytes: &[u8]) -> Result<(Vec<String>, Vec<Entry>)> {
             },
             length: c.u64()?,
         };
-        ensure!((e.label as usize) < num_classes, "image {i} has label {} but only {num_classes} classes", e.label);
+        ensure!(
+            (e.label as usize) < num_classes,
+            "image {i} has label {} but only {num_classes} classes",
+            e.label
+        );
         let end = e.offset.checked_add(e.length);
         ensure!(
             e.offset >= data_start && end.is_some_and(|end| end <= bytes.len() as u64),
@@ -185,7 +195,8 @@ pub fn write_packed(folder: &ImageFolder, out: &Path) -> Result<usize> {
         let _ = fs::remove_file(&tmp);
     }
     result?;
-    fs::rename(&tmp, out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
+    fs::rename(&tmp, out)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
     Ok(folder.len())
 }
 

@@ -42,9 +42,18 @@ impl AugmentConfig {
     pub fn validate(&self) -> Result<()> {
         let (s0, s1) = self.scale;
         let (r0, r1) = self.ratio;
-        ensure!(0.0 < s0 && s0 <= s1, "crop area range {s0}..{s1} must satisfy 0 < min <= max");
-        ensure!(0.0 < r0 && r0 <= r1, "crop aspect range {r0}..{r1} must satisfy 0 < min <= max");
-        ensure!((0.0..=1.0).contains(&self.flip_prob), "flip probability must be in [0, 1]");
+        ensure!(
+            0.0 < s0 && s0 <= s1,
+            "crop area range {s0}..{s1} must satisfy 0 < min <= max"
+        );
+        ensure!(
+            0.0 < r0 && r0 <= r1,
+            "crop aspect range {r0}..{r1} must satisfy 0 < min <= max"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.flip_prob),
+            "flip probability must be in [0, 1]"
+        );
         ensure!(self.jitter >= 0.0, "colour jitter strength must be >= 0");
         Ok(())
     }
@@ -111,7 +120,12 @@ pub fn random_resized_crop_box(
         if 0 < w && w <= width && 0 < h && h <= height {
             let y = rng.random_range(0..=height - h);
             let x = rng.random_range(0..=width - w);
-            return CropBox { x, y, width: w, height: h };
+            return CropBox {
+                x,
+                y,
+                width: w,
+                height: h,
+            };
         }
     }
     centre_crop_box(width, height, ratio)
@@ -120,9 +134,15 @@ pub fn random_resized_crop_box(
 fn centre_crop_box(width: usize, height: usize, ratio: (f32, f32)) -> CropBox {
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio.0 as f64 {
-        (width, ((width as f64 / ratio.0 as f64).round() as usize).clamp(1, height))
+        (
+            width,
+            ((width as f64 / ratio.0 as f64).round() as usize).clamp(1, height),
+        )
     } else if in_ratio > ratio.1 as f64 {
-        (((height as f64 * ratio.1 as f64).round() as usize).clamp(1, width), height)
+        (
+            ((height as f64 * ratio.1 as f64).round() as usize).clamp(1, width),
+            height,
+        )
     } else {
         (width, height)
     };
@@ -136,8 +156,20 @@ fn centre_crop_box(width: usize, height: usize, ratio: (f32, f32)) -> CropBox {
 
 /// Resizes the `crop` region of `img` to `size` x `size`. Values stay in 0..=255, f32, HWC.
 pub fn resize_crop(img: &DecodedImage, crop: CropBox, size: usize) -> Vec<f32> {
-    let ax = AxisTaps::new(crop.x, crop.x + crop.width, crop.x as f64, crop.width as f64 / size as f64, size);
-    let ay = AxisTaps::new(crop.y, crop.y + crop.height, crop.y as f64, crop.height as f64 / size as f64, size);
+    let ax = AxisTaps::new(
+        crop.x,
+        crop.x + crop.width,
+        crop.x as f64,
+        crop.width as f64 / size as f64,
+        size,
+    );
+    let ay = AxisTaps::new(
+        crop.y,
+        crop.y + crop.height,
+        crop.y as f64,
+        crop.height as f64 / size as f64,
+        size,
+    );
     resample(img, &ax, &ay)
 }
 
@@ -147,7 +179,13 @@ pub fn resize_shorter_and_centre_crop(img: &DecodedImage, size: usize) -> Vec<f3
     let (w, h) = (img.width, img.height);
     let short = w.min(h);
     // torchvision truncates the longer side: int(size * long / short).
-    let resized = |len: usize| if len == short { size } else { (size * len / short).max(size) };
+    let resized = |len: usize| {
+        if len == short {
+            size
+        } else {
+            (size * len / short).max(size)
+        }
+    };
     let axis = |len: usize| {
         let rlen = resized(len);
         let offset = ((rlen - size) as f64 / 2.0).round();
@@ -196,7 +234,11 @@ impl AxisTaps {
             row.iter_mut().for_each(|w| *w /= sum);
             spans.push((first, last - first));
         }
-        Self { spans, weights, stride }
+        Self {
+            spans,
+            weights,
+            stride,
+        }
     }
 
     fn taps(&self, o: usize) -> (usize, &[f32]) {
