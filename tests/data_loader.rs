@@ -235,7 +235,14 @@ fn bad_files_are_skipped_counted_and_batches_stay_full() {
         loader.batches_per_epoch(),
         "skips never cost a step"
     );
-    assert!(batches.iter().all(|b| b.len == 4));
+    let pixels = 16 * 16 * 3;
+    for b in &batches {
+        assert_eq!((b.len, b.indices.len()), (4, 4));
+        for slot in 0..4 {
+            let img = &b.images[slot * pixels..(slot + 1) * pixels];
+            assert!(img.iter().any(|&v| v != 0.0), "slot {slot} is a hole");
+        }
+    }
     assert!(batches
         .iter()
         .flat_map(|b| &b.indices)
@@ -274,6 +281,16 @@ fn eval_skips_bad_files_and_keeps_the_rest() {
         [4, 4, 4, 4, 1]
     );
     assert_eq!(epoch.skipped(), 4);
+    drop(epoch);
+    let again: Vec<Batch> = loader.epoch(1).collect();
+    assert_eq!(again, batches, "evaluation repeats exactly");
+    let mut expect_bad: Vec<usize> = bad.into_iter().collect();
+    expect_bad.sort();
+    assert_eq!(
+        loader.bad_files(),
+        expect_bad,
+        "each bad file recorded (and warned) once"
+    );
 }
 
 #[test]

@@ -181,3 +181,23 @@ fn bundled_mini_set_packs_and_reads_back() {
         );
     }
 }
+
+/// The full Fashion-MNIST packs from `tools/fetch-fashion-mnist.sh --full DIR`; run with
+/// `FASHION_MNIST_FULL=DIR cargo test --release --test data_pack -- --ignored`.
+#[test]
+#[ignore = "needs FASHION_MNIST_FULL=DIR made by tools/fetch-fashion-mnist.sh --full"]
+fn full_fashion_mnist_packs() {
+    let dir = PathBuf::from(std::env::var("FASHION_MNIST_FULL").expect("FASHION_MNIST_FULL"));
+    for (name, n) in [("train.pack", 60_000), ("val.pack", 10_000)] {
+        let ds = Arc::new(Dataset::open(&dir.join(name)).unwrap());
+        assert_eq!((ds.len(), ds.classes().len()), (n, 10));
+        let mut per_class = [0usize; 10];
+        (0..n).for_each(|i| per_class[ds.label(i) as usize] += 1);
+        assert!(per_class.iter().all(|&c| c == n / 10), "{per_class:?}");
+        let loader = Loader::new(ds, LoaderConfig::train(64, 75, 0)).unwrap();
+        let t = std::time::Instant::now();
+        let images: usize = loader.epoch(0).take(50).map(|b| b.len).sum();
+        let rate = images as f64 / t.elapsed().as_secs_f64();
+        eprintln!("{name}: {n} images, loader at 75x75: {rate:.0} images/s");
+    }
+}

@@ -126,6 +126,13 @@ impl Loader {
         &self.cfg
     }
 
+    /// Dataset indices of the bad files met so far (each was warned about once), sorted.
+    pub fn bad_files(&self) -> Vec<usize> {
+        let mut bad: Vec<usize> = self.warned.lock().unwrap().iter().copied().collect();
+        bad.sort_unstable();
+        bad
+    }
+
     /// Training: full batches only. Evaluation: enough batches for every image of the shard
     /// (fewer may come if bad files are skipped).
     pub fn batches_per_epoch(&self) -> usize {
