@@ -6,7 +6,7 @@ mod helpers;
 use helpers::*;
 use image::codecs::jpeg::JpegEncoder;
 use image::ImageFormat;
-use inception_engine::data::{decode_image, Dataset};
+use inception_engine::data::{bundled_dataset, decode_image, Dataset};
 use std::fs;
 
 fn open_err(path: &std::path::Path) -> String {
@@ -214,7 +214,7 @@ fn bundled_fashion_mnist_mini() {
         "9-ankle_boot",
     ];
     for (split, per_class) in [("train", 50), ("val", 20)] {
-        let ds = Dataset::open(&bundled(split)).unwrap();
+        let ds = Dataset::open(&bundled_dataset().unwrap().join(split)).unwrap();
         assert_eq!(ds.classes(), names);
         assert_eq!(ds.len(), 10 * per_class);
         for i in 0..ds.len() {

@@ -20,3 +20,15 @@ pub use folder::ImageFolder;
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
 pub use packed::PackedFile;
 pub use transform::{AugmentConfig, MEAN, STD};
+
+use std::path::PathBuf;
+
+/// The bundled demo dataset's folder (`data/fashion-mnist-mini`, holding `train/` and `val/`):
+/// relative to the working directory when run from a checkout, else where this crate was built.
+pub fn bundled_dataset() -> Option<PathBuf> {
+    let relative = PathBuf::from("data/fashion-mnist-mini");
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&relative);
+    [relative, built]
+        .into_iter()
+        .find(|p| p.join("train").is_dir() && p.join("val").is_dir())
+}
