@@ -44,7 +44,12 @@ impl ParamLayout {
     pub fn new(plan: &Plan) -> Self {
         let (params, param_len) = entries(plan, &plan.params(), true);
         let (states, state_len) = entries(plan, &plan.states(), false);
-        ParamLayout { params, states, param_len, state_len }
+        ParamLayout {
+            params,
+            states,
+            param_len,
+            state_len,
+        }
     }
 
     /// Runs of the parameter buffer with their weight-decay flag, covering it in order with
@@ -114,7 +119,11 @@ impl ModelState {
     pub fn zeros(plan: &Plan) -> Self {
         let layout = ParamLayout::new(plan);
         let (params, states) = (vec![0.0; layout.param_len], vec![0.0; layout.state_len]);
-        ModelState { layout, params, states }
+        ModelState {
+            layout,
+            params,
+            states,
+        }
     }
 
     /// Deterministic initialisation from `seed`: conv weights He-normal (std sqrt(2 / fan_in),
@@ -131,7 +140,9 @@ impl ModelState {
     }
 
     pub fn param(&self, name: &str) -> Option<&[f32]> {
-        self.layout.param_entry(name).map(|e| &self.params[e.range()])
+        self.layout
+            .param_entry(name)
+            .map(|e| &self.params[e.range()])
     }
 
     pub fn param_mut(&mut self, name: &str) -> Option<&mut [f32]> {
@@ -140,7 +151,9 @@ impl ModelState {
     }
 
     pub fn state(&self, name: &str) -> Option<&[f32]> {
-        self.layout.state_entry(name).map(|e| &self.states[e.range()])
+        self.layout
+            .state_entry(name)
+            .map(|e| &self.states[e.range()])
     }
 
     pub fn state_mut(&mut self, name: &str) -> Option<&mut [f32]> {
@@ -157,7 +170,9 @@ fn init_rules(plan: &Plan) -> Vec<Init> {
         match &node.op {
             Op::Conv2d(c) => {
                 let fan_in = (c.kh * c.kw * c.cin) as f64;
-                rules[node.params[0]] = Init::Normal { std: (2.0 / fan_in).sqrt() };
+                rules[node.params[0]] = Init::Normal {
+                    std: (2.0 / fan_in).sqrt(),
+                };
             }
             Op::BatchNorm { .. } => {
                 rules[node.params[0]] = Init::Const(1.0); // gamma

@@ -22,24 +22,49 @@ pub fn smoothed_target(label: usize, k: usize, eps: f32) -> Vec<f32> {
 /// Smoothed cross-entropy of one row of logits, in f64: the reference the op is tested against.
 pub fn smoothed_ce_reference(logits: &[f32], label: usize, eps: f32) -> f64 {
     let k = logits.len();
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
     let target = smoothed_target(label, k, eps);
-    target.iter().zip(logits).map(|(&t, &x)| t as f64 * (lse - x as f64)).sum()
+    target
+        .iter()
+        .zip(logits)
+        .map(|(&t, &x)| t as f64 * (lse - x as f64))
+        .sum()
 }
 
 /// How many rows of `logits` (`labels.len()` rows of `classes`) have their label among the `k`
 /// highest logits. Ties go to the lower class index, so a tie never counts in the label's favour
 /// by accident of iteration order.
 pub fn topk_correct(logits: &[f32], labels: &[u32], classes: usize, k: usize) -> usize {
-    assert_eq!(logits.len(), labels.len() * classes, "logits must be labels.len() rows of {classes}");
-    logits.chunks_exact(classes).zip(labels).filter(|(row, &label)| in_topk(row, label as usize, k)).count()
+    assert_eq!(
+        logits.len(),
+        labels.len() * classes,
+        "logits must be labels.len() rows of {classes}"
+    );
+    logits
+        .chunks_exact(classes)
+        .zip(labels)
+        .filter(|(row, &label)| in_topk(row, label as usize, k))
+        .count()
 }
 
 /// The label is in the top k when fewer than k classes rank above it: a class ranks above when
 /// its logit is larger, or equal with a lower index. NaN logits never rank above.
 fn in_topk(row: &[f32], label: usize, k: usize) -> bool {
-    let Some(&v) = row.get(label) else { return false };
-    let above = row.iter().enumerate().filter(|&(j, &x)| x > v || (x == v && j < label)).count();
+    let Some(&v) = row.get(label) else {
+        return false;
+    };
+    let above = row
+        .iter()
+        .enumerate()
+        .filter(|&(j, &x)| x > v || (x == v && j < label))
+        .count();
     above < k
 }

@@ -18,7 +18,11 @@ pub enum LossScaler {
     Fixed(f32),
     /// Halve (down to 1) and skip the step on overflow; double after `growth_interval`
     /// consecutive clean steps.
-    Dynamic { scale: f32, growth_interval: u32, clean_steps: u32 },
+    Dynamic {
+        scale: f32,
+        growth_interval: u32,
+        clean_steps: u32,
+    },
 }
 
 /// What the training loop does with the step just computed.
@@ -33,7 +37,11 @@ pub struct StepDecision {
 impl LossScaler {
     /// A dynamic scaler with the standard start (65536) and growth interval (2000).
     pub fn dynamic() -> Self {
-        LossScaler::Dynamic { scale: DYNAMIC_START, growth_interval: GROWTH_INTERVAL, clean_steps: 0 }
+        LossScaler::Dynamic {
+            scale: DYNAMIC_START,
+            growth_interval: GROWTH_INTERVAL,
+            clean_steps: 0,
+        }
     }
 
     /// The factor the loss is multiplied by.
@@ -57,14 +65,25 @@ impl LossScaler {
 
     /// Record one step whose gradients did (or did not) overflow.
     pub fn update(&mut self, overflow: bool) -> StepDecision {
-        let LossScaler::Dynamic { scale, growth_interval, clean_steps } = self else {
-            return StepDecision { skip: false, scale_changed: None };
+        let LossScaler::Dynamic {
+            scale,
+            growth_interval,
+            clean_steps,
+        } = self
+        else {
+            return StepDecision {
+                skip: false,
+                scale_changed: None,
+            };
         };
         let old = *scale;
         if overflow {
             *scale = (old * 0.5).max(1.0);
             *clean_steps = 0;
-            return StepDecision { skip: true, scale_changed: changed(old, *scale) };
+            return StepDecision {
+                skip: true,
+                scale_changed: changed(old, *scale),
+            };
         }
         *clean_steps += 1;
         if *clean_steps >= *growth_interval {
@@ -75,7 +94,10 @@ impl LossScaler {
                 *scale = grown;
             }
         }
-        StepDecision { skip: false, scale_changed: changed(old, *scale) }
+        StepDecision {
+            skip: false,
+            scale_changed: changed(old, *scale),
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -94,5 +116,7 @@ fn changed(old: f32, new: f32) -> Option<(f32, f32)> {
 /// Whether any gradient is infinite or NaN.
 pub fn has_overflow(grads: &[f32]) -> bool {
     use rayon::prelude::*;
-    grads.par_chunks(1 << 16).any(|c| c.iter().any(|g| !g.is_finite()))
+    grads
+        .par_chunks(1 << 16)
+        .any(|c| c.iter().any(|g| !g.is_finite()))
 }

@@ -23,7 +23,13 @@ pub struct RmsPropConfig {
 
 impl Default for RmsPropConfig {
     fn default() -> Self {
-        RmsPropConfig { rho: 0.9, momentum: 0.9, eps: 1.0, weight_decay: 4e-5, decay_all: false }
+        RmsPropConfig {
+            rho: 0.9,
+            momentum: 0.9,
+            eps: 1.0,
+            weight_decay: 4e-5,
+            decay_all: false,
+        }
     }
 }
 
@@ -47,7 +53,12 @@ impl RmsProp {
 
     /// An optimizer over `len` parameters with an explicit decay mask (runs covering `0..len`).
     pub fn with_mask(cfg: RmsPropConfig, len: usize, decay: Vec<(Range<usize>, bool)>) -> Self {
-        RmsProp { cfg, ms: vec![1.0; len], mom: vec![0.0; len], decay }
+        RmsProp {
+            cfg,
+            ms: vec![1.0; len],
+            mom: vec![0.0; len],
+            decay,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -77,7 +88,12 @@ impl RmsProp {
                 for_each_run(decay, base..base + w.len(), |r, decayed| {
                     let local = r.start - base..r.end - base;
                     let wd = if decayed { cfg.weight_decay } else { 0.0 };
-                    let s = Slices { w: &mut w[local.clone()], g: &g[local.clone()], ms: &mut ms[local.clone()], mom: &mut mom[local] };
+                    let s = Slices {
+                        w: &mut w[local.clone()],
+                        g: &g[local.clone()],
+                        ms: &mut ms[local.clone()],
+                        mom: &mut mom[local],
+                    };
                     update(s, &cfg, lr, grad_scale, wd);
                 });
             });
@@ -94,7 +110,12 @@ struct Slices<'a> {
 /// The RMSProp update over one run of elements sharing the same weight decay.
 fn update(s: Slices, cfg: &RmsPropConfig, lr: f32, grad_scale: f32, wd: f32) {
     let (rho, momentum, eps) = (cfg.rho, cfg.momentum, cfg.eps);
-    for (((w, &g), ms), mom) in s.w.iter_mut().zip(s.g).zip(s.ms.iter_mut()).zip(s.mom.iter_mut()) {
+    for (((w, &g), ms), mom) in
+        s.w.iter_mut()
+            .zip(s.g)
+            .zip(s.ms.iter_mut())
+            .zip(s.mom.iter_mut())
+    {
         let g = g * grad_scale + wd * *w;
         *ms = rho * *ms + (1.0 - rho) * g * g;
         *mom = momentum * *mom + lr * g / (*ms + eps).sqrt();
@@ -104,7 +125,11 @@ fn update(s: Slices, cfg: &RmsPropConfig, lr: f32, grad_scale: f32, wd: f32) {
 
 /// Call `f` with each part of `span` that lies in one decay run, in order. Elements no run
 /// covers (a mask shorter than the buffer) get no decay.
-fn for_each_run(runs: &[(Range<usize>, bool)], span: Range<usize>, mut f: impl FnMut(Range<usize>, bool)) {
+fn for_each_run(
+    runs: &[(Range<usize>, bool)],
+    span: Range<usize>,
+    mut f: impl FnMut(Range<usize>, bool),
+) {
     let mut pos = span.start;
     let first = runs.partition_point(|(r, _)| r.end <= span.start);
     for (r, flag) in &runs[first..] {
@@ -136,6 +161,15 @@ mod tests {
         let runs = vec![(0..3, true), (3..5, false), (7..10, true)];
         let mut seen = Vec::new();
         for_each_run(&runs, 2..12, |r, f| seen.push((r, f)));
-        assert_eq!(seen, vec![(2..3, true), (3..5, false), (5..7, false), (7..10, true), (10..12, false)]);
+        assert_eq!(
+            seen,
+            vec![
+                (2..3, true),
+                (3..5, false),
+                (5..7, false),
+                (7..10, true),
+                (10..12, false)
+            ]
+        );
     }
 }
