@@ -312,9 +312,9 @@ impl Checkpoint {
     /// directory. A crash or error at any point leaves the previous file at `path` intact.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let (header, infos) = self.header()?;
+        let header = self.header()?;
         let tmp = tmp_path(path);
-        let written = self.write_file(&tmp, &header, &infos).and_then(|()| {
+        let written = self.write_file(&tmp, &header).and_then(|()| {
             std::fs::rename(&tmp, path)
                 .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
         });
@@ -329,53 +329,45 @@ impl Checkpoint {
         sync_dir(path)
     }
 
-    /// The safetensors header (JSON, padded with spaces to 8 bytes) and tensor order.
-    fn header(&self) -> Result<(Vec<u8>, Vec<(&String, &TensorData)>)> {
-        let mut meta: HashMap<String, String> = self.meta.to_map().into_iter().collect();
-        let sorted: BTreeMap<_, _> = meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        meta.insert(
-            KEY_CHECKSUM.into(),
-            checksum(
-                self.tensors
-                    .iter()
-                    .map(|(n, t)| (n.as_str(), &t.shape[..], f32_bytes(&t.data))),
-                &sorted,
-            ),
-        );
+    /// The safetensors header: JSON padded with spaces to a multiple of 8 bytes, tensors laid
+    /// out in name order (the order `write_file` streams them in).
+    fn header(&self) -> Result<Vec<u8>> {
+        let sorted = self.meta.to_map();
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], f32_bytes(&t.data)));
+        let sum = checksum(tensors, &sorted);
+        let mut meta: HashMap<String, String> = sorted.into_iter().collect();
+        meta.insert(KEY_CHECKSUM.into(), sum);
         let mut offset = 0;
         let mut infos = Vec::with_capacity(self.tensors.len());
         for (name, t) in &self.tensors {
             let n = t.data.len() * 4;
-            infos.push((
-                name.clone(),
-                TensorInfo {
-                    dtype: Dtype::F32,
-                    shape: t.shape.clone(),
-                    data_offsets: (offset, offset + n),
-                },
-            ));
+            let info = TensorInfo {
+                dtype: Dtype::F32,
+                shape: t.shape.clone(),
+                data_offsets: (offset, offset + n),
+            };
+            infos.push((name.clone(), info));
             offset += n;
         }
         let metadata =
             Metadata::new(Some(meta), infos).map_err(|e| anyhow!("invalid tensor layout: {e}"))?;
         let mut header = serde_json::to_vec(&metadata)?;
         header.resize(header.len().next_multiple_of(8), b' ');
-        Ok((header, self.tensors.iter().collect()))
+        Ok(header)
     }
 
-    fn write_file(
-        &self,
-        tmp: &Path,
-        header: &[u8],
-        tensors: &[(&String, &TensorData)],
-    ) -> Result<()> {
+    /// Stream the file to `tmp` and fsync it; the data never exists twice in memory.
+    fn write_file(&self, tmp: &Path, header: &[u8]) -> Result<()> {
         let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let io = |e: std::io::Error| anyhow!("cannot write {}: {e}", tmp.display());
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(header).map_err(io)?;
-        for (_, t) in tensors {
+        for t in self.tensors.values() {
             w.write_all(&f32_bytes(&t.data)).map_err(io)?;
         }
         let file = w.into_inner().map_err(|e| io(e.into_error()))?;

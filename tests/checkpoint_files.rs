@@ -7,17 +7,41 @@ use inception_engine::train::{LossScaler, RmsProp, RmsPropConfig};
 use std::path::{Path, PathBuf};
 
 fn tiny(classes: usize) -> Plan {
-    plan::build("tiny", PlanConfig { batch: 1, num_classes: classes, ..Default::default() }).unwrap()
+    plan::build(
+        "tiny",
+        PlanConfig {
+            batch: 1,
+            num_classes: classes,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn meta(plan: &Plan) -> CheckpointMeta {
-    let classes = (0..plan.config.num_classes).map(|i| format!("class \"{i}\"")).collect();
-    let pre = Preprocessing { image_size: 299, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], resize: "shorter-side 0.875 crop".into() };
+    let classes = (0..plan.config.num_classes)
+        .map(|i| format!("class \"{i}\""))
+        .collect();
+    let pre = Preprocessing {
+        image_size: 299,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+        resize: "shorter-side 0.875 crop".into(),
+    };
     let mut m = CheckpointMeta::new(plan, classes, pre);
     m.step = 1234;
     m.epoch = 3;
-    m.loss_scaler = LossScaler::Dynamic { scale: 8192.0, growth_interval: 2000, clean_steps: 17 };
-    m.rng = RngState { seed: 99, epoch: 3, step: 1234, extra: [("loader".to_string(), "5".to_string())].into() };
+    m.loss_scaler = LossScaler::Dynamic {
+        scale: 8192.0,
+        growth_interval: 2000,
+        clean_steps: 17,
+    };
+    m.rng = RngState {
+        seed: 99,
+        epoch: 3,
+        step: 1234,
+        extra: [("loader".to_string(), "5".to_string())].into(),
+    };
     m.extra.insert("command".into(), "train --plan tiny".into());
     m
 }
@@ -26,7 +50,9 @@ fn meta(plan: &Plan) -> CheckpointMeta {
 fn trained(plan: &Plan) -> (ModelState, RmsProp) {
     let mut model = ModelState::init(plan, 5);
     let mut opt = RmsProp::new(RmsPropConfig::default(), &model.layout);
-    let grads: Vec<f32> = (0..model.params.len()).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+    let grads: Vec<f32> = (0..model.params.len())
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+        .collect();
     opt.step(&mut model.params, &grads, 0.01, 1.0);
     for (i, s) in model.states.iter_mut().enumerate() {
         *s += i as f32 * 0.001;
@@ -66,7 +92,11 @@ fn round_trip_restores_every_tensor_and_field() {
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let w = st.tensor("last_linear.weight").unwrap();
-    let raw: Vec<f32> = w.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let raw: Vec<f32> = w
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(raw, model.param("last_linear.weight").unwrap());
     assert!(st.tensor("optim.ms.stem.0.conv.weight").is_ok());
     assert!(st.tensor("optim.mom.last_linear.bias").is_ok());
@@ -90,7 +120,10 @@ fn weights_only_checkpoint() {
     assert_eq!(m2, model);
     let mut opt = RmsProp::new(RmsPropConfig::default(), &m2.layout);
     let e = format!("{:#}", ck.apply_to(&mut m2, Some(&mut opt)).unwrap_err());
-    assert!(e.contains("missing tensor optim.ms.stem.0.conv.weight"), "{e}");
+    assert!(
+        e.contains("missing tensor optim.ms.stem.0.conv.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -100,7 +133,10 @@ fn save_leaves_no_tmp_and_overwrites() {
     ck.meta.step = 5000;
     ck.save(&path).unwrap();
     assert_eq!(Checkpoint::load(&path).unwrap().meta.step, 5000);
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("a.safetensors")]);
 }
 
@@ -136,11 +172,26 @@ fn truncated_at_many_lengths() {
     let bytes = std::fs::read(&path).unwrap();
     let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let cut = dir.path().join("cut.safetensors");
-    for len in [0, 3, 8, 9, 100, header_end - 1, header_end, header_end + 1, header_end + 4096, bytes.len() - 4, bytes.len() - 1] {
+    for len in [
+        0,
+        3,
+        8,
+        9,
+        100,
+        header_end - 1,
+        header_end,
+        header_end + 1,
+        header_end + 4096,
+        bytes.len() - 4,
+        bytes.len() - 1,
+    ] {
         std::fs::write(&cut, &bytes[..len]).unwrap();
         let e = err_of(&cut);
         assert!(e.contains("cut.safetensors"), "length {len}: {e}");
-        assert!(e.contains("truncated") || e.contains("not a safetensors"), "length {len}: {e}");
+        assert!(
+            e.contains("truncated") || e.contains("not a safetensors"),
+            "length {len}: {e}"
+        );
     }
 }
 
@@ -151,7 +202,11 @@ fn flipped_bytes_are_detected() {
     let bytes = std::fs::read(&path).unwrap();
     let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let bad = dir.path().join("bad.safetensors");
-    for at in [header_end, header_end + (bytes.len() - header_end) / 2, bytes.len() - 1] {
+    for at in [
+        header_end,
+        header_end + (bytes.len() - header_end) / 2,
+        bytes.len() - 1,
+    ] {
         let mut b = bytes.clone();
         b[at] ^= 0x10;
         std::fs::write(&bad, &b).unwrap();
@@ -172,15 +227,28 @@ fn not_a_safetensors_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.safetensors");
     std::fs::write(&p, "this is a text file, not a checkpoint at all\n").unwrap();
-    assert!(err_of(&p).contains("not a safetensors file"), "{}", err_of(&p));
+    assert!(
+        err_of(&p).contains("not a safetensors file"),
+        "{}",
+        err_of(&p)
+    );
     std::fs::write(&p, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
-    assert!(err_of(&p).contains("not a safetensors file"), "{}", err_of(&p));
+    assert!(
+        err_of(&p).contains("not a safetensors file"),
+        "{}",
+        err_of(&p)
+    );
     // Valid safetensors, but not ours.
     let data = vec![0u8; 16];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &data).unwrap();
     let bytes = safetensors::serialize([("w", view)], None).unwrap();
     std::fs::write(&p, bytes).unwrap();
-    assert!(err_of(&p).contains("not an inception-engine checkpoint"), "{}", err_of(&p));
+    assert!(
+        err_of(&p).contains("not an inception-engine checkpoint"),
+        "{}",
+        err_of(&p)
+    );
 }
 
 #[test]
@@ -208,14 +276,32 @@ fn mismatches_list_every_name() {
     let ck = Checkpoint::from_state(&model, Some(&opt), meta(&plan));
 
     let e = format!("{:#}", ck.check_compatible(&tiny(5)).unwrap_err());
-    for part in ["10 classes, expected 5", "10 class names", "last_linear.weight: checkpoint shape", "last_linear.bias", "optim.ms.last_linear.weight"] {
+    for part in [
+        "10 classes, expected 5",
+        "10 class names",
+        "last_linear.weight: checkpoint shape",
+        "last_linear.bias",
+        "optim.ms.last_linear.weight",
+    ] {
         assert!(e.contains(part), "missing '{part}' in: {e}");
     }
     assert!(!e.contains("stem.0.conv.weight"), "{e}");
 
-    let v4 = plan::build("v4", PlanConfig { batch: 1, ..Default::default() }).unwrap();
+    let v4 = plan::build(
+        "v4",
+        PlanConfig {
+            batch: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let e = format!("{:#}", ck.check_compatible(&v4).unwrap_err());
-    for part in ["plan is 'tiny', expected 'v4'", "missing tensor features.0.conv.weight", "missing tensor features.21.branch3.1.bn.running_var", "unexpected tensor stem.0.conv.weight"] {
+    for part in [
+        "plan is 'tiny', expected 'v4'",
+        "missing tensor features.0.conv.weight",
+        "missing tensor features.21.branch3.1.bn.running_var",
+        "unexpected tensor stem.0.conv.weight",
+    ] {
         assert!(e.contains(part), "missing '{part}' in: {e}");
     }
 
@@ -224,7 +310,10 @@ fn mismatches_list_every_name() {
     gone.tensors.remove("c.branch3.1.bn.running_mean");
     let e = format!("{:#}", gone.check_compatible(&plan).unwrap_err());
     assert!(e.contains("missing tensor a.branch1.1.conv.weight"), "{e}");
-    assert!(e.contains("missing tensor c.branch3.1.bn.running_mean"), "{e}");
+    assert!(
+        e.contains("missing tensor c.branch3.1.bn.running_mean"),
+        "{e}"
+    );
 
     // apply_to refuses too, and leaves the model as it was.
     let mut target = ModelState::init(&plan, 1);
@@ -245,9 +334,29 @@ fn rotate_keeps_the_newest_by_step() {
     assert!(checkpoint::rotate(d, "inception-v4", 0).unwrap().is_empty());
     let mut deleted = checkpoint::rotate(d, "inception-v4", 2).unwrap();
     deleted.sort();
-    assert_eq!(deleted, vec![d.join("inception-v4-e1-s5.safetensors"), d.join("inception-v4-e2-s10.safetensors")]);
-    let mut left: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(
+        deleted,
+        vec![
+            d.join("inception-v4-e1-s5.safetensors"),
+            d.join("inception-v4-e2-s10.safetensors")
+        ]
+    );
+    let mut left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     left.sort();
-    assert_eq!(left, ["inception-v4-e1-sX.safetensors", "inception-v4-e10-s100.safetensors", "inception-v4-e4-s20.safetensors", "other-e1-s1.safetensors"]);
-    assert_eq!(checkpoint::parse_file_name("inception-v4", "inception-v4-e10-s100.safetensors"), Some((10, 100)));
+    assert_eq!(
+        left,
+        [
+            "inception-v4-e1-sX.safetensors",
+            "inception-v4-e10-s100.safetensors",
+            "inception-v4-e4-s20.safetensors",
+            "other-e1-s1.safetensors"
+        ]
+    );
+    assert_eq!(
+        checkpoint::parse_file_name("inception-v4", "inception-v4-e10-s100.safetensors"),
+        Some((10, 100))
+    );
 }

@@ -3,7 +3,9 @@
 use inception_engine::params::ParamLayout;
 use inception_engine::plan::{self, PlanConfig};
 use inception_engine::train::loss::{smoothed_ce_reference, smoothed_target, topk_correct};
-use inception_engine::train::{has_overflow, lr_max_for_batch, LossScaler, RmsProp, RmsPropConfig, Schedule};
+use inception_engine::train::{
+    has_overflow, lr_max_for_batch, LossScaler, RmsProp, RmsPropConfig, Schedule,
+};
 use std::f64::consts::PI;
 
 fn close(a: f32, b: f64, rel: f64) -> bool {
@@ -11,7 +13,14 @@ fn close(a: f32, b: f64, rel: f64) -> bool {
 }
 
 fn schedule() -> Schedule {
-    Schedule { lr_init: 4e-5, lr_max: 0.4, lr_end: 4e-6, warmup_epochs: 1, steps_per_epoch: 10, epochs: 5 }
+    Schedule {
+        lr_init: 4e-5,
+        lr_max: 0.4,
+        lr_end: 4e-6,
+        warmup_epochs: 1,
+        steps_per_epoch: 10,
+        epochs: 5,
+    }
 }
 
 #[test]
@@ -29,9 +38,15 @@ fn schedule_key_steps_follow_the_formula() {
     ];
     for (step, want) in cases {
         let got = s.lr(step);
-        assert!(close(got, want, 1e-6), "step {step}: got {got}, want {want}");
+        assert!(
+            close(got, want, 1e-6),
+            "step {step}: got {got}, want {want}"
+        );
     }
-    assert!(s.lr(49) > s.lr(50) || s.lr(50) == 4e-6, "past the end stays at lr_end");
+    assert!(
+        s.lr(49) > s.lr(50) || s.lr(50) == 4e-6,
+        "past the end stays at lr_end"
+    );
     assert_eq!(s.lr(1000), 4e-6);
 }
 
@@ -46,8 +61,14 @@ fn schedule_matches_a_precomputed_array_when_resuming() {
     for (k, &lr) in table[skipped..].iter().enumerate() {
         assert_eq!(lr, s.lr((skipped + k) as u64));
     }
-    assert!(table[..10].windows(2).all(|w| w[0] < w[1]), "warmup increases");
-    assert!(table[10..].windows(2).all(|w| w[0] >= w[1]), "cosine decreases");
+    assert!(
+        table[..10].windows(2).all(|w| w[0] < w[1]),
+        "warmup increases"
+    );
+    assert!(
+        table[10..].windows(2).all(|w| w[0] >= w[1]),
+        "cosine decreases"
+    );
 }
 
 #[test]
@@ -60,7 +81,10 @@ fn lr_max_scales_with_the_global_batch() {
 }
 
 fn custom_cfg() -> RmsPropConfig {
-    RmsPropConfig { weight_decay: 0.01, ..RmsPropConfig::default() }
+    RmsPropConfig {
+        weight_decay: 0.01,
+        ..RmsPropConfig::default()
+    }
 }
 
 #[test]
@@ -80,8 +104,16 @@ fn rmsprop_two_steps_by_hand() {
     let want_mom = [0.0710464277, 0.131330679, -0.213808994, 0.0];
     for i in 0..4 {
         assert!(close(w[i], want_w[i], 1e-6), "w[{i}] = {}", w[i]);
-        assert!(close(opt.ms[i], want_ms[i], 1e-6), "ms[{i}] = {}", opt.ms[i]);
-        assert!(close(opt.mom[i], want_mom[i], 1e-6), "mom[{i}] = {}", opt.mom[i]);
+        assert!(
+            close(opt.ms[i], want_ms[i], 1e-6),
+            "ms[{i}] = {}",
+            opt.ms[i]
+        );
+        assert!(
+            close(opt.mom[i], want_mom[i], 1e-6),
+            "mom[{i}] = {}",
+            opt.mom[i]
+        );
     }
     // A second step carries ms and momentum over.
     opt.step(&mut w, &g, 0.1, 0.5);
@@ -89,12 +121,23 @@ fn rmsprop_two_steps_by_hand() {
     let want_mom = [0.134924518, 0.242444516, -0.374058738, 0.0];
     for i in 0..4 {
         assert!(close(w[i], want_w[i], 2e-6), "step 2 w[{i}] = {}", w[i]);
-        assert!(close(opt.mom[i], want_mom[i], 2e-6), "step 2 mom[{i}] = {}", opt.mom[i]);
+        assert!(
+            close(opt.mom[i], want_mom[i], 2e-6),
+            "step 2 mom[{i}] = {}",
+            opt.mom[i]
+        );
     }
 }
 
 /// A plain sequential RMSProp with a per-element decay mask, as the reference for the parallel one.
-fn reference_step(w: &mut [f32], g: &[f32], ms: &mut [f32], mom: &mut [f32], decayed: &[bool], lr: f32, gs: f32, wd: f32) {
+fn reference_step(
+    w: &mut [f32],
+    g: &[f32],
+    ms: &mut [f32],
+    mom: &mut [f32],
+    decayed: &[bool],
+    (lr, gs, wd): (f32, f32, f32),
+) {
     for i in 0..w.len() {
         let gi = g[i] * gs + if decayed[i] { wd * w[i] } else { 0.0 };
         ms[i] = 0.9 * ms[i] + (1.0 - 0.9) * gi * gi;
@@ -107,19 +150,35 @@ fn reference_step(w: &mut [f32], g: &[f32], ms: &mut [f32], mom: &mut [f32], dec
 fn rmsprop_parallel_chunks_match_a_sequential_loop() {
     // Runs that straddle the 65536-element work chunks, and a tail the mask does not cover.
     let n = 200_003;
-    let runs = vec![(0..70_000, true), (70_000..70_001, false), (70_001..131_072, true), (131_072..199_000, false)];
+    let runs = vec![
+        (0..70_000, true),
+        (70_000..70_001, false),
+        (70_001..131_072, true),
+        (131_072..199_000, false),
+    ];
     let mut decayed = vec![false; n];
     for (r, f) in &runs {
         decayed[r.clone()].fill(*f);
     }
-    let w0: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-    let g: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 10.0).collect();
+    let w0: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    let g: Vec<f32> = (0..n)
+        .map(|i| ((i * 53 % 97) as f32 - 48.0) / 10.0)
+        .collect();
     let mut opt = RmsProp::with_mask(custom_cfg(), n, runs);
     let mut w = w0.clone();
     let (mut rw, mut rms, mut rmom) = (w0, vec![1.0; n], vec![0.0; n]);
     for _ in 0..3 {
         opt.step(&mut w, &g, 0.05, 0.25);
-        reference_step(&mut rw, &g, &mut rms, &mut rmom, &decayed, 0.05, 0.25, 0.01);
+        reference_step(
+            &mut rw,
+            &g,
+            &mut rms,
+            &mut rmom,
+            &decayed,
+            (0.05, 0.25, 0.01),
+        );
     }
     assert_eq!(w, rw);
     assert_eq!(opt.ms, rms);
@@ -128,12 +187,24 @@ fn rmsprop_parallel_chunks_match_a_sequential_loop() {
 
 #[test]
 fn default_decay_skips_bn_and_biases_unless_decay_all() {
-    let plan = plan::build("tiny", PlanConfig { batch: 1, num_classes: 10, ..Default::default() }).unwrap();
+    let plan = plan::build(
+        "tiny",
+        PlanConfig {
+            batch: 1,
+            num_classes: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let layout = ParamLayout::new(&plan);
     let opt = RmsProp::new(RmsPropConfig::default(), &layout);
     let flag_of = |name: &str| {
         let e = layout.param_entry(name).unwrap();
-        opt.decay.iter().find(|(r, _)| r.contains(&e.offset)).unwrap().1
+        opt.decay
+            .iter()
+            .find(|(r, _)| r.contains(&e.offset))
+            .unwrap()
+            .1
     };
     assert!(flag_of("stem.0.conv.weight"));
     assert!(flag_of("last_linear.weight"));
@@ -141,7 +212,13 @@ fn default_decay_skips_bn_and_biases_unless_decay_all() {
     assert!(!flag_of("stem.0.bn.bias"));
     assert!(!flag_of("last_linear.bias"));
     assert_eq!((opt.ms[0], opt.mom[0]), (1.0, 0.0));
-    let all = RmsProp::new(RmsPropConfig { decay_all: true, ..Default::default() }, &layout);
+    let all = RmsProp::new(
+        RmsPropConfig {
+            decay_all: true,
+            ..Default::default()
+        },
+        &layout,
+    );
     assert_eq!(all.decay, vec![(0..layout.param_len, true)]);
 }
 
@@ -154,7 +231,11 @@ fn dynamic_scaler_halves_and_skips_on_overflow() {
     assert_eq!(d.scale_changed, Some((65536.0, 32768.0)));
     assert_eq!(s.grad_scale(), 1.0 / 32768.0);
     // Never below 1.
-    let mut low = LossScaler::Dynamic { scale: 1.5, growth_interval: 2000, clean_steps: 7 };
+    let mut low = LossScaler::Dynamic {
+        scale: 1.5,
+        growth_interval: 2000,
+        clean_steps: 7,
+    };
     assert_eq!(low.update(true).scale_changed, Some((1.5, 1.0)));
     let d = low.update(true);
     assert!(d.skip && d.scale_changed.is_none());
@@ -188,11 +269,13 @@ fn fixed_and_none_never_skip() {
     let mut f = LossScaler::Fixed(1024.0);
     let mut n = LossScaler::None;
     for overflow in [true, false, true] {
-        assert_eq!(f.update(overflow).skip, false);
-        assert_eq!(n.update(overflow).skip, false);
+        assert!(!f.update(overflow).skip);
+        assert!(!n.update(overflow).skip);
     }
     assert_eq!((f.scale(), n.scale()), (1024.0, 1.0));
-    assert!(!f.checks_overflow() && !n.checks_overflow() && LossScaler::dynamic().checks_overflow());
+    assert!(
+        !f.checks_overflow() && !n.checks_overflow() && LossScaler::dynamic().checks_overflow()
+    );
 }
 
 #[test]
@@ -224,7 +307,9 @@ fn overflow_detection() {
 fn topk_breaks_ties_by_lower_index() {
     // Row 0: classes 1 and 2 tie at 3; class 1 wins the tie.
     // Row 1: all equal; only class 0 is top-1, classes 0..5 are top-5.
-    let logits = [1.0, 3.0, 3.0, 0.0, -1.0, -2.0, /* row 1 */ 2.0, 2.0, 2.0, 2.0, 2.0, 2.0];
+    let logits = [
+        1.0, 3.0, 3.0, 0.0, -1.0, -2.0, /* row 1 */ 2.0, 2.0, 2.0, 2.0, 2.0, 2.0,
+    ];
     let rows = |l0: u32, l1: u32, k: usize| topk_correct(&logits, &[l0, l1], 6, k);
     assert_eq!(rows(1, 0, 1), 2);
     assert_eq!(rows(2, 1, 1), 0);

@@ -4,11 +4,26 @@ use inception_engine::params::{ModelState, ParamLayout};
 use inception_engine::plan::{self, Op, Plan, PlanConfig};
 
 fn tiny() -> Plan {
-    plan::build("tiny", PlanConfig { batch: 1, num_classes: 10, ..Default::default() }).unwrap()
+    plan::build(
+        "tiny",
+        PlanConfig {
+            batch: 1,
+            num_classes: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn v4() -> Plan {
-    plan::build("v4", PlanConfig { batch: 1, ..Default::default() }).unwrap()
+    plan::build(
+        "v4",
+        PlanConfig {
+            batch: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn mean_std(x: &[f32]) -> (f64, f64) {
@@ -36,12 +51,17 @@ fn layout_is_contiguous_in_plan_order() {
         }
         assert_eq!(next, layout.param_len);
         assert!(layout.states.iter().all(|e| !e.decay));
-        assert_eq!(layout.states.iter().map(|e| e.len).sum::<usize>(), layout.state_len);
+        assert_eq!(
+            layout.states.iter().map(|e| e.len).sum::<usize>(),
+            layout.state_len
+        );
         // The mask covers the buffer exactly, alternating flags.
         let mask = layout.decay_mask(false);
         assert_eq!(mask.first().unwrap().0.start, 0);
         assert_eq!(mask.last().unwrap().0.end, layout.param_len);
-        assert!(mask.windows(2).all(|w| w[0].0.end == w[1].0.start && w[0].1 != w[1].1));
+        assert!(mask
+            .windows(2)
+            .all(|w| w[0].0.end == w[1].0.start && w[0].1 != w[1].1));
     }
 }
 
@@ -51,7 +71,13 @@ fn v4_has_the_expected_parameter_count_and_names() {
     let layout = ParamLayout::new(&plan);
     // timm's inception_v4 has 42,679,816 parameters at 1000 classes.
     assert_eq!(layout.param_len, 42_679_816);
-    for name in ["features.0.conv.weight", "features.0.bn.weight", "features.0.bn.bias", "last_linear.weight", "last_linear.bias"] {
+    for name in [
+        "features.0.conv.weight",
+        "features.0.bn.weight",
+        "features.0.bn.bias",
+        "last_linear.weight",
+        "last_linear.bias",
+    ] {
         assert!(layout.param_entry(name).is_some(), "{name}");
     }
     assert!(layout.state_entry("features.0.bn.running_var").is_some());
@@ -91,7 +117,11 @@ fn init_follows_each_op() {
             Op::Linear { in_features, .. } => {
                 let bound = 1.0 / (*in_features as f32).sqrt();
                 for i in 0..2 {
-                    assert!(p(i).iter().all(|v| v.abs() <= bound), "{} param {i}", node.name);
+                    assert!(
+                        p(i).iter().all(|v| v.abs() <= bound),
+                        "{} param {i}",
+                        node.name
+                    );
                     assert!(p(i).iter().any(|&v| v != 0.0));
                 }
             }
@@ -115,11 +145,20 @@ fn conv_init_has_he_statistics() {
         }
         let want = (2.0 / (c.kh * c.kw * c.cin) as f64).sqrt();
         let (mean, std) = mean_std(w);
-        assert!((std / want - 1.0).abs() < 0.02, "{}: std {std}, want {want}", node.name);
+        assert!(
+            (std / want - 1.0).abs() < 0.02,
+            "{}: std {std}, want {want}",
+            node.name
+        );
         assert!(mean.abs() < 0.02 * want, "{}: mean {mean}", node.name);
         // Normal, not uniform: about 68.3% within one standard deviation.
-        let within = w.iter().filter(|&&v| (v as f64).abs() <= want).count() as f64 / w.len() as f64;
-        assert!((within - 0.6827).abs() < 0.01, "{}: {within} within 1 sigma", node.name);
+        let within =
+            w.iter().filter(|&&v| (v as f64).abs() <= want).count() as f64 / w.len() as f64;
+        assert!(
+            (within - 0.6827).abs() < 0.01,
+            "{}: {within} within 1 sigma",
+            node.name
+        );
         checked += 1;
     }
     assert!(checked > 10, "only {checked} conv layers checked");
