@@ -525,6 +525,10 @@ fn f32_bytes(data: &[f32]) -> Cow<'_, [u8]> {
 }
 
 fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        // One copy; the source may be unaligned, which pod_collect_to_vec handles.
+        return bytemuck::pod_collect_to_vec(bytes);
+    }
     bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
