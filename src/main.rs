@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use inception_engine::cli::{bench, eval, export, inspect, pack, predict, selftest, train};
+use inception_engine::cli::{bench, eval, export, import, inspect, pack, predict, selftest, train};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,8 @@ enum Command {
     Pack(pack::Args),
     /// Export a checkpoint to ONNX or a timm state dict.
     Export(export::Args),
+    /// Import a timm inception_v4 state dict (safetensors) as an engine checkpoint.
+    Import(import::Args),
 }
 
 fn main() {
@@ -53,5 +55,6 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Pack(a) => pack::run(a),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
     }
 }
