@@ -38,7 +38,14 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let argv = match train::expand_config(std::env::args().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if let Err(e) = dispatch(cli.command) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
