@@ -24,7 +24,7 @@ enum Command {
     /// Compile the CUDA kernels, or check them against the CPU reference.
     Selftest(selftest::Args),
     /// Train a plan on an image folder or packed file.
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Evaluate a checkpoint: loss, top-1, top-5.
     Eval(eval::Args),
     /// Classify images with a checkpoint.
@@ -57,7 +57,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Selftest(a) => selftest::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Pack(a) => pack::run(a),

@@ -80,7 +80,7 @@ impl Progress {
                 bar.set_position(done);
                 bar.set_message(msg);
             }
-            None if done % self.every == 0 || done == self.total => {
+            None if done.is_multiple_of(self.every) || done == self.total => {
                 let eta = self.start.elapsed().as_secs_f64() / done.max(1) as f64
                     * (self.total - done) as f64;
                 eprintln!("  step {done}/{} {msg} ETA {eta:.0}s", self.total);

@@ -201,7 +201,7 @@ fn initial_state(cfg: &TrainConfig, plan: &Plan) -> Result<(ModelState, RmsProp,
             RunState {
                 step: 0,
                 epoch: 0,
-                scaler: cfg.loss_scaler.clone(),
+                scaler: cfg.loss_scaler,
             },
         ));
     };
@@ -232,7 +232,7 @@ fn initial_state(cfg: &TrainConfig, plan: &Plan) -> Result<(ModelState, RmsProp,
         RunState {
             step: m.step,
             epoch: m.epoch as usize,
-            scaler: m.loss_scaler.clone(),
+            scaler: m.loss_scaler,
         },
     ))
 }
@@ -343,7 +343,7 @@ fn save_checkpoint(
     let mut meta = meta.clone();
     meta.step = run.step;
     meta.epoch = run.epoch as u64;
-    meta.loss_scaler = run.scaler.clone();
+    meta.loss_scaler = run.scaler;
     meta.rng = RngState {
         seed: cfg.seed,
         epoch: run.epoch as u64,
