@@ -1,10 +1,14 @@
 //! Evaluation over every image of a dataset: loss, top-1 and top-5.
 
-use crate::backend::Backend;
+use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::checkpoint::Checkpoint;
 use crate::data::Loader;
 use crate::ops::softmax_ce;
+use crate::params::ModelState;
+use crate::plan::{self, Plan, PlanConfig};
 use crate::train::loss::topk_correct;
-use anyhow::Result;
+use crate::train::{RmsProp, RmsPropConfig};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -60,4 +64,27 @@ pub fn evaluate(
         images,
         skipped: epoch.skipped(),
     })
+}
+
+/// Build the checkpoint's plan for `batch` images and a backend holding its weights.
+pub fn inference_backend(
+    ckpt: &Checkpoint,
+    batch: usize,
+    device: Device,
+) -> Result<(Plan, Box<dyn Backend>)> {
+    let mut config: PlanConfig = serde_json::from_value(ckpt.meta.plan_config.clone())
+        .context("the checkpoint's plan configuration is unreadable")?;
+    config.batch = batch;
+    config.image_size = ckpt.meta.preprocessing.image_size;
+    let plan = plan::build(&ckpt.meta.plan_name, config)?;
+    ckpt.check_compatible(&plan)?;
+    let mut model = ModelState::zeros(&plan);
+    ckpt.apply_to(&mut model, None)?;
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    let backend: Box<dyn Backend> = match resolve_device(device)? {
+        Device::Cpu | Device::Auto | Device::Cuda => {
+            Box::new(CpuTrainer::new(plan.clone(), model, optim)?)
+        }
+    };
+    Ok((plan, backend))
 }
