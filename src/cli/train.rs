@@ -199,8 +199,8 @@ pub fn parse_loss_scale(s: &str) -> Result<LossScaler> {
     }
 }
 
-/// Expand `--config FILE` of a `train` command line into flags placed before the user's own, so
-/// that flags given on the command line override the file (clap keeps the last value).
+/// Expand `--config FILE` of a `train` command line into flags; a flag also given on the command
+/// line keeps the command line's value.
 pub fn expand_config(argv: Vec<String>) -> Result<Vec<String>> {
     let Some(pos) = argv.iter().position(|a| a == "--config") else {
         return Ok(argv);
@@ -214,9 +214,18 @@ pub fn expand_config(argv: Vec<String>) -> Result<Vec<String>> {
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("{path} is not valid TOML"))?;
+    let given: Vec<&str> = argv
+        .iter()
+        .filter_map(|a| a.strip_prefix("--"))
+        .map(|a| a.split('=').next().unwrap_or(a))
+        .collect();
     let mut flags = Vec::new();
     for (key, value) in table {
-        let flag = format!("--{}", key.replace('_', "-"));
+        let name = key.replace('_', "-");
+        if given.contains(&name.as_str()) {
+            continue;
+        }
+        let flag = format!("--{name}");
         match value {
             toml::Value::Boolean(true) => flags.push(flag),
             toml::Value::Boolean(false) => {}
