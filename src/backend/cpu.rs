@@ -31,6 +31,8 @@ pub struct CpuExecutor {
     release_train: Vec<Vec<TensorId>>,
     release_eval: Vec<Vec<TensorId>>,
     step: u64,
+    /// Seconds spent per (op, direction), when profiling is on.
+    profile: Option<HashMap<(&'static str, &'static str), f64>>,
 }
 
 impl CpuExecutor {
@@ -60,6 +62,7 @@ impl CpuExecutor {
             release_train,
             release_eval,
             step: 0,
+            profile: None,
         }
     }
 
@@ -120,7 +123,9 @@ impl CpuExecutor {
         l.iter_mut().zip(labels).for_each(|(d, &s)| *d = s as f32);
         self.bufs[label_t] = l;
         for i in 0..self.plan.nodes.len() {
+            let t = std::time::Instant::now();
             self.forward_node(i, params, states, mode);
+            self.record(self.plan.nodes[i].op.kind_name(), "forward", t);
             self.release(i, mode == Mode::Train);
         }
         self.bufs[self.plan.loss][0]
@@ -137,8 +142,26 @@ impl CpuExecutor {
         let f = self.plan.nodes.len();
         for j in 0..self.bwd.steps.len() {
             let step = self.bwd.steps[j].clone();
+            let t = std::time::Instant::now();
             self.backward_step(&step, params, grads, loss_scale);
+            self.record(self.plan.nodes[step.node].op.kind_name(), "backward", t);
             self.release(f + j, true);
+        }
+    }
+
+    /// Start timing each op (see [`CpuExecutor::profile`]).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(HashMap::new());
+    }
+
+    /// Seconds spent per (op kind, "forward" | "backward") since profiling was enabled.
+    pub fn profile(&self) -> Option<&HashMap<(&'static str, &'static str), f64>> {
+        self.profile.as_ref()
+    }
+
+    fn record(&mut self, op: &'static str, dir: &'static str, start: std::time::Instant) {
+        if let Some(p) = &mut self.profile {
+            *p.entry((op, dir)).or_default() += start.elapsed().as_secs_f64();
         }
     }
 

@@ -39,6 +39,10 @@ impl CpuTrainer {
         self.exec.plan()
     }
 
+    pub fn executor_mut(&mut self) -> &mut CpuExecutor {
+        &mut self.exec
+    }
+
     pub fn model(&self) -> &ModelState {
         &self.model
     }

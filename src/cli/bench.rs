@@ -44,6 +44,9 @@ pub struct TrainArgs {
     /// Mixed precision level (O0 on the CPU).
     #[arg(long, default_value = "O0")]
     pub amp: String,
+    /// Print the time per op kind (CPU).
+    #[arg(long)]
+    pub profile: bool,
     /// Print a JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -88,7 +91,8 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     let labels: Vec<u32> = (0..a.batch_size)
         .map(|_| rng.random_range(0..a.num_classes as u32))
         .collect();
-    let mut backend: Box<dyn Backend> = Box::new(CpuTrainer::new(plan, model, optim)?);
+    let mut trainer = CpuTrainer::new(plan, model, optim)?;
+    let backend: &mut dyn Backend = &mut trainer;
     eprintln!(
         "bench train: {} on {} ({device:?}), batch {}, {}x{}, {} warm-up + {} timed steps",
         a.plan,
@@ -103,6 +107,10 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     for s in 0..a.warmup {
         backend.train_step(&images, &labels, s as u64, 1e-4, &mut scaler)?;
     }
+    if a.profile {
+        trainer.executor_mut().enable_profile();
+    }
+    let backend: &mut dyn Backend = &mut trainer;
     let mut times = Vec::with_capacity(a.steps);
     for s in 0..a.steps {
         let t = Instant::now();
@@ -111,6 +119,9 @@ fn bench_train(a: TrainArgs) -> Result<()> {
         eprintln!("  step {}: {:.1} ms, loss {:.4}", s + 1, times[s], out.loss);
     }
     let step_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    if let Some(p) = trainer.executor_mut().profile() {
+        print_profile(p, a.steps, step_ms);
+    }
     let best_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let ips = a.batch_size as f64 / (step_ms / 1000.0);
     println!("{:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), peak resident memory {:.0} MiB", ips, peak_rss_bytes() as f64 / 1048576.0);
@@ -119,6 +130,29 @@ fn bench_train(a: TrainArgs) -> Result<()> {
         println!("{out}");
     }
     Ok(())
+}
+
+/// Milliseconds per step by op kind and direction, largest first.
+fn print_profile(
+    p: &std::collections::HashMap<(&'static str, &'static str), f64>,
+    steps: usize,
+    step_ms: f64,
+) {
+    let mut rows: Vec<_> = p
+        .iter()
+        .map(|(&(op, dir), &s)| (s * 1000.0 / steps.max(1) as f64, op, dir))
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let ops: f64 = rows.iter().map(|r| r.0).sum();
+    for (ms, op, dir) in rows {
+        eprintln!("  {op:>15} {dir:<8} {ms:>8.1} ms/step");
+    }
+    eprintln!(
+        "  {:>15} {:<8} {:>8.1} ms/step",
+        "optimizer+rest",
+        "",
+        step_ms - ops
+    );
 }
 
 /// Peak resident memory of this process (Linux), or 0 where unknown.

@@ -8,24 +8,21 @@ use super::store;
 use rayon::prelude::*;
 
 /// Rows per parallel partial sum.
-const ROWS_PER_TASK: usize = 2048;
+const ROWS_PER_TASK: usize = 1024;
 
-/// Per-channel sums of `f(row, channel, value)` over all rows, in f64.
+/// Per-channel sums over all rows: `row_fn(r, acc_a, acc_b)` adds row r's terms. Partials are
+/// reduced in a fixed order, so the result does not depend on thread timing.
 fn channel_sums(
     rows: usize,
     c: usize,
-    f: impl Fn(usize, usize) -> [f64; 2] + Sync,
+    row_fn: impl Fn(usize, &mut [f64], &mut [f64]) + Sync,
 ) -> (Vec<f64>, Vec<f64>) {
     let partials: Vec<(Vec<f64>, Vec<f64>)> = (0..rows.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .map(|t| {
             let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
             for r in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows) {
-                for ch in 0..c {
-                    let [u, v] = f(r, ch);
-                    a[ch] += u;
-                    b[ch] += v;
-                }
+                row_fn(r, &mut a, &mut b);
             }
             (a, b)
         })
@@ -38,7 +35,7 @@ fn channel_sums(
     (a, b)
 }
 
-/// `y = gamma * (x - scale_shift.0) * scale_shift.1 + beta` applied per channel.
+/// `y = (x - mean) * inv_std * gamma + beta` per channel, as `y = x * scale + shift`.
 fn apply(
     x: &[f32],
     y: &mut [f32],
@@ -48,12 +45,19 @@ fn apply(
     gamma: &[f32],
     beta: &[f32],
 ) {
+    let scale: Vec<f32> = inv_std.iter().zip(gamma).map(|(s, g)| s * g).collect();
+    let shift: Vec<f32> = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
     y.par_chunks_mut(c * 64)
         .zip(x.par_chunks(c * 64))
         .for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
-                for ch in 0..c {
-                    yr[ch] = (xr[ch] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch];
+                for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(&scale).zip(&shift) {
+                    *y = x * s + b;
                 }
             }
         });
@@ -80,11 +84,17 @@ pub fn forward_train(
     running_var: &mut [f32],
 ) {
     let rows = x.len() / c;
-    let (sum, _) = channel_sums(rows, c, |r, ch| [x[r * c + ch] as f64, 0.0]);
+    let (sum, _) = channel_sums(rows, c, |r, a, _| {
+        a.iter_mut()
+            .zip(&x[r * c..(r + 1) * c])
+            .for_each(|(a, &v)| *a += v as f64);
+    });
     let mu: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
-    let (sq, _) = channel_sums(rows, c, |r, ch| {
-        let d = x[r * c + ch] as f64 - mu[ch];
-        [d * d, 0.0]
+    let (sq, _) = channel_sums(rows, c, |r, a, _| {
+        for ((a, &v), &m) in a.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
+            let d = v as f64 - m;
+            *a += d * d;
+        }
     });
     for ch in 0..c {
         let var = sq[ch] / rows as f64;
@@ -132,10 +142,13 @@ pub fn backward(
     accumulate: bool,
 ) {
     let rows = x.len() / c;
-    let (sdy, sdyx) = channel_sums(rows, c, |r, ch| {
-        let i = r * c + ch;
-        let xhat = (x[i] - mean[ch]) * inv_std[ch];
-        [dy[i] as f64, (dy[i] * xhat) as f64]
+    let (sdy, sdyx) = channel_sums(rows, c, |r, a, b| {
+        let (xr, dyr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
+        for ch in 0..c {
+            let xhat = (xr[ch] - mean[ch]) * inv_std[ch];
+            a[ch] += dyr[ch] as f64;
+            b[ch] += (dyr[ch] * xhat) as f64;
+        }
     });
     for ch in 0..c {
         dbeta[ch] = sdy[ch] as f32;
@@ -143,17 +156,22 @@ pub fn backward(
     }
     // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
     let inv_rows = 1.0 / rows as f32;
-    dx.par_chunks_mut(c * 64).enumerate().for_each(|(t, dxc)| {
-        for (j, dxr) in dxc.chunks_mut(c).enumerate() {
-            let r = t * 64 + j;
-            for ch in 0..c {
-                let i = r * c + ch;
-                let xhat = (x[i] - mean[ch]) * inv_std[ch];
-                let g = gamma[ch]
-                    * inv_std[ch]
-                    * (dy[i] - dbeta[ch] * inv_rows - xhat * dgamma[ch] * inv_rows);
-                store(&mut dxr[ch], g, accumulate);
+    let k: Vec<f32> = gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
+    let mdy: Vec<f32> = dbeta.iter().map(|v| v * inv_rows).collect();
+    let mdyx: Vec<f32> = dgamma.iter().map(|v| v * inv_rows).collect();
+    dx.par_chunks_mut(c * 64)
+        .zip(x.par_chunks(c * 64))
+        .zip(dy.par_chunks(c * 64))
+        .for_each(|((dxc, xc), dyc)| {
+            for ((dxr, xr), dyr) in dxc.chunks_mut(c).zip(xc.chunks(c)).zip(dyc.chunks(c)) {
+                for ch in 0..c {
+                    let xhat = (xr[ch] - mean[ch]) * inv_std[ch];
+                    store(
+                        &mut dxr[ch],
+                        k[ch] * (dyr[ch] - mdy[ch] - xhat * mdyx[ch]),
+                        accumulate,
+                    );
+                }
             }
-        }
-    });
+        });
 }

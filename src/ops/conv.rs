@@ -7,6 +7,25 @@
 use super::gemm::{matmul, Mat};
 use crate::plan::Conv2d;
 use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// im2col scratch, kept between calls so large buffers are not page-faulted in every time.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with a scratch slice of `len` elements (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.take();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        let out = f(&mut buf[..len]);
+        cell.replace(buf);
+        out
+    })
+}
 
 /// A convolution applied to a concrete input size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,18 +139,19 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     }
     let pix = s.oh * s.ow;
     let chunk = s.images_per_chunk();
-    let mut col = vec![0.0; chunk * pix * k];
-    for first in (0..s.n).step_by(chunk) {
-        let imgs = chunk.min(s.n - first);
-        s.im2col(x, first, imgs, &mut col);
-        let rows = imgs * pix;
-        matmul(
-            &mut y[first * pix * cout..][..rows * cout],
-            Mat::rows(&col, rows, k),
-            wt,
-            false,
-        );
-    }
+    with_scratch(chunk * pix * k, |col| {
+        for first in (0..s.n).step_by(chunk) {
+            let imgs = chunk.min(s.n - first);
+            s.im2col(x, first, imgs, col);
+            let rows = imgs * pix;
+            matmul(
+                &mut y[first * pix * cout..][..rows * cout],
+                Mat::rows(col, rows, k),
+                wt,
+                false,
+            );
+        }
+    })
 }
 
 /// `dx (+)= conv_backward_data(dy, w)`.
@@ -144,18 +164,19 @@ pub fn backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32], accum
     }
     let pix = s.oh * s.ow;
     let chunk = s.images_per_chunk();
-    let mut col = vec![0.0; chunk * pix * k];
-    for first in (0..s.n).step_by(chunk) {
-        let imgs = chunk.min(s.n - first);
-        let rows = imgs * pix;
-        matmul(
-            &mut col[..rows * k],
-            Mat::rows(&dy[first * pix * cout..], rows, cout),
-            wm,
-            false,
-        );
-        s.col2im(&col, first, imgs, dx, accumulate);
-    }
+    with_scratch(chunk * pix * k, |col| {
+        for first in (0..s.n).step_by(chunk) {
+            let imgs = chunk.min(s.n - first);
+            let rows = imgs * pix;
+            matmul(
+                &mut col[..rows * k],
+                Mat::rows(&dy[first * pix * cout..], rows, cout),
+                wm,
+                false,
+            );
+            s.col2im(col, first, imgs, dx, accumulate);
+        }
+    })
 }
 
 /// `dw = conv_backward_weight(x, dy)` (overwrites `dw`).
@@ -172,19 +193,15 @@ pub fn backward_weight(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     }
     let pix = s.oh * s.ow;
     let chunk = s.images_per_chunk();
-    let mut col = vec![0.0; chunk * pix * k];
-    for first in (0..s.n).step_by(chunk) {
-        let imgs = chunk.min(s.n - first);
-        let rows = imgs * pix;
-        s.im2col(x, first, imgs, &mut col);
-        let dyc = Mat::rows(&dy[first * pix * cout..], rows, cout).t();
-        matmul(
-            &mut dw[..cout * k],
-            dyc,
-            Mat::rows(&col, rows, k),
-            first > 0,
-        );
-    }
+    with_scratch(chunk * pix * k, |col| {
+        for first in (0..s.n).step_by(chunk) {
+            let imgs = chunk.min(s.n - first);
+            let rows = imgs * pix;
+            s.im2col(x, first, imgs, col);
+            let dyc = Mat::rows(&dy[first * pix * cout..], rows, cout).t();
+            matmul(&mut dw[..cout * k], dyc, Mat::rows(col, rows, k), first > 0);
+        }
+    })
 }
 
 /// Direct convolution by definition: the test oracle for the GEMM formulation above.

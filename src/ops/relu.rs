@@ -13,12 +13,11 @@ pub fn forward(x: &[f32], y: &mut [f32]) {
 
 pub fn backward(y: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
     dx.par_chunks_mut(PAR_CHUNK)
-        .enumerate()
-        .for_each(|(t, dxc)| {
-            let base = t * PAR_CHUNK;
-            for (j, d) in dxc.iter_mut().enumerate() {
-                let g = if y[base + j] > 0.0 { dy[base + j] } else { 0.0 };
-                store(d, g, accumulate);
+        .zip(y.par_chunks(PAR_CHUNK))
+        .zip(dy.par_chunks(PAR_CHUNK))
+        .for_each(|((dxc, yc), dyc)| {
+            for ((d, &y), &g) in dxc.iter_mut().zip(yc).zip(dyc) {
+                store(d, if y > 0.0 { g } else { 0.0 }, accumulate);
             }
         });
 }
