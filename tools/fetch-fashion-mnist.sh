@@ -5,15 +5,20 @@
 #                                                class (what data/fashion-mnist-mini holds)
 #   tools/fetch-fashion-mnist.sh --full OUT_DIR  OUT_DIR/train.pack (60,000 images) and
 #                                                OUT_DIR/val.pack (10,000), via `inception-engine pack`
+#   tools/fetch-fashion-mnist.sh --subset T V OUT_DIR
+#                                                ImageFolder with T train and V val images per class
 #
 # Needs apt-get (no root: `apt-get download` only fetches the .deb), dpkg-deb and python3.
 # The packer is $INCEPTION_ENGINE if set, else `cargo run --release`.
 set -euo pipefail
 
 full=0
+per_train=50
+per_val=20
 if [[ "${1:-}" == "--full" ]]; then full=1; shift; fi
+if [[ "${1:-}" == "--subset" ]]; then per_train="$2"; per_val="$3"; shift 3; fi
 if [[ $# -ne 1 ]]; then
-    echo "usage: $0 [--full] OUT_DIR" >&2
+    echo "usage: $0 [--full | --subset TRAIN_PER_CLASS VAL_PER_CLASS] OUT_DIR" >&2
     exit 2
 fi
 out="$1"
@@ -29,7 +34,7 @@ idx="$work/root/usr/share/datasets/fashion-mnist"
 
 mkdir -p "$out"
 if [[ $full -eq 0 ]]; then
-    python3 "$here/fashion_mnist_to_png.py" "$idx" "$out" --per-class-train 50 --per-class-val 20
+    python3 "$here/fashion_mnist_to_png.py" "$idx" "$out" --per-class-train "$per_train" --per-class-val "$per_val"
     exit 0
 fi
 
