@@ -51,13 +51,7 @@ pub fn check_grad(
     };
     let mut xp = x.to_vec();
     for &i in &coords {
-        let orig = xp[i];
-        xp[i] = orig + h;
-        let lp = loss(&xp);
-        xp[i] = orig - h;
-        let lm = loss(&xp);
-        xp[i] = orig;
-        let numeric = (lp - lm) / (2.0 * h as f64);
+        let numeric = central_difference(&mut xp, i, h, &mut loss);
         let err = (numeric - analytic[i] as f64).abs() / scale;
         assert!(err < tol, "{name}: coordinate {i}: analytic {} vs numeric {numeric} (error {err:.2e} of the largest gradient {scale:.3e})", analytic[i]);
     }
@@ -79,13 +73,7 @@ pub fn check_grad_l2(
     let mut xp = x.to_vec();
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
     for &i in &coords {
-        let orig = xp[i];
-        xp[i] = orig + h;
-        let lp = loss(&xp);
-        xp[i] = orig - h;
-        let lm = loss(&xp);
-        xp[i] = orig;
-        let numeric = (lp - lm) / (2.0 * h as f64);
+        let numeric = central_difference(&mut xp, i, h, &mut loss);
         diff += (numeric - analytic[i] as f64).powi(2);
         norm += (analytic[i] as f64).powi(2);
     }
@@ -100,4 +88,20 @@ pub fn check_grad_l2(
         "{name}: relative L2 error {err:.3e} exceeds {tol:.1e}"
     );
     err
+}
+
+/// `(loss(x + h e_i) - loss(x - h e_i)) / 2h`, leaving `x` as it was.
+fn central_difference(
+    x: &mut [f32],
+    i: usize,
+    h: f32,
+    loss: &mut impl FnMut(&[f32]) -> f64,
+) -> f64 {
+    let orig = x[i];
+    x[i] = orig + h;
+    let lp = loss(x);
+    x[i] = orig - h;
+    let lm = loss(x);
+    x[i] = orig;
+    (lp - lm) / (2.0 * h as f64)
 }
