@@ -9,6 +9,8 @@ pub mod conv;
 pub mod libs;
 pub mod nvrtc;
 pub mod ops;
+pub mod selftest;
+mod selftest_ops;
 pub mod sources;
 
 pub use context::{arch_for, CudaBackend, DevPtr};

@@ -68,7 +68,7 @@ unsafe impl DeviceRepr for PoolParams {}
 const _: () = assert!(std::mem::size_of::<PoolParams>() == 80);
 
 /// A pooling window over an [n, h, w, c] input.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolShape {
     pub pool: Pool,
     pub n: usize,
