@@ -4,7 +4,15 @@
 //! CI installs the pinned NVRTC wheels (.ci/run), so this must really run there: when libnvrtc
 //! cannot be found the test fails, unless INCEPTION_ALLOW_NO_NVRTC=1 says skipping is intended.
 
+use std::io::Write;
+
 use inception_engine::backend::cuda::{compile_all, libs};
+
+/// Writes straight to stderr: libtest captures `println!`, and CI should show the table even when
+/// the test passes.
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
 
 fn nvrtc_available() -> bool {
     match libs::ensure_nvrtc() {
@@ -20,19 +28,19 @@ fn nvrtc_available() -> bool {
 fn check_arch(arch: &str) {
     let compiled = compile_all(arch).unwrap_or_else(|e| panic!("compiling for {arch}: {e:#}"));
     let mut spills = Vec::new();
-    println!(
+    report(&format!(
         "{:<28} {:>7} {:>5} {:>7} {:>7}",
         format!("kernel ({arch})"),
         "regs",
         "spill",
         "smem",
         "stack"
-    );
+    ));
     for k in compiled.iter().flat_map(|c| &c.kernels) {
-        println!(
+        report(&format!(
             "{:<28} {:>7} {:>5} {:>7} {:>7}",
             k.name, k.registers, k.spill_bytes, k.shared_bytes, k.stack_bytes
-        );
+        ));
         if k.spill_bytes > 0 {
             spills.push(k.name.clone());
         }
