@@ -118,13 +118,14 @@ impl ConvShape {
             ConvMode::Wgrad => (c.cout, taps * c.cin, self.n * self.oh() * self.ow()),
         }
     }
-    /// Registry key of the fast kernel `imp` for this shape and mode.
+    /// Registry key of the fast kernel `imp` for this shape and mode. The batch size is left out
+    /// on purpose: it only changes M, whose tail the kernels handle generically, so a check at a
+    /// small batch covers the training batch.
     pub fn key(&self, mode: ConvMode, imp: ConvImpl) -> String {
         let c = &self.conv;
         format!(
-            "{}:{imp:?}:n{}h{}w{}:{}x{}x{}x{}/s{}p{},{},{},{}",
+            "{}:{imp:?}:h{}w{}:{}x{}x{}x{}/s{}p{},{},{},{}",
             mode.name(),
-            self.n,
             self.h,
             self.w,
             c.cout,
@@ -473,4 +474,98 @@ pub fn check_shape(s: &ConvShape) -> Result<()> {
         bail!("convolution window does not fit: {s:?}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(
+        cin: usize,
+        cout: usize,
+        k: (usize, usize),
+        stride: usize,
+        pad: (usize, usize),
+        hw: usize,
+    ) -> ConvShape {
+        let conv = Conv2d {
+            cin,
+            cout,
+            kh: k.0,
+            kw: k.1,
+            stride,
+            pad_top: pad.0,
+            pad_bottom: pad.0,
+            pad_left: pad.1,
+            pad_right: pad.1,
+        };
+        ConvShape {
+            conv,
+            n: 128,
+            h: hw,
+            w: hw,
+        }
+    }
+
+    #[test]
+    fn gemm_views() {
+        let s = shape(3, 32, (3, 3), 2, (0, 0), 299);
+        assert_eq!((s.oh(), s.ow()), (149, 149));
+        assert_eq!(s.gemm(ConvMode::Fprop), (128 * 149 * 149, 32, 27));
+        assert_eq!(s.gemm(ConvMode::Dgrad), (128 * 299 * 299, 3, 9 * 32));
+        assert_eq!(s.gemm(ConvMode::Wgrad), (32, 27, 128 * 149 * 149));
+        let s = shape(192, 224, (1, 7), 1, (0, 3), 17);
+        assert_eq!((s.oh(), s.ow()), (17, 17));
+    }
+
+    #[test]
+    fn stem_takes_the_plain_path_and_padded_stem_the_fast_one() {
+        let s = shape(3, 32, (3, 3), 2, (0, 0), 299);
+        assert!(!tc_supported(&s, ConvMode::Fprop, None));
+        let p = ConvShape {
+            conv: Conv2d { cin: 8, ..s.conv },
+            ..s
+        };
+        assert!(tc_supported(&p, ConvMode::Fprop, None));
+        let odd = ConvOut {
+            ptr: 0,
+            ldc: 1536,
+            c_offset: 3,
+            accumulate: false,
+        };
+        assert!(!tc_supported(&p, ConvMode::Fprop, Some(&odd)));
+    }
+
+    #[test]
+    fn wgrad_splits_cover_k_and_fit_the_workspace() {
+        for s in [
+            shape(32, 32, (3, 3), 1, (0, 0), 149),
+            shape(1536, 256, (1, 1), 1, (0, 0), 8),
+            shape(448, 512, (1, 3), 1, (0, 1), 8),
+        ] {
+            let (m, n, k) = s.gemm(ConvMode::Wgrad);
+            let k_tiles = k.div_ceil(32);
+            for t in TILES {
+                let (per, splits) = tc_wgrad_split(&s, t, 132);
+                assert!(
+                    per * splits >= k_tiles && (splits - 1) * per < k_tiles,
+                    "{s:?} {t:?}"
+                );
+                assert!(splits * m * n <= m * n * splits.max(plain_wgrad_splits(&s, 132)));
+            }
+        }
+    }
+
+    #[test]
+    fn smem_of_tiles() {
+        assert_eq!(
+            Tile::T128x128.smem_bytes(ConvMode::Fprop),
+            3 * (128 * 40 + 128 * 40) * 2
+        );
+        assert_eq!(
+            Tile::T128x64.smem_bytes(ConvMode::Wgrad),
+            3 * (32 * 136 + 32 * 72) * 2
+        );
+        assert!(tc_smem_table().iter().all(|(_, b)| *b <= 227 * 1024));
+    }
 }

@@ -518,3 +518,38 @@ impl SelfTest<'_> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PlanConfig;
+
+    #[test]
+    fn v4_has_38_distinct_conv_shapes_plus_the_fc() {
+        let plan = crate::plan::build(
+            "v4",
+            PlanConfig {
+                batch: 2,
+                ..PlanConfig::default()
+            },
+        )
+        .unwrap();
+        let shapes = plan_conv_shapes(&plan);
+        assert_eq!(shapes.len(), 39);
+        let fast = shapes
+            .iter()
+            .filter(|s| conv::tc_supported(s, ConvMode::Fprop, None))
+            .count();
+        assert_eq!(
+            fast, 38,
+            "every shape but the 3-channel stem takes the tensor-core path"
+        );
+    }
+
+    #[test]
+    fn compare_flags_nan_and_scale() {
+        assert_eq!(compare(&[1.0, f32::NAN], &[1.0, 2.0], 1.0).0, Status::Fail);
+        assert_eq!(compare(&[100.5, 0.0], &[100.0, 0.0], TOL).0, Status::Pass);
+        assert_eq!(compare(&[102.0, 0.0], &[100.0, 0.0], TOL).0, Status::Fail);
+    }
+}
