@@ -273,6 +273,18 @@ fn plain_wgrad_splits(s: &ConvShape, num_sms: u32) -> usize {
         .min(k.max(1))
 }
 
+/// fp32 elements of split-K workspace for a weight gradient on a GPU with `num_sms` SMs: the
+/// largest need of any implementation, so the arena can be sized before choosing one.
+pub fn wgrad_workspace_elems(s: &ConvShape, num_sms: u32) -> usize {
+    let (m, n, _) = s.gemm(ConvMode::Wgrad);
+    let tc = TILES
+        .iter()
+        .map(|&t| tc_wgrad_split(s, t, num_sms).1)
+        .max()
+        .unwrap_or(1);
+    m * n * tc.max(plain_wgrad_splits(s, num_sms))
+}
+
 impl CudaBackend {
     /// The implementation a launch will use when the caller does not force one.
     pub fn choose_conv(&self, s: &ConvShape, mode: ConvMode, out: Option<&ConvOut>) -> ConvImpl {
@@ -289,13 +301,7 @@ impl CudaBackend {
 
     /// fp32 elements of split-K workspace a weight gradient of this shape needs (either path).
     pub fn conv_wgrad_workspace(&self, s: &ConvShape) -> usize {
-        let (m, n, _) = s.gemm(ConvMode::Wgrad);
-        let tc = TILES
-            .iter()
-            .map(|&t| tc_wgrad_split(s, t, self.num_sms).1)
-            .max()
-            .unwrap_or(1);
-        m * n * tc.max(plain_wgrad_splits(s, self.num_sms))
+        wgrad_workspace_elems(s, self.num_sms)
     }
 
     /// y = conv(x, w), NHWC fp16. `imp` forces an implementation (the self-test does).
@@ -545,13 +551,14 @@ mod tests {
         ] {
             let (m, n, k) = s.gemm(ConvMode::Wgrad);
             let k_tiles = k.div_ceil(32);
+            assert!(plain_wgrad_splits(&s, 132) * m * n <= wgrad_workspace_elems(&s, 132));
             for t in TILES {
                 let (per, splits) = tc_wgrad_split(&s, t, 132);
                 assert!(
                     per * splits >= k_tiles && (splits - 1) * per < k_tiles,
                     "{s:?} {t:?}"
                 );
-                assert!(splits * m * n <= m * n * splits.max(plain_wgrad_splits(&s, 132)));
+                assert!(splits * m * n <= wgrad_workspace_elems(&s, 132));
             }
         }
     }
