@@ -120,6 +120,7 @@ fn device_cuda(args: &Args) -> Result<()> {
         println!("{summary}");
     }
     outcome?;
+    be.save_verified()?;
     if test.failed() > 0 {
         bail!("{} kernel checks failed", test.failed());
     }

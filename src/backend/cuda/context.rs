@@ -3,6 +3,7 @@
 //! self-test.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -68,10 +69,10 @@ impl CudaBackend {
         let backend = Self {
             stream: ctx.default_stream(),
             ctx,
+            verified: Mutex::new(Self::load_verified(&arch)),
             arch,
             num_sms,
             funcs,
-            verified: Mutex::new(HashSet::new()),
             trust_unverified: std::env::var("INCEPTION_TRUST_FAST_KERNELS").as_deref() == Ok("1"),
         };
         backend.raise_smem_limits()?;
@@ -107,6 +108,35 @@ impl CudaBackend {
     /// Records that the fast kernel identified by `key` passed its self-test.
     pub fn mark_verified(&self, key: String) {
         self.verified.lock().unwrap().insert(key);
+    }
+
+    /// File holding the verified keys of this architecture and exact kernel sources.
+    fn verified_file(arch: &str) -> Option<PathBuf> {
+        let name = format!("verified-{arch}-{}.txt", nvrtc::sources_digest());
+        nvrtc::cache_dir().map(|d| d.join(name))
+    }
+
+    /// Keys verified by an earlier run with the same kernels on the same architecture.
+    fn load_verified(arch: &str) -> HashSet<String> {
+        Self::verified_file(arch)
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Persists the verified keys next to the CUBIN cache (best effort), so later runs use the
+    /// fast kernels without repeating the check.
+    pub fn save_verified(&self) -> Result<()> {
+        let Some(file) = Self::verified_file(&self.arch) else {
+            return Ok(());
+        };
+        let mut keys: Vec<String> = self.verified.lock().unwrap().iter().cloned().collect();
+        keys.sort();
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&file, keys.join("\n") + "\n")
+            .with_context(|| format!("writing {}", file.display()))
     }
 
     pub fn is_verified(&self, key: &str) -> bool {

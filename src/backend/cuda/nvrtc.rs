@@ -51,7 +51,7 @@ fn options(arch: &str) -> Vec<String> {
 
 /// Where CUBINs are cached: $INCEPTION_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, under
 /// inception-engine/.
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     if let Ok(d) = std::env::var("INCEPTION_CACHE_DIR") {
         return Some(PathBuf::from(d));
     }
@@ -60,6 +60,21 @@ fn cache_dir() -> Option<PathBuf> {
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .ok()?;
     Some(base.join("inception-engine"))
+}
+
+/// Digest of every embedded kernel source and header: names state that is only valid for this
+/// exact kernel code (the registry of verified shapes).
+pub fn sources_digest() -> String {
+    let mut h = Sha256::new();
+    for (n, src) in sources::SOURCES.iter().chain(sources::HEADERS) {
+        h.update(n.as_bytes());
+        h.update(src.as_bytes());
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Cache key: the source, every header, the architecture and the options (which carry the include

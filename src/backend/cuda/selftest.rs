@@ -519,6 +519,35 @@ impl SelfTest<'_> {
     }
 }
 
+/// Checks the tensor-core kernels against the plain kernels at `shapes` (batch capped at 4: the
+/// registry key ignores the batch) and records the passes, persisting them. The executor calls this
+/// at start-up for its plan so the fast path is used only where it was checked; it needs no CPU
+/// reference. Returns the checks that ran (failures mean those shapes stay on the plain kernels).
+pub fn verify_conv_shapes(be: &CudaBackend, shapes: &[ConvShape]) -> Result<Vec<Check>> {
+    let mut test = SelfTest::new(be, &NoReference, 0x5eed);
+    for s in shapes {
+        let small = ConvShape {
+            n: s.n.min(4),
+            ..*s
+        };
+        let fast = [ConvMode::Fprop, ConvMode::Dgrad, ConvMode::Wgrad]
+            .iter()
+            .all(|&m| {
+                let t = conv::preferred_tile(s, m, be.num_sms);
+                !conv::tc_supported(s, m, None) || be.is_verified(&small.key(m, ConvImpl::Tc(t)))
+            });
+        if !fast {
+            test.conv(&small)?;
+        }
+    }
+    be.save_verified()?;
+    Ok(test
+        .checks
+        .into_iter()
+        .filter(|c| c.status != Status::Skip)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
