@@ -2,10 +2,14 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use inception_engine::cli::{inspect, bench, selftest, train, eval, predict, pack, export};
+use inception_engine::cli::{bench, eval, export, inspect, pack, predict, selftest, train};
 
 #[derive(Parser)]
-#[command(name = "inception-engine", version, about = "Train, evaluate and export InceptionV4 on the CPU or an NVIDIA GPU")]
+#[command(
+    name = "inception-engine",
+    version,
+    about = "Train, evaluate and export InceptionV4 on the CPU or an NVIDIA GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

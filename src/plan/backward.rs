@@ -47,7 +47,11 @@ pub fn derive(plan: &Plan) -> BackwardPlan {
     for (id, t) in plan.tensors.iter().enumerate() {
         if needs_grad[id] && id != plan.loss {
             grad_of[id] = Some(first_grad + grads.len());
-            grads.push(Tensor { name: format!("{}.grad", t.name), shape: t.shape.clone(), kind: TensorKind::Activation });
+            grads.push(Tensor {
+                name: format!("{}.grad", t.name),
+                shape: t.shape.clone(),
+                kind: TensorKind::Activation,
+            });
         }
     }
     let mut written = vec![false; first_grad + grads.len()];
@@ -67,9 +71,19 @@ pub fn derive(plan: &Plan) -> BackwardPlan {
                 None => false,
             })
             .collect();
-        steps.push(BackwardStep { node: i, grad_output: if is_loss { None } else { grad_of[out] }, grad_inputs, accumulate });
+        steps.push(BackwardStep {
+            node: i,
+            grad_output: if is_loss { None } else { grad_of[out] },
+            grad_inputs,
+            accumulate,
+        });
     }
-    BackwardPlan { steps, grad_of, grads, first_grad }
+    BackwardPlan {
+        steps,
+        grad_of,
+        grads,
+        first_grad,
+    }
 }
 
 /// Which forward tensors depend on a trainable parameter (and so need a gradient).
@@ -91,6 +105,8 @@ pub fn backward_reads(op: &Op) -> (bool, bool, bool) {
         Op::BatchNorm { .. } => (true, false, true),
         Op::Relu => (false, true, false),
         Op::SoftmaxCrossEntropy { .. } => (true, false, false),
-        Op::AvgPool(_) | Op::GlobalAvgPool | Op::Concat | Op::Dropout { .. } => (false, false, false),
+        Op::AvgPool(_) | Op::GlobalAvgPool | Op::Concat | Op::Dropout { .. } => {
+            (false, false, false)
+        }
     }
 }

@@ -73,7 +73,13 @@ impl GraphBuilder {
         push(&mut self.plan, &name, shape, kind)
     }
 
-    fn node(&mut self, name: &str, op: Op, inputs: Vec<TensorId>, out_shape: Vec<usize>) -> (usize, TensorId) {
+    fn node(
+        &mut self,
+        name: &str,
+        op: Op,
+        inputs: Vec<TensorId>,
+        out_shape: Vec<usize>,
+    ) -> (usize, TensorId) {
         let y = self.tensor(format!("{name}.out"), out_shape, TensorKind::Activation);
         self.plan.nodes.push(Node {
             name: name.to_string(),
@@ -88,14 +94,39 @@ impl GraphBuilder {
     }
 
     /// Convolution without bias; `pad` is (top, bottom, left, right).
-    pub fn conv(&mut self, name: &str, x: TensorId, cout: usize, kernel: (usize, usize), stride: usize, pad: (usize, usize, usize, usize)) -> Result<TensorId> {
+    pub fn conv(
+        &mut self,
+        name: &str,
+        x: TensorId,
+        cout: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        pad: (usize, usize, usize, usize),
+    ) -> Result<TensorId> {
         let [n, h, w, cin] = nhwc(self.shape(x), name)?;
         let (kh, kw) = kernel;
-        let geom = Conv2d { cin, cout, kh, kw, stride, pad_top: pad.0, pad_bottom: pad.1, pad_left: pad.2, pad_right: pad.3 };
-        let (Some(oh), Some(ow)) = (out_size(h, kh, stride, pad.0, pad.1), out_size(w, kw, stride, pad.2, pad.3)) else {
+        let geom = Conv2d {
+            cin,
+            cout,
+            kh,
+            kw,
+            stride,
+            pad_top: pad.0,
+            pad_bottom: pad.1,
+            pad_left: pad.2,
+            pad_right: pad.3,
+        };
+        let (Some(oh), Some(ow)) = (
+            out_size(h, kh, stride, pad.0, pad.1),
+            out_size(w, kw, stride, pad.2, pad.3),
+        ) else {
             bail!("{name}: a {kh}x{kw} convolution does not fit a {h}x{w} input; the image size is too small");
         };
-        let weight = self.tensor(format!("{name}.weight"), vec![cout, kh, kw, cin], TensorKind::Param);
+        let weight = self.tensor(
+            format!("{name}.weight"),
+            vec![cout, kh, kw, cin],
+            TensorKind::Param,
+        );
         let (idx, y) = self.node(name, Op::Conv2d(geom), vec![x], vec![n, oh, ow, cout]);
         self.plan.nodes[idx].params.push(weight);
         Ok(y)
@@ -125,29 +156,73 @@ impl GraphBuilder {
     }
 
     /// timm's ConvNormAct: `<name>.conv` -> `<name>.bn` -> ReLU. `pad` is symmetric (pad_h, pad_w).
-    pub fn conv_bn_relu(&mut self, name: &str, x: TensorId, cout: usize, kernel: (usize, usize), stride: usize, pad: (usize, usize)) -> Result<TensorId> {
-        let c = self.conv(&format!("{name}.conv"), x, cout, kernel, stride, (pad.0, pad.0, pad.1, pad.1))?;
+    pub fn conv_bn_relu(
+        &mut self,
+        name: &str,
+        x: TensorId,
+        cout: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        pad: (usize, usize),
+    ) -> Result<TensorId> {
+        let c = self.conv(
+            &format!("{name}.conv"),
+            x,
+            cout,
+            kernel,
+            stride,
+            (pad.0, pad.0, pad.1, pad.1),
+        )?;
         let b = self.batchnorm(&format!("{name}.bn"), c)?;
         Ok(self.relu(&format!("{name}.act"), b))
     }
 
     fn pool(&mut self, name: &str, x: TensorId, pool: Pool, avg: bool) -> Result<TensorId> {
         let [n, h, w, c] = nhwc(self.shape(x), name)?;
-        let (Some(oh), Some(ow)) = (out_size(h, pool.k, pool.stride, pool.pad, pool.pad), out_size(w, pool.k, pool.stride, pool.pad, pool.pad)) else {
-            bail!("{name}: a {k}x{k} pool does not fit a {h}x{w} input; the image size is too small", k = pool.k);
+        let (Some(oh), Some(ow)) = (
+            out_size(h, pool.k, pool.stride, pool.pad, pool.pad),
+            out_size(w, pool.k, pool.stride, pool.pad, pool.pad),
+        ) else {
+            bail!(
+                "{name}: a {k}x{k} pool does not fit a {h}x{w} input; the image size is too small",
+                k = pool.k
+            );
         };
         if pool.pad * 2 > pool.k {
-            bail!("{name}: padding {} is more than half the {}x{} window", pool.pad, pool.k, pool.k);
+            bail!(
+                "{name}: padding {} is more than half the {}x{} window",
+                pool.pad,
+                pool.k,
+                pool.k
+            );
         }
-        let op = if avg { Op::AvgPool(pool) } else { Op::MaxPool(pool) };
+        let op = if avg {
+            Op::AvgPool(pool)
+        } else {
+            Op::MaxPool(pool)
+        };
         Ok(self.node(name, op, vec![x], vec![n, oh, ow, c]).1)
     }
 
-    pub fn max_pool(&mut self, name: &str, x: TensorId, k: usize, stride: usize, pad: usize) -> Result<TensorId> {
+    pub fn max_pool(
+        &mut self,
+        name: &str,
+        x: TensorId,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<TensorId> {
         self.pool(name, x, Pool { k, stride, pad }, false)
     }
 
-    pub fn avg_pool(&mut self, name: &str, x: TensorId, k: usize, stride: usize, pad: usize) -> Result<TensorId> {
+    pub fn avg_pool(
+        &mut self,
+        name: &str,
+        x: TensorId,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<TensorId> {
         self.pool(name, x, Pool { k, stride, pad }, true)
     }
 
@@ -180,9 +255,25 @@ impl GraphBuilder {
         let &[n, in_features] = self.shape(x) else {
             bail!("{name}: a fully connected layer needs a [batch, features] input");
         };
-        let weight = self.tensor(format!("{name}.weight"), vec![out_features, in_features], TensorKind::Param);
-        let bias = self.tensor(format!("{name}.bias"), vec![out_features], TensorKind::Param);
-        let (idx, y) = self.node(name, Op::Linear { in_features, out_features }, vec![x], vec![n, out_features]);
+        let weight = self.tensor(
+            format!("{name}.weight"),
+            vec![out_features, in_features],
+            TensorKind::Param,
+        );
+        let bias = self.tensor(
+            format!("{name}.bias"),
+            vec![out_features],
+            TensorKind::Param,
+        );
+        let (idx, y) = self.node(
+            name,
+            Op::Linear {
+                in_features,
+                out_features,
+            },
+            vec![x],
+            vec![n, out_features],
+        );
         self.plan.nodes[idx].params = vec![weight, bias];
         Ok(y)
     }
@@ -191,7 +282,12 @@ impl GraphBuilder {
     pub fn finish(mut self, logits: TensorId) -> Result<Plan> {
         let smoothing = self.plan.config.label_smoothing;
         let labels = self.plan.labels;
-        let (_, loss) = self.node("loss", Op::SoftmaxCrossEntropy { smoothing }, vec![logits, labels], vec![1]);
+        let (_, loss) = self.node(
+            "loss",
+            Op::SoftmaxCrossEntropy { smoothing },
+            vec![logits, labels],
+            vec![1],
+        );
         self.plan.logits = logits;
         self.plan.loss = loss;
         Ok(self.plan)
@@ -199,7 +295,11 @@ impl GraphBuilder {
 }
 
 fn push(plan: &mut Plan, name: &str, shape: Vec<usize>, kind: TensorKind) -> TensorId {
-    plan.tensors.push(Tensor { name: name.to_string(), shape, kind });
+    plan.tensors.push(Tensor {
+        name: name.to_string(),
+        shape,
+        kind,
+    });
     plan.tensors.len() - 1
 }
 

@@ -50,7 +50,10 @@ pub fn lifetimes(plan: &Plan, bwd: &BackwardPlan) -> Vec<Option<Interval>> {
     let n_total = bwd.first_grad + bwd.grads.len();
     let mut life: Vec<Option<Interval>> = vec![None; n_total];
     let mut touch = |t: TensorId, step: usize| {
-        let e = life[t].get_or_insert(Interval { start: step, end: step });
+        let e = life[t].get_or_insert(Interval {
+            start: step,
+            end: step,
+        });
         e.start = e.start.min(step);
         e.end = e.end.max(step);
     };
@@ -94,7 +97,11 @@ pub fn lifetimes(plan: &Plan, bwd: &BackwardPlan) -> Vec<Option<Interval>> {
 }
 
 /// Place every tensor of a training step; `elem_bytes` gives each tensor's element size.
-pub fn plan_memory(plan: &Plan, bwd: &BackwardPlan, elem_bytes: impl Fn(TensorId) -> usize) -> MemoryPlan {
+pub fn plan_memory(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    elem_bytes: impl Fn(TensorId) -> usize,
+) -> MemoryPlan {
     let life = lifetimes(plan, bwd);
     let numel = |id: TensorId| -> usize {
         if id < bwd.first_grad {
@@ -110,17 +117,30 @@ pub fn plan_memory(plan: &Plan, bwd: &BackwardPlan, elem_bytes: impl Fn(TensorId
         let bytes = numel(t) * elem_bytes(t);
         let l = life[t].unwrap();
         let offset = lowest_fit(&placed, l, bytes);
-        placed.push(Placement { tensor: t, offset, bytes, life: l });
+        placed.push(Placement {
+            tensor: t,
+            offset,
+            bytes,
+            life: l,
+        });
     }
     placed.sort_by_key(|p| p.tensor);
     let peak_bytes = placed.iter().map(|p| p.offset + p.bytes).max().unwrap_or(0);
     let total_bytes = placed.iter().map(|p| p.bytes).sum();
-    MemoryPlan { placements: placed, peak_bytes, total_bytes }
+    MemoryPlan {
+        placements: placed,
+        peak_bytes,
+        total_bytes,
+    }
 }
 
 /// The lowest aligned offset where `bytes` fit between the tensors alive during `life`.
 fn lowest_fit(placed: &[Placement], life: Interval, bytes: usize) -> usize {
-    let mut busy: Vec<(usize, usize)> = placed.iter().filter(|p| p.life.overlaps(&life)).map(|p| (p.offset, p.offset + p.bytes)).collect();
+    let mut busy: Vec<(usize, usize)> = placed
+        .iter()
+        .filter(|p| p.life.overlaps(&life))
+        .map(|p| (p.offset, p.offset + p.bytes))
+        .collect();
     busy.sort_unstable();
     let mut offset = 0;
     for (lo, hi) in busy {

@@ -96,7 +96,10 @@ pub enum Op {
     /// element index), so backward recomputes it and no mask tensor exists.
     Dropout { p: f32, seed: u64 },
     /// inputs [x: n,in]; params [weight: out,in, bias: out]; outputs [y: n,out].
-    Linear { in_features: usize, out_features: usize },
+    Linear {
+        in_features: usize,
+        out_features: usize,
+    },
     /// inputs [logits: n,k, labels: n]; outputs [loss: 1] (mean over the batch).
     SoftmaxCrossEntropy { smoothing: f32 },
 }
@@ -158,12 +161,18 @@ impl Plan {
 
     /// Trainable parameters in node order: the order of the flat parameter buffer.
     pub fn params(&self) -> Vec<TensorId> {
-        self.nodes.iter().flat_map(|n| n.params.iter().copied()).collect()
+        self.nodes
+            .iter()
+            .flat_map(|n| n.params.iter().copied())
+            .collect()
     }
 
     /// Persistent state tensors (BN running statistics) in node order.
     pub fn states(&self) -> Vec<TensorId> {
-        self.nodes.iter().flat_map(|n| n.state.iter().copied()).collect()
+        self.nodes
+            .iter()
+            .flat_map(|n| n.state.iter().copied())
+            .collect()
     }
 
     /// Number of trainable scalars.
@@ -183,7 +192,10 @@ impl Plan {
                 let y = self.shape(node.outputs[0]);
                 (y[1] * y[2] * c.cout * c.kh * c.kw * c.cin) as u64
             }
-            Op::Linear { in_features, out_features } => (in_features * out_features) as u64,
+            Op::Linear {
+                in_features,
+                out_features,
+            } => (in_features * out_features) as u64,
             _ => 0,
         }
     }
@@ -229,7 +241,13 @@ pub fn build(name: &str, config: PlanConfig) -> anyhow::Result<Plan> {
 }
 
 /// Output size of a window op along one axis, or None if the window does not fit.
-pub fn out_size(input: usize, k: usize, stride: usize, pad_lo: usize, pad_hi: usize) -> Option<usize> {
+pub fn out_size(
+    input: usize,
+    k: usize,
+    stride: usize,
+    pad_lo: usize,
+    pad_hi: usize,
+) -> Option<usize> {
     let padded = input + pad_lo + pad_hi;
     if padded < k || stride == 0 {
         return None;

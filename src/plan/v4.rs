@@ -34,11 +34,23 @@ pub fn build(config: PlanConfig) -> Result<Plan> {
 }
 
 /// A 1xk ("h") or kx1 ("v") factorised convolution with "same" padding.
-pub(crate) fn conv_1xk(g: &mut GraphBuilder, name: &str, x: TensorId, cout: usize, k: usize) -> Result<TensorId> {
+pub(crate) fn conv_1xk(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: TensorId,
+    cout: usize,
+    k: usize,
+) -> Result<TensorId> {
     g.conv_bn_relu(name, x, cout, (1, k), 1, (0, k / 2))
 }
 
-pub(crate) fn conv_kx1(g: &mut GraphBuilder, name: &str, x: TensorId, cout: usize, k: usize) -> Result<TensorId> {
+pub(crate) fn conv_kx1(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: TensorId,
+    cout: usize,
+    k: usize,
+) -> Result<TensorId> {
     g.conv_bn_relu(name, x, cout, (k, 1), 1, (k / 2, 0))
 }
 

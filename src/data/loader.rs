@@ -1,0 +1,430 @@
+//! Background loader threads: decode + transform on workers, batches assembled in a fixed order.
+//!
+//! Determinism: an epoch is a stream of positions over this rank's shard of a shuffled order that
+//! depends only on (seed, epoch). Workers process chunks of positions in any order and at any
+//! speed; the consumer takes results strictly by position. Each image's augmentation is seeded by
+//! (seed, epoch, image index), so batches are identical for any worker count.
+//!
+//! Bad data: an image that fails to read or decode is skipped (warned about once per file) and
+//! the batch is filled from the next positions, so training batches stay full. A training epoch
+//! wraps around its shard if skips leave it short, so every epoch has `batches_per_epoch` steps.
+
+use super::dataset::Dataset;
+use super::transform::{eval_transform, train_transform, AugmentConfig};
+use anyhow::{ensure, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Loader settings. Start from [`LoaderConfig::train`] or [`LoaderConfig::eval`].
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Output images are `image_size` x `image_size`.
+    pub image_size: usize,
+    pub seed: u64,
+    /// Worker threads; 0 means one per available core.
+    pub workers: usize,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Training: shuffle, augment, drop the last partial batch. Evaluation: every image of the
+    /// shard once, in dataset order, the last batch possibly short.
+    pub train: bool,
+    pub augment: AugmentConfig,
+    /// How many batches the workers may prepare ahead of the consumer.
+    pub prefetch: usize,
+}
+
+impl LoaderConfig {
+    pub fn train(batch_size: usize, image_size: usize, seed: u64) -> Self {
+        Self {
+            batch_size,
+            image_size,
+            seed,
+            workers: 0,
+            rank: 0,
+            world_size: 1,
+            train: true,
+            augment: AugmentConfig::default(),
+            prefetch: 4,
+        }
+    }
+
+    pub fn eval(batch_size: usize, image_size: usize) -> Self {
+        Self {
+            train: false,
+            ..Self::train(batch_size, image_size, 0)
+        }
+    }
+}
+
+/// One batch, NHWC f32. Slots past `len` are zero images with label 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `batch_size * image_size * image_size * 3` values.
+    pub images: Vec<f32>,
+    /// `batch_size` labels.
+    pub labels: Vec<u32>,
+    /// Dataset index of each real image (`len` entries).
+    pub indices: Vec<usize>,
+    /// Number of real images.
+    pub len: usize,
+    /// Bad files skipped while filling this batch.
+    pub skipped: usize,
+}
+
+/// Hands out batches of a dataset; see the module docs.
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    cfg: LoaderConfig,
+    /// Files already warned about, so each bad file is reported once per run.
+    warned: Arc<Mutex<HashSet<usize>>>,
+}
+
+impl Loader {
+    pub fn new(dataset: Arc<Dataset>, mut cfg: LoaderConfig) -> Result<Self> {
+        ensure!(cfg.batch_size >= 1, "batch size must be at least 1");
+        ensure!(cfg.image_size >= 1, "image size must be at least 1");
+        ensure!(cfg.world_size >= 1, "world size must be at least 1");
+        ensure!(
+            cfg.rank < cfg.world_size,
+            "rank {} is not below world size {}",
+            cfg.rank,
+            cfg.world_size
+        );
+        cfg.augment.validate()?;
+        if cfg.workers == 0 {
+            cfg.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        let loader = Self {
+            dataset,
+            cfg,
+            warned: Arc::default(),
+        };
+        if loader.cfg.train {
+            let shard = loader.shard_range().len();
+            ensure!(
+                shard >= loader.cfg.batch_size,
+                "training shard has {shard} images ({} in the dataset, world size {}), fewer than the batch size {}",
+                loader.dataset.len(),
+                loader.cfg.world_size,
+                loader.cfg.batch_size
+            );
+        }
+        Ok(loader)
+    }
+
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// Dataset indices of the bad files met so far (each was warned about once), sorted.
+    pub fn bad_files(&self) -> Vec<usize> {
+        let mut bad: Vec<usize> = self.warned.lock().unwrap().iter().copied().collect();
+        bad.sort_unstable();
+        bad
+    }
+
+    /// Training: full batches only. Evaluation: enough batches for every image of the shard
+    /// (fewer may come if bad files are skipped).
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.shard_range().len();
+        if self.cfg.train {
+            n / self.cfg.batch_size
+        } else {
+            n.div_ceil(self.cfg.batch_size)
+        }
+    }
+
+    /// Positions of this rank's shard in the epoch order. Training shards are equal in size (the
+    /// remainder of the shuffled order is left out this epoch); evaluation shards cover every
+    /// image, their sizes differing by at most one.
+    fn shard_range(&self) -> std::ops::Range<usize> {
+        let (n, r, w) = (self.dataset.len(), self.cfg.rank, self.cfg.world_size);
+        if self.cfg.train {
+            let per_rank = n / w;
+            r * per_rank..(r + 1) * per_rank
+        } else {
+            r * n / w..(r + 1) * n / w
+        }
+    }
+
+    /// The dataset indices this rank reads in `epoch`, in order (before any skips).
+    pub fn shard(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.cfg.train {
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(hash_seed(&[ORDER_TAG, self.cfg.seed, epoch as u64]));
+            order.shuffle(&mut rng);
+        }
+        order[self.shard_range()].to_vec()
+    }
+
+    /// Starts the workers for `epoch` and returns its batches. Dropping the iterator stops them.
+    pub fn epoch(&self, epoch: usize) -> Epoch {
+        let order = self.shard(epoch);
+        let chunk = self.cfg.batch_size.div_ceil(self.cfg.workers).max(1);
+        let chunks_per_batch = self.cfg.batch_size.div_ceil(chunk);
+        let shared = Arc::new(Shared {
+            dataset: self.dataset.clone(),
+            cfg: self.cfg.clone(),
+            epoch,
+            stream_len: (!self.cfg.train).then_some(order.len()),
+            order,
+            chunk,
+            window: (self.cfg.prefetch + 1) * chunks_per_batch,
+            state: Mutex::new(Window::default()),
+            wake: Condvar::new(),
+            warned: self.warned.clone(),
+        });
+        let (tx, rx) = channel();
+        let workers = (0..self.cfg.workers)
+            .map(|_| {
+                let (shared, tx) = (shared.clone(), tx.clone());
+                std::thread::spawn(move || worker(&shared, &tx))
+            })
+            .collect();
+        Epoch {
+            shared,
+            rx,
+            workers,
+            pending: BTreeMap::new(),
+            position: 0,
+            batches_left: self.batches_per_epoch(),
+            skipped: 0,
+            good_since_wrap: 0,
+        }
+    }
+}
+
+const ORDER_TAG: u64 = 0x6f_7264_6572; // "order"
+const AUGMENT_TAG: u64 = 0x6175_676d; // "augm"
+
+/// splitmix64's finaliser: spreads nearby inputs (epoch 1, 2, ...) to unrelated seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn hash_seed(parts: &[u64]) -> u64 {
+    parts.iter().fold(0, |h, &p| mix(h ^ p))
+}
+
+/// One decoded and transformed image, or `None` for a bad file.
+type Item = Option<(usize, u32, Vec<f32>)>;
+
+/// Flow control between the consumer and the workers, in units of chunks.
+#[derive(Default)]
+struct Window {
+    next_chunk: usize,
+    consumed: usize,
+    stop: bool,
+}
+
+/// What the workers of one epoch share.
+struct Shared {
+    dataset: Arc<Dataset>,
+    cfg: LoaderConfig,
+    epoch: usize,
+    order: Vec<usize>,
+    /// Evaluation streams end with the shard; training streams wrap around it.
+    stream_len: Option<usize>,
+    /// Positions per work chunk.
+    chunk: usize,
+    /// Chunks the workers may run ahead of the consumer.
+    window: usize,
+    state: Mutex<Window>,
+    wake: Condvar,
+    warned: Arc<Mutex<HashSet<usize>>>,
+}
+
+impl Shared {
+    /// Waits until chunk `next_chunk` is inside the window, then claims it. `None`: stop.
+    fn claim(&self) -> Option<usize> {
+        let mut s = self.state.lock().unwrap();
+        while !s.stop && s.next_chunk >= s.consumed + self.window {
+            s = self.wake.wait(s).unwrap();
+        }
+        let k = s.next_chunk;
+        let past_end = self.stream_len.is_some_and(|len| k * self.chunk >= len);
+        if s.stop || past_end {
+            return None;
+        }
+        s.next_chunk += 1;
+        Some(k)
+    }
+
+    fn load(&self, position: usize) -> Item {
+        let n = self.order.len();
+        let (index, pass) = (self.order[position % n], position / n);
+        let img = match self.dataset.read(index) {
+            Ok(img) => img,
+            Err(e) => {
+                if self.warned.lock().unwrap().insert(index) {
+                    eprintln!("warning: skipping bad image: {e:#}");
+                }
+                return None;
+            }
+        };
+        let size = self.cfg.image_size;
+        let tensor = if self.cfg.train {
+            // `pass` only differs from 0 when skips made the epoch wrap around its shard.
+            let seed = hash_seed(&[
+                AUGMENT_TAG,
+                self.cfg.seed,
+                self.epoch as u64,
+                index as u64,
+                pass as u64,
+            ]);
+            train_transform(
+                &img,
+                size,
+                &self.cfg.augment,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+            )
+        } else {
+            eval_transform(&img, size)
+        };
+        Some((index, self.dataset.label(index), tensor))
+    }
+}
+
+fn worker(shared: &Shared, tx: &Sender<(usize, Vec<Item>)>) {
+    while let Some(k) = shared.claim() {
+        let end = (k + 1) * shared.chunk;
+        let end = shared.stream_len.map_or(end, |len| len.min(end));
+        let items = (k * shared.chunk..end).map(|p| shared.load(p)).collect();
+        if tx.send((k, items)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The batches of one epoch, in order.
+pub struct Epoch {
+    shared: Arc<Shared>,
+    rx: Receiver<(usize, Vec<Item>)>,
+    workers: Vec<JoinHandle<()>>,
+    /// Chunks received but not yet consumed, by chunk number.
+    pending: BTreeMap<usize, std::vec::IntoIter<Item>>,
+    /// Next stream position to consume.
+    position: usize,
+    /// Training batches still to hand out.
+    batches_left: usize,
+    skipped: usize,
+    /// Good images since the stream last passed a shard boundary; guards a shard of only bad
+    /// files from looping forever.
+    good_since_wrap: usize,
+}
+
+impl Epoch {
+    /// Bad files skipped so far in this epoch.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// The item at the current position, waiting for its chunk if needed. `None`: stream over.
+    fn next_item(&mut self) -> Option<Item> {
+        let sh = self.shared.clone();
+        if sh.stream_len.is_some_and(|len| self.position >= len) {
+            return None;
+        }
+        let k = self.position / sh.chunk;
+        while !self.pending.contains_key(&k) {
+            let (chunk, items) = self
+                .rx
+                .recv()
+                .expect("a data loader worker thread panicked");
+            self.pending.insert(chunk, items.into_iter());
+        }
+        let item = self.pending.get_mut(&k).unwrap().next().unwrap();
+        self.position += 1;
+        if self.position.is_multiple_of(sh.chunk) || sh.stream_len == Some(self.position) {
+            self.pending.remove(&k);
+            sh.state.lock().unwrap().consumed = k + 1;
+            sh.wake.notify_all();
+        }
+        Some(item)
+    }
+
+    /// True when a whole pass over the shard produced nothing usable.
+    fn all_bad(&mut self) -> bool {
+        let n = self.shared.order.len();
+        if !self.position.is_multiple_of(n) {
+            return false;
+        }
+        let all_bad = self.good_since_wrap == 0;
+        self.good_since_wrap = 0;
+        if all_bad {
+            eprintln!("warning: every image of this shard failed to load; ending the epoch early");
+        }
+        all_bad
+    }
+}
+
+impl Iterator for Epoch {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        let cfg = &self.shared.cfg;
+        let (train, b, pixels) = (
+            cfg.train,
+            cfg.batch_size,
+            cfg.image_size * cfg.image_size * 3,
+        );
+        if train && self.batches_left == 0 {
+            return None;
+        }
+        let mut batch = Batch {
+            images: vec![0.0; b * pixels],
+            labels: vec![0; b],
+            indices: Vec::with_capacity(b),
+            len: 0,
+            skipped: 0,
+        };
+        while batch.len < b {
+            let Some(item) = self.next_item() else { break };
+            match item {
+                Some((index, label, tensor)) => {
+                    batch.images[batch.len * pixels..(batch.len + 1) * pixels]
+                        .copy_from_slice(&tensor);
+                    batch.labels[batch.len] = label;
+                    batch.indices.push(index);
+                    batch.len += 1;
+                    self.good_since_wrap += 1;
+                }
+                None => batch.skipped += 1,
+            }
+            if train && self.all_bad() {
+                self.batches_left = 0;
+                self.skipped += batch.skipped;
+                return None;
+            }
+        }
+        self.skipped += batch.skipped;
+        if train {
+            self.batches_left -= 1;
+        }
+        (batch.len > 0).then_some(batch)
+    }
+}
+
+impl Drop for Epoch {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().stop = true;
+        self.shared.wake.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Transforms: shapes, value ranges, geometry of crops and resizes, determinism, speed.
+
+#[path = "data_helpers.rs"]
+mod helpers;
+
+use helpers::*;
+use inception_engine::data::transform::{
+    eval_transform, random_resized_crop_box, resize_crop, resize_shorter_and_centre_crop,
+    train_transform, CropBox,
+};
+use inception_engine::data::{AugmentConfig, DecodedImage, MEAN, STD};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn decoded(img: image::ImageBuffer<image::Rgb<u8>, Vec<u8>>) -> DecodedImage {
+    DecodedImage {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        pixels: img.into_raw(),
+    }
+}
+
+fn constant(w: usize, h: usize, rgb: [u8; 3]) -> DecodedImage {
+    DecodedImage {
+        width: w,
+        height: h,
+        pixels: rgb.repeat(w * h),
+    }
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Normalised values of 0 and 255 per channel: every output must lie between them.
+fn in_normalised_range(v: &[f32]) -> bool {
+    v.chunks(3).all(|px| {
+        (0..3).all(|c| {
+            let lo = (0.0 - MEAN[c]) / STD[c] - 1e-4;
+            let hi = (1.0 - MEAN[c]) / STD[c] + 1e-4;
+            (lo..=hi).contains(&px[c])
+        })
+    })
+}
+
+#[test]
+fn shapes_and_ranges_at_many_sizes() {
+    let imgs = [
+        decoded(rgb_image(50, 37, 5)),
+        decoded(rgb_image(1, 1, 9)),
+        decoded(rgb_image(3, 200, 1)),
+    ];
+    let cfg = AugmentConfig::default();
+    for img in &imgs {
+        for size in [1, 2, 7, 75, 299] {
+            let t = train_transform(img, size, &cfg, &mut rng(size as u64));
+            assert_eq!(t.len(), size * size * 3);
+            assert!(in_normalised_range(&t), "train out of range at {size}");
+            let e = eval_transform(img, size);
+            assert_eq!(e.len(), size * size * 3);
+            assert!(in_normalised_range(&e), "eval out of range at {size}");
+            assert!(t.iter().chain(&e).all(|v| v.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn constant_image_stays_constant_and_normalises_exactly() {
+    let img = constant(40, 30, [255, 0, 128]);
+    let expect = [
+        (1.0 - MEAN[0]) / STD[0],
+        (0.0 - MEAN[1]) / STD[1],
+        (128.0 / 255.0 - MEAN[2]) / STD[2],
+    ];
+    for size in [1, 13, 64] {
+        for px in eval_transform(&img, size).chunks(3) {
+            for c in 0..3 {
+                assert!((px[c] - expect[c]).abs() < 1e-4, "{px:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn eval_of_a_square_image_at_its_own_size_is_exact() {
+    let img = decoded(rgb_image(20, 20, 3));
+    let out = resize_shorter_and_centre_crop(&img, 20);
+    let expect: Vec<f32> = img.pixels.iter().map(|&p| p as f32).collect();
+    assert_eq!(out.len(), expect.len());
+    assert!(out.iter().zip(&expect).all(|(a, b)| (a - b).abs() < 1e-3));
+}
+
+#[test]
+fn eval_centre_crops_the_longer_side() {
+    // A 30x10 image: left third red, middle green, right third blue. Resized to 3 rows, it is
+    // 9 wide; the centre 3x3 crop must be the green middle.
+    let mut img = constant(30, 10, [0, 0, 0]);
+    for y in 0..10 {
+        for x in 0..30 {
+            let c = x / 10;
+            img.pixels[(y * 30 + x) * 3 + c] = 255;
+        }
+    }
+    let out = resize_shorter_and_centre_crop(&img, 3);
+    for px in out.chunks(3) {
+        assert!(px[1] > 200.0 && px[0] < 60.0 && px[2] < 60.0, "{px:?}");
+    }
+    // A tall image likewise keeps its middle band.
+    let mut tall = constant(10, 30, [0, 0, 0]);
+    for y in 0..30 {
+        for x in 0..10 {
+            tall.pixels[(y * 10 + x) * 3 + y / 10] = 255;
+        }
+    }
+    let out = resize_shorter_and_centre_crop(&tall, 3);
+    assert!(out.chunks(3).all(|px| px[1] > 200.0), "{out:?}");
+}
+
+#[test]
+fn resize_crop_reads_only_the_crop() {
+    // Left half black, right half white; a crop of the right half must be all white even when
+    // upscaled (no bleeding from outside the crop).
+    let mut img = constant(20, 10, [0, 0, 0]);
+    for y in 0..10 {
+        for x in 10..20 {
+            img.pixels[(y * 20 + x) * 3..(y * 20 + x) * 3 + 3].copy_from_slice(&[255; 3]);
+        }
+    }
+    let crop = CropBox {
+        x: 10,
+        y: 0,
+        width: 10,
+        height: 10,
+    };
+    for size in [3, 10, 37] {
+        assert!(resize_crop(&img, crop, size)
+            .iter()
+            .all(|&v| (v - 255.0).abs() < 1e-3));
+    }
+}
+
+#[test]
+fn upscaling_interpolates_bilinearly() {
+    // Two pixels 0 and 255 side by side, upscaled to 4: half-pixel centres give
+    // 0, 63.75, 191.25, 255.
+    let img = DecodedImage {
+        width: 2,
+        height: 1,
+        pixels: vec![0, 0, 0, 255, 255, 255],
+    };
+    let out = resize_crop(
+        &img,
+        CropBox {
+            x: 0,
+            y: 0,
+            width: 2,
+            height: 1,
+        },
+        4,
+    );
+    let row: Vec<f32> = out[..12].chunks(3).map(|p| p[0]).collect();
+    let expect = [0.0, 63.75, 191.25, 255.0];
+    assert!(
+        row.iter().zip(expect).all(|(a, b)| (a - b).abs() < 1e-3),
+        "{row:?}"
+    );
+}
+
+#[test]
+fn downscaling_averages_instead_of_aliasing() {
+    // A 1-pixel checkerboard shrunk 4x must come out mid-grey everywhere, not black or white.
+    let mut img = constant(64, 64, [0, 0, 0]);
+    for i in 0..64 * 64 {
+        if (i % 64 + i / 64) % 2 == 0 {
+            img.pixels[i * 3..i * 3 + 3].copy_from_slice(&[255; 3]);
+        }
+    }
+    let out = resize_crop(
+        &img,
+        CropBox {
+            x: 0,
+            y: 0,
+            width: 64,
+            height: 64,
+        },
+        16,
+    );
+    assert!(
+        out.iter().all(|&v| (v - 127.5).abs() < 20.0),
+        "min {:?}",
+        out.iter().cloned().fold(f32::MAX, f32::min)
+    );
+}
+
+#[test]
+fn crop_boxes_respect_scale_and_ratio() {
+    let mut r = rng(1);
+    let (w, h) = (400, 300);
+    for _ in 0..2000 {
+        let b = random_resized_crop_box(w, h, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut r);
+        assert!(
+            b.width >= 1 && b.height >= 1 && b.x + b.width <= w && b.y + b.height <= h,
+            "{b:?}"
+        );
+        let area = (b.width * b.height) as f64 / (w * h) as f64;
+        let ratio = b.width as f64 / b.height as f64;
+        // Rounding to whole pixels moves area and ratio slightly past the bounds.
+        assert!((0.07..=1.01).contains(&area), "area {area}");
+        assert!((0.7..=1.4).contains(&ratio), "ratio {ratio}");
+    }
+}
+
+#[test]
+fn crop_falls_back_to_a_centre_crop() {
+    // A 1000x10 strip can never hold a crop with ratio <= 4/3 and area >= 8%: after ten tries
+    // the fallback is a centred crop of the full height at the largest allowed ratio.
+    let b = random_resized_crop_box(1000, 10, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut rng(3));
+    assert_eq!(
+        b,
+        CropBox {
+            x: 493,
+            y: 0,
+            width: 13,
+            height: 10
+        }
+    );
+    // Scale (1, 1) with the image's own ratio is always the whole image.
+    let b = random_resized_crop_box(30, 30, (1.0, 1.0), (1.0, 1.0), &mut rng(3));
+    assert_eq!(
+        b,
+        CropBox {
+            x: 0,
+            y: 0,
+            width: 30,
+            height: 30
+        }
+    );
+}
+
+#[test]
+fn train_without_randomness_equals_eval() {
+    let img = decoded(rgb_image(32, 32, 4));
+    let cfg = AugmentConfig {
+        scale: (1.0, 1.0),
+        ratio: (1.0, 1.0),
+        flip_prob: 0.0,
+        jitter: 0.0,
+    };
+    assert_eq!(
+        train_transform(&img, 24, &cfg, &mut rng(0)),
+        eval_transform(&img, 24)
+    );
+}
+
+#[test]
+fn flip_mirrors_rows() {
+    let img = decoded(rgb_image(32, 32, 4));
+    let plain = AugmentConfig {
+        scale: (1.0, 1.0),
+        ratio: (1.0, 1.0),
+        flip_prob: 0.0,
+        jitter: 0.0,
+    };
+    let flip = AugmentConfig {
+        flip_prob: 1.0,
+        ..plain.clone()
+    };
+    let a = train_transform(&img, 16, &plain, &mut rng(0));
+    let b = train_transform(&img, 16, &flip, &mut rng(0));
+    assert_ne!(a, b);
+    for y in 0..16 {
+        for x in 0..16 {
+            let (i, j) = ((y * 16 + x) * 3, (y * 16 + 15 - x) * 3);
+            assert_eq!(a[i..i + 3], b[j..j + 3]);
+        }
+    }
+}
+
+#[test]
+fn jitter_changes_colours_within_range() {
+    let img = decoded(rgb_image(32, 32, 4));
+    let plain = AugmentConfig {
+        scale: (1.0, 1.0),
+        ratio: (1.0, 1.0),
+        flip_prob: 0.0,
+        jitter: 0.0,
+    };
+    let jitter = AugmentConfig {
+        jitter: 0.4,
+        ..plain.clone()
+    };
+    let a = train_transform(&img, 16, &plain, &mut rng(5));
+    let b = train_transform(&img, 16, &jitter, &mut rng(5));
+    assert_ne!(a, b);
+    assert!(in_normalised_range(&b));
+}
+
+#[test]
+fn same_seed_same_output_different_seed_different_output() {
+    let img = decoded(rgb_image(60, 45, 2));
+    let cfg = AugmentConfig::default();
+    let a = train_transform(&img, 32, &cfg, &mut rng(11));
+    assert_eq!(a, train_transform(&img, 32, &cfg, &mut rng(11)));
+    assert_ne!(a, train_transform(&img, 32, &cfg, &mut rng(12)));
+}
+
+#[test]
+fn invalid_augment_settings_are_rejected() {
+    let bad = [
+        AugmentConfig {
+            scale: (0.0, 1.0),
+            ..Default::default()
+        },
+        AugmentConfig {
+            scale: (0.9, 0.5),
+            ..Default::default()
+        },
+        AugmentConfig {
+            ratio: (1.5, 1.0),
+            ..Default::default()
+        },
+        AugmentConfig {
+            flip_prob: 1.5,
+            ..Default::default()
+        },
+        AugmentConfig {
+            jitter: -0.1,
+            ..Default::default()
+        },
+    ];
+    for cfg in bad {
+        assert!(cfg.validate().is_err(), "{cfg:?}");
+    }
+    assert!(AugmentConfig::default().validate().is_ok());
+}
+
+#[test]
+fn jpeg_500px_to_299_is_fast() {
+    let img = rgb_image(500, 375, 7);
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(&img)
+        .unwrap();
+    let decoded = inception_engine::data::decode_image(&bytes).unwrap();
+    let cfg = AugmentConfig::default();
+    let reps = 20;
+    let t = std::time::Instant::now();
+    for i in 0..reps {
+        std::hint::black_box(eval_transform(&decoded, 299));
+        std::hint::black_box(train_transform(&decoded, 299, &cfg, &mut rng(i)));
+    }
+    let per = t.elapsed().as_secs_f64() * 1e3 / (2 * reps) as f64;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(inception_engine::data::decode_image(&bytes).unwrap());
+    }
+    let decode = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    eprintln!("500x375 JPEG: decode {decode:.2} ms, transform to 299 {per:.2} ms");
+    // Generous bound so a loaded CI machine passes; typical is a few ms.
+    assert!(per < 50.0, "transform took {per} ms");
+}
