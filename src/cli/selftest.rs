@@ -7,7 +7,8 @@
 
 use anyhow::{bail, Result};
 
-use crate::backend::cuda::selftest::{CpuReference, NoReference, SelfTest};
+use crate::backend::cuda::selftest::{CpuReference, SelfTest};
+use crate::backend::cuda::selftest_ref::OpsReference;
 use crate::backend::cuda::{compile_all, CudaBackend, KernelInfo};
 use crate::plan::{self, PlanConfig};
 
@@ -83,12 +84,9 @@ fn compile_only(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The CPU reference the device self-test compares against.
-// TODO(wiring): return an implementation of CpuReference backed by src/ops once the CPU reference
-// ops land; until then only the tensor-core vs plain-kernel checks (and self-consistency checks)
-// run, and every CPU comparison is reported as SKIP.
+/// The CPU reference the device self-test compares against: src/ops (see selftest_ref.rs).
 fn cpu_reference() -> Box<dyn CpuReference> {
-    Box::new(NoReference)
+    Box::new(OpsReference)
 }
 
 fn device_cuda(args: &Args) -> Result<()> {

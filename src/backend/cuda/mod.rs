@@ -11,6 +11,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
 mod selftest_ops;
+pub mod selftest_ref;
 pub mod sources;
 
 pub use context::{arch_for, CudaBackend, DevPtr};

@@ -324,7 +324,7 @@ impl SelfTest<'_> {
         let w0 = self.random(count, 1.0);
         let ms0: Vec<f32> = self.random(count, 0.5).iter().map(|v| v + 1.0).collect();
         let mom0 = self.random(count, 0.01);
-        let decay: Vec<bool> = (0..count).map(|i| i % 2 == 0).collect();
+        let decay: Vec<bool> = (0..count).map(|i| i < count / 2).collect();
         let decay_u8: Vec<u8> = decay.iter().map(|&d| d as u8).collect();
         let (gb, wb, msb, momb, db) = (
             self.buf(&g)?,
