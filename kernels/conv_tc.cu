@@ -37,12 +37,6 @@ struct TcConv {
     static constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2;
 };
 
-// Any valid global address: cp.async with src-size 0 reads nothing, but the operand must not be null.
-template <int MODE>
-__device__ __forceinline__ const __half* dummy_src(const ConvParams& p) {
-    return MODE == MODE_WGRAD ? p.dy : p.w;
-}
-
 struct Gemm {
     int M, N, K;
 };
@@ -59,83 +53,175 @@ __device__ __forceinline__ Gemm gemm_shape(const ConvParams& p, int mode) {
     return g;
 }
 
-// Address of the 8 input channels x[n, ih, iw, ci..ci+8) that output pixel `pix` reads at tap
-// (r, s), or nullptr when the tap falls in the padding.
-__device__ __forceinline__ const __half* x_tap(const ConvParams& p, int pix, int r, int s, int ci) {
-    int ow = pix % p.ow, t = pix / p.ow;
-    int oh = t % p.oh, n = t / p.oh;
-    int ih = oh * p.stride - p.pad_top + r, iw = ow * p.stride - p.pad_left + s;
-    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w_) return nullptr;
-    return p.x + (((long long)n * p.h + ih) * p.w_ + iw) * p.cin + ci;
-}
-
-// Address of dy[n, oh, ow, co..co+8) that input pixel `pix` receives through tap (r, s), or nullptr
-// when no output position maps there (padding, or a stride-2 hole).
-__device__ __forceinline__ const __half* dy_tap(const ConvParams& p, int pix, int r, int s, int co) {
-    int w = pix % p.w_, t = pix / p.w_;
-    int h = t % p.h, n = t / p.h;
-    int ohs = h + p.pad_top - r, ows = w + p.pad_left - s;
-    if (ohs < 0 || ows < 0 || ohs % p.stride || ows % p.stride) return nullptr;
-    int oh = ohs / p.stride, ow = ows / p.stride;
-    if (oh >= p.oh || ow >= p.ow) return nullptr;
-    return p.dy + (((long long)n * p.oh + oh) * p.ow + ow) * p.cout + co;
-}
-
-// Gathers the A tile (rows m0.., k from k0) of one pipeline stage.
+// Thread-private state of the A gather of fprop (im2col of x) and dgrad (dy seen through the
+// transposed convolution). The rows a thread loads stay the same for the whole K loop, so their
+// pixel decode happens once; the K position (channel, tap) advances by BK per stage with carries
+// instead of divisions. Integer work per stage would otherwise rival the MMA work.
 template <int MODE, class T>
-__device__ __forceinline__ void load_a(const ConvParams& p, const Gemm& g, __half* sA, int m0, int k0) {
-    if constexpr (T::A_KM) {  // wgrad: A[m=co][k=pixel] = dy[pixel][co], co contiguous
-        constexpr int CPR = T::BM / 8;
-        for (int c = threadIdx.x; c < T::BK * CPR; c += T::THREADS) {
-            int row = c / CPR, col = (c % CPR) * 8;
-            int k = k0 + row, m = m0 + col;
-            bool ok = k < g.K && m < g.M;
-            const __half* src = ok ? p.dy + (long long)k * p.cout + m : p.dy;
-            cp_async16(sA + row * T::A_LD + col, src, ok);
-        }
-        return;
+struct GatherA {
+    static constexpr int CPR = T::BK / 8;                 // 16-byte chunks per row
+    static constexpr int ROW_STEP = T::THREADS / CPR;     // rows between one thread's chunks
+    static constexpr int ROWS = T::BM / ROW_STEP;         // chunks per thread
+    int img[ROWS], py[ROWS], px[ROWS];  // image (-1: row past M) and tap-(0,0) coordinates
+    int k, ch, r, s;                    // K position of this thread's chunk and its decode
+
+    __device__ __forceinline__ int channels(const ConvParams& p) const {
+        return MODE == MODE_FPROP ? p.cin : p.cout;
     }
-    for (int c = threadIdx.x; c < T::BM * (T::BK / 8); c += T::THREADS) {
+
+    __device__ __forceinline__ void init(const ConvParams& p, const Gemm& g, int m0, int k0) {
+        k = k0 + (threadIdx.x % CPR) * 8;
+        int cc = channels(p), rs = k / cc;
+        ch = k % cc;
+        s = rs % p.kw;
+        r = rs / p.kw;
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            int m = m0 + threadIdx.x / CPR + i * ROW_STEP;
+            int wd = MODE == MODE_FPROP ? p.ow : p.w_, ht = MODE == MODE_FPROP ? p.oh : p.h;
+            int x = m % wd, t = m / wd, y = t % ht;
+            img[i] = m < g.M ? t / ht : -1;
+            // fprop: input coordinate of tap (0,0); dgrad: the padded input coordinate.
+            py[i] = MODE == MODE_FPROP ? y * p.stride - p.pad_top : y + p.pad_top;
+            px[i] = MODE == MODE_FPROP ? x * p.stride - p.pad_left : x + p.pad_left;
+        }
+    }
+
+    // Source of chunk i at the current K position, or nullptr for zeros (padding, stride hole,
+    // past M or K).
+    __device__ __forceinline__ const __half* src(const ConvParams& p, const Gemm& g, int i) const {
+        if (img[i] < 0 || k >= g.K) return nullptr;
+        if constexpr (MODE == MODE_FPROP) {
+            int ih = py[i] + r, iw = px[i] + s;
+            if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w_) return nullptr;
+            return p.x + (((long long)img[i] * p.h + ih) * p.w_ + iw) * p.cin + ch;
+        } else {
+            int ohs = py[i] - r, ows = px[i] - s;
+            if (ohs < 0 || ows < 0 || ohs % p.stride || ows % p.stride) return nullptr;
+            int oh = ohs / p.stride, ow = ows / p.stride;
+            if (oh >= p.oh || ow >= p.ow) return nullptr;
+            return p.dy + (((long long)img[i] * p.oh + oh) * p.ow + ow) * p.cout + ch;
+        }
+    }
+
+    // Issues this thread's chunks of the next K tile into sA, then steps K by BK.
+    __device__ __forceinline__ void load(const ConvParams& p, const Gemm& g, __half* sA) {
+        int row0 = threadIdx.x / CPR, col = (threadIdx.x % CPR) * 8;
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            const __half* src_i = src(p, g, i);
+            cp_async16(sA + (row0 + i * ROW_STEP) * T::A_LD + col, src_i ? src_i : p.w, src_i != nullptr);
+        }
+        k += T::BK;
+        ch += T::BK;
+        int cc = channels(p);
+        if (ch >= cc) {
+            int q = ch / cc;
+            ch -= q * cc;
+            s += q;
+            if (s >= p.kw) {
+                q = s / p.kw;
+                s -= q * p.kw;
+                r += q;
+            }
+        }
+    }
+};
+
+// Thread-private state of the wgrad B gather: B[k = output pixel][n = (r, s, ci)] = x at that tap.
+// A thread's column (tap and channel) is fixed, so it is decoded once; its rows are output pixels
+// that advance by BK per stage, carried through (ow, oh, image) without divisions in the common case.
+template <class T>
+struct GatherBWgrad {
+    static constexpr int CPR = T::BN / 8;
+    static constexpr int ROW_STEP = T::THREADS / CPR;
+    static constexpr int ROWS = T::BK / ROW_STEP;
+    int img[ROWS], oy[ROWS], ox[ROWS];  // output pixel of each row
+    int k;                              // output pixel index of row 0
+    int r, s, ci;                       // tap and channel of this thread's column (r = -1: past N)
+
+    __device__ __forceinline__ void init(const ConvParams& p, const Gemm& g, int n0, int k0) {
+        int n = n0 + (threadIdx.x % CPR) * 8, rs = n / p.cin;
+        ci = n % p.cin;
+        s = rs % p.kw;
+        r = n < g.N ? rs / p.kw : -1;
+        k = k0 + threadIdx.x / CPR;
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            int pix = k + i * ROW_STEP, t = pix / p.ow;
+            ox[i] = pix % p.ow;
+            oy[i] = t % p.oh;
+            img[i] = t / p.oh;
+        }
+    }
+
+    __device__ __forceinline__ const __half* src(const ConvParams& p, const Gemm& g, int i) const {
+        if (r < 0 || k + i * ROW_STEP >= g.K) return nullptr;
+        int ih = oy[i] * p.stride - p.pad_top + r, iw = ox[i] * p.stride - p.pad_left + s;
+        if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w_) return nullptr;
+        return p.x + (((long long)img[i] * p.h + ih) * p.w_ + iw) * p.cin + ci;
+    }
+
+    __device__ __forceinline__ void load(const ConvParams& p, const Gemm& g, __half* sB) {
+        int row0 = threadIdx.x / CPR, col = (threadIdx.x % CPR) * 8;
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            const __half* src_i = src(p, g, i);
+            cp_async16(sB + (row0 + i * ROW_STEP) * T::B_LD + col, src_i ? src_i : p.dy, src_i != nullptr);
+            ox[i] += T::BK;
+            if (ox[i] >= p.ow) {
+                int q = ox[i] / p.ow;
+                ox[i] -= q * p.ow;
+                oy[i] += q;
+                if (oy[i] >= p.oh) {
+                    q = oy[i] / p.oh;
+                    oy[i] -= q * p.oh;
+                    img[i] += q;
+                }
+            }
+        }
+        k += T::BK;
+    }
+};
+
+// wgrad A tile: A[m = co][k = pixel] = dy[pixel][co], co contiguous (no index decode needed).
+template <class T>
+__device__ __forceinline__ void load_a_wgrad(const ConvParams& p, const Gemm& g, __half* sA, int m0, int k0) {
+    constexpr int CPR = T::BM / 8;
+    for (int c = threadIdx.x; c < T::BK * CPR; c += T::THREADS) {
+        int row = c / CPR, col = (c % CPR) * 8;
+        int k = k0 + row, m = m0 + col;
+        bool ok = k < g.K && m < g.M;
+        cp_async16(sA + row * T::A_LD + col, ok ? p.dy + (long long)k * p.cout + m : p.dy, ok);
+    }
+}
+
+// fprop B tile: B[n = co][k] = w[co][k], k contiguous.
+template <class T>
+__device__ __forceinline__ void load_b_fprop(const ConvParams& p, const Gemm& g, __half* sB, int n0, int k0) {
+    for (int c = threadIdx.x; c < T::BN * (T::BK / 8); c += T::THREADS) {
         int row = c >> 2, col = (c & 3) * 8;
-        int m = m0 + row, k = k0 + col;
-        const __half* src = nullptr;
-        if (m < g.M && k < g.K) {
-            int cc = MODE == MODE_FPROP ? p.cin : p.cout;
-            int ch = k % cc, rs = k / cc;
-            int s = rs % p.kw, r = rs / p.kw;
-            src = MODE == MODE_FPROP ? x_tap(p, m, r, s, ch) : dy_tap(p, m, r, s, ch);
-        }
-        cp_async16(sA + row * T::A_LD + col, src ? src : dummy_src<MODE>(p), src != nullptr);
+        int n = n0 + row, k = k0 + col;
+        bool ok = n < g.N && k < g.K;
+        cp_async16(sB + row * T::B_LD + col, ok ? p.w + (long long)n * g.K + k : p.w, ok);
     }
 }
 
-// Gathers the B tile (cols n0.., k from k0) of one pipeline stage.
-template <int MODE, class T>
-__device__ __forceinline__ void load_b(const ConvParams& p, const Gemm& g, __half* sB, int n0, int k0) {
-    if constexpr (!T::B_KN) {  // fprop: B[n=co][k] = w[co][k], k contiguous
-        for (int c = threadIdx.x; c < T::BN * (T::BK / 8); c += T::THREADS) {
-            int row = c >> 2, col = (c & 3) * 8;
-            int n = n0 + row, k = k0 + col;
-            bool ok = n < g.N && k < g.K;
-            cp_async16(sB + row * T::B_LD + col, ok ? p.w + (long long)n * g.K + k : p.w, ok);
-        }
-        return;
-    }
+// dgrad B tile: B[k = (r, s, co)][n = ci] = w[co][r][s][ci], ci contiguous. The weights are small
+// and reused by every block, so the per-chunk decode here is not worth carrying state for.
+template <class T>
+__device__ __forceinline__ void load_b_dgrad(const ConvParams& p, const Gemm& g, __half* sB, int n0, int k0) {
     constexpr int CPR = T::BN / 8;
     for (int c = threadIdx.x; c < T::BK * CPR; c += T::THREADS) {
         int row = c / CPR, col = (c % CPR) * 8;
         int k = k0 + row, n = n0 + col;
-        const __half* src = nullptr;
-        if (k < g.K && n < g.N) {
-            if constexpr (MODE == MODE_DGRAD) {  // B[k=(r,s,co)][n=ci] = w[co][r][s][ci]
-                int co = k % p.cout, rs = k / p.cout;
-                src = p.w + ((long long)co * (p.kh * p.kw) + rs) * p.cin + n;
-            } else {  // wgrad: B[k=pixel][n=(r,s,ci)] = x at that tap
-                int ci = n % p.cin, rs = n / p.cin;
-                src = x_tap(p, k, rs / p.kw, rs % p.kw, ci);
-            }
+        bool ok = k < g.K && n < g.N;
+        const __half* src = p.w;
+        if (ok) {
+            int co = k % p.cout, rs = k / p.cout;
+            src = p.w + ((long long)co * (p.kh * p.kw) + rs) * p.cin + n;
         }
-        cp_async16(sB + row * T::B_LD + col, src ? src : dummy_src<MODE>(p), src != nullptr);
+        cp_async16(sB + row * T::B_LD + col, src, ok);
     }
 }
 
@@ -230,24 +316,39 @@ __device__ __forceinline__ void tc_conv(const ConvParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
+    // Gather states (only those of this mode are used; the rest compile away).
+    GatherA<MODE, T> ga;
+    GatherBWgrad<T> gb;
+    if constexpr (MODE != MODE_WGRAD) ga.init(p, g, m0, kt0 * T::BK);
+    if constexpr (MODE == MODE_WGRAD) gb.init(p, g, n0, kt0 * T::BK);
+    // Loads K tile kt into stage st. Tiles are loaded strictly in order, which the gather states
+    // rely on (each load steps them by one tile).
+    auto load_tile = [&](int st, int kt) {
+        __half* a = sA + st * T::A_STAGE;
+        __half* b = sB + st * T::B_STAGE;
+        if constexpr (MODE == MODE_FPROP) {
+            ga.load(p, g, a);
+            load_b_fprop<T>(p, g, b, n0, kt * T::BK);
+        } else if constexpr (MODE == MODE_DGRAD) {
+            ga.load(p, g, a);
+            load_b_dgrad<T>(p, g, b, n0, kt * T::BK);
+        } else {
+            load_a_wgrad<T>(p, g, a, m0, kt * T::BK);
+            gb.load(p, g, b);
+        }
+    };
+
     // Prologue: fill STAGES-1 stages (empty commit groups keep the wait arithmetic uniform).
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (kt0 + s < kt1) {
-            load_a<MODE, T>(p, g, sA + s * T::A_STAGE, m0, (kt0 + s) * T::BK);
-            load_b<MODE, T>(p, g, sB + s * T::B_STAGE, n0, (kt0 + s) * T::BK);
-        }
+        if (kt0 + s < kt1) load_tile(s, kt0 + s);
         cp_async_commit();
     }
     for (int kt = kt0; kt < kt1; ++kt) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // tile kt landed for everyone; stage (kt-1) is no longer being read
         int next = kt + STAGES - 1;
-        if (next < kt1) {
-            int st = (next - kt0) % STAGES;
-            load_a<MODE, T>(p, g, sA + st * T::A_STAGE, m0, next * T::BK);
-            load_b<MODE, T>(p, g, sB + st * T::B_STAGE, n0, next * T::BK);
-        }
+        if (next < kt1) load_tile((next - kt0) % STAGES, next);
         cp_async_commit();
         int cur = (kt - kt0) % STAGES;
         mma_stage<T>(sA + cur * T::A_STAGE, sB + cur * T::B_STAGE, acc, wm, wn);
