@@ -273,6 +273,23 @@ fn plain_wgrad_splits(s: &ConvShape, num_sms: u32) -> usize {
         .min(k.max(1))
 }
 
+/// The tensor-core kernels read operands with 16-byte cp.async and write pairs of halves: a
+/// misaligned tensor would fault (and poison the CUDA context), so it is refused up front. Arena
+/// tensors must therefore start on 16-byte boundaries.
+fn check_tc_alignment(p: &ConvParams) -> Result<()> {
+    let misaligned = [p.x, p.w, p.dy, p.ws].iter().any(|&a| a % 16 != 0) || p.out % 4 != 0;
+    if misaligned {
+        bail!(
+            "tensor-core conv needs 16-byte aligned operands (x {:#x}, w {:#x}, dy {:#x}, out {:#x})",
+            p.x,
+            p.w,
+            p.dy,
+            p.out
+        );
+    }
+    Ok(())
+}
+
 /// fp32 elements of split-K workspace for a weight gradient on a GPU with `num_sms` SMs: the
 /// largest need of any implementation, so the arena can be sized before choosing one.
 pub fn wgrad_workspace_elems(s: &ConvShape, num_sms: u32) -> usize {
@@ -416,6 +433,7 @@ impl CudaBackend {
                 if !tc_supported(s, mode, None) {
                     bail!("tensor-core conv does not support {}", s.key(mode, imp));
                 }
+                check_tc_alignment(&p)?;
                 let (m, n, _) = s.gemm(mode);
                 let (bm, bn) = t.dims();
                 let cfg = LaunchConfig {
@@ -453,6 +471,7 @@ impl CudaBackend {
                         s.key(ConvMode::Wgrad, imp)
                     );
                 }
+                check_tc_alignment(&p)?;
                 let (bm, bn) = t.dims();
                 let cfg = LaunchConfig {
                     grid_dim: (m.div_ceil(bm) as u32, n.div_ceil(bn) as u32, splits as u32),

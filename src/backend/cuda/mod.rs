@@ -3,6 +3,17 @@
 //!
 //! Nothing here links CUDA at build time: cudarc loads the driver and NVRTC dynamically, and
 //! [`libs`] turns their absence into errors.
+//!
+//! Conventions of every launcher ([`CudaBackend`] methods in [`conv`] and [`ops`]):
+//! - tensors are raw device addresses ([`DevPtr`]) carved from the caller's arena; launchers never
+//!   allocate, and scratch space (`ws`) is sized by `conv_wgrad_workspace` / `bn_workspace`;
+//! - activations and conv/FC weights are fp16 (NHWC, `[cout][kh][kw][cin]`, `[out][in]`); BN
+//!   parameters and statistics, biases, parameter gradients and optimizer state are fp32;
+//! - every tensor starts on a 16-byte boundary (the tensor-core path checks and refuses otherwise);
+//! - `accumulate` adds into the destination (a tensor feeding several branches sums gradients);
+//! - outputs that may land in a concat slice take a row stride and channel offset (`ldc`/`c_offset`
+//!   for convs, `ldy`/`yoff` for BN and pools);
+//! - all work is queued on the backend's stream; nothing synchronises except `synchronize`.
 
 pub mod context;
 pub mod conv;
