@@ -277,7 +277,10 @@ fn plain_wgrad_splits(s: &ConvShape, num_sms: u32) -> usize {
 /// misaligned tensor would fault (and poison the CUDA context), so it is refused up front. Arena
 /// tensors must therefore start on 16-byte boundaries.
 fn check_tc_alignment(p: &ConvParams) -> Result<()> {
-    let misaligned = [p.x, p.w, p.dy, p.ws].iter().any(|&a| a % 16 != 0) || p.out % 4 != 0;
+    let misaligned = [p.x, p.w, p.dy, p.ws]
+        .iter()
+        .any(|&a| !a.is_multiple_of(16))
+        || !p.out.is_multiple_of(4);
     if misaligned {
         bail!(
             "tensor-core conv needs 16-byte aligned operands (x {:#x}, w {:#x}, dy {:#x}, out {:#x})",
