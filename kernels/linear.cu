@@ -7,7 +7,7 @@
 
 // y[r][o] += bias[o] for r < n (in place, after the GEMM).
 extern "C" __global__ void bias_add(__half* y, const float* bias, int n, int out) {
-    GRID_STRIDE(i, (u64)n * out) y[i] = __float2half_rn(__half2float(y[i]) + bias[i % out]);
+    GRID_STRIDE(i, (u32)n * out) y[i] = __float2half_rn(__half2float(y[i]) + bias[i % out]);
 }
 
 // dbias[o] (+)= sum_r dy[r][o]; one thread per output feature, reads coalesced across o.

@@ -45,21 +45,21 @@ __device__ __forceinline__ int window_count(const PoolParams& p, int oh, int ow)
 }
 
 extern "C" __global__ void maxpool_fwd(const PoolParams p) {
-    GRID_STRIDE(i, (u64)p.n * p.oh * p.ow * p.c) {
+    GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
         int c = (int)(i % p.c);
-        u64 pix = i / p.c;
-        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / ((u64)p.ow * p.oh));
+        u32 pix = i / p.c;
+        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
         float m;
         max_window(p, p.x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
-        p.y[pix * p.ldy + p.yoff + c] = __float2half_rn(m);
+        p.y[(u64)pix * p.ldy + p.yoff + c] = __float2half_rn(m);
     }
 }
 
 extern "C" __global__ void avgpool_fwd(const PoolParams p) {
-    GRID_STRIDE(i, (u64)p.n * p.oh * p.ow * p.c) {
+    GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
         int c = (int)(i % p.c);
-        u64 pix = i / p.c;
-        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / ((u64)p.ow * p.oh));
+        u32 pix = i / p.c;
+        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
         float s = 0.0f;
         for (int r = 0; r < p.k; ++r) {
             int ih = oh * p.stride - p.pad + r;
@@ -70,7 +70,7 @@ extern "C" __global__ void avgpool_fwd(const PoolParams p) {
                 s += __half2float(p.x[(((long long)n * p.h + ih) * p.w + iw) * p.c + c]);
             }
         }
-        p.y[pix * p.ldy + p.yoff + c] = __float2half_rn(s / (float)window_count(p, oh, ow));
+        p.y[(u64)pix * p.ldy + p.yoff + c] = __float2half_rn(s / (float)window_count(p, oh, ow));
     }
 }
 
@@ -82,10 +82,10 @@ __device__ __forceinline__ void covering(int i, int k, int stride, int pad, int 
 }
 
 extern "C" __global__ void maxpool_bwd(const PoolParams p) {
-    GRID_STRIDE(i, (u64)p.n * p.h * p.w * p.c) {
+    GRID_STRIDE(i, (u32)p.n * p.h * p.w * p.c) {
         int c = (int)(i % p.c);
-        u64 pix = i / p.c;
-        int w = (int)(pix % p.w), h = (int)(pix / p.w % p.h), n = (int)(pix / ((u64)p.w * p.h));
+        u32 pix = i / p.c;
+        int w = (int)(pix % p.w), h = (int)(pix / p.w % p.h), n = (int)(pix / (u32)(p.w * p.h));
         int oh0, oh1, ow0, ow1;
         covering(h, p.k, p.stride, p.pad, p.oh, &oh0, &oh1);
         covering(w, p.k, p.stride, p.pad, p.ow, &ow0, &ow1);
@@ -100,10 +100,10 @@ extern "C" __global__ void maxpool_bwd(const PoolParams p) {
 }
 
 extern "C" __global__ void avgpool_bwd(const PoolParams p) {
-    GRID_STRIDE(i, (u64)p.n * p.h * p.w * p.c) {
+    GRID_STRIDE(i, (u32)p.n * p.h * p.w * p.c) {
         int c = (int)(i % p.c);
-        u64 pix = i / p.c;
-        int w = (int)(pix % p.w), h = (int)(pix / p.w % p.h), n = (int)(pix / ((u64)p.w * p.h));
+        u32 pix = i / p.c;
+        int w = (int)(pix % p.w), h = (int)(pix / p.w % p.h), n = (int)(pix / (u32)(p.w * p.h));
         int oh0, oh1, ow0, ow1;
         covering(h, p.k, p.stride, p.pad, p.oh, &oh0, &oh1);
         covering(w, p.k, p.stride, p.pad, p.ow, &ow0, &ow1);
@@ -119,10 +119,10 @@ extern "C" __global__ void avgpool_bwd(const PoolParams p) {
 // y[n][c] = mean over h*w of x[n][.][.][c]; consecutive threads take consecutive channels so the
 // reads of one pixel row are coalesced.
 extern "C" __global__ void global_avgpool_fwd(const __half* x, int n, int hw, int c, __half* y) {
-    GRID_STRIDE(i, (u64)n * c) {
+    GRID_STRIDE(i, (u32)n * c) {
         int ch = (int)(i % c);
-        u64 img = i / c;
-        const __half* xp = x + img * hw * c + ch;
+        u32 img = i / c;
+        const __half* xp = x + (u64)img * hw * c + ch;
         float s = 0.0f;
         for (int q = 0; q < hw; ++q) s += __half2float(xp[(u64)q * c]);
         y[i] = __float2half_rn(s / (float)hw);
@@ -131,9 +131,9 @@ extern "C" __global__ void global_avgpool_fwd(const __half* x, int n, int hw, in
 
 extern "C" __global__ void global_avgpool_bwd(const __half* dy, int n, int hw, int c, __half* dx, int accumulate) {
     float inv = 1.0f / (float)hw;
-    GRID_STRIDE(i, (u64)n * hw * c) {
+    GRID_STRIDE(i, (u32)n * hw * c) {
         int ch = (int)(i % c);
-        u64 img = i / ((u64)hw * c);
-        store_half(dx + i, __half2float(dy[img * c + ch]) * inv, accumulate);
+        u32 img = i / (u32)(hw * c);
+        store_half(dx + i, __half2float(dy[(u64)img * c + ch]) * inv, accumulate);
     }
 }

@@ -17,6 +17,9 @@ use super::{conv, libs, nvrtc};
 /// never allocate and work on any sub-range of one big allocation.
 pub type DevPtr = u64;
 
+/// Largest element count of one grid-stride launch (see GRID_STRIDE in kernels/common.cuh).
+pub const MAX_ELEMENTS: u64 = 1 << 31;
+
 /// Threads per block of the elementwise and gather kernels.
 pub const BLOCK: u32 = 256;
 
@@ -148,15 +151,20 @@ impl CudaBackend {
     }
 
     /// A 1-D grid for a grid-stride kernel over `count` items: enough blocks to fill the GPU, no
-    /// more than the work needs.
-    pub fn grid_1d(&self, count: u64) -> LaunchConfig {
+    /// more than the work needs. The kernels index with 32 bits, so counts above 2^31 are refused.
+    pub fn grid_1d(&self, count: u64) -> Result<LaunchConfig> {
+        if count > MAX_ELEMENTS {
+            anyhow::bail!(
+                "{count} elements exceed the kernels' 32-bit index range ({MAX_ELEMENTS})"
+            );
+        }
         let want = count.div_ceil(BLOCK as u64).max(1);
         let cap = self.num_sms as u64 * 16;
-        LaunchConfig {
+        Ok(LaunchConfig {
             grid_dim: (want.min(cap) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 }
 

@@ -421,7 +421,7 @@ impl CudaBackend {
             "conv_wgrad_reduce_f16"
         };
         let (splits, acc) = (splits as i32, accumulate as i32);
-        cuda_launch!(self, name, self.grid_1d(count), ws, splits, count, dw, acc)
+        cuda_launch!(self, name, self.grid_1d(count)?, ws, splits, count, dw, acc)
     }
 
     fn launch_conv(
@@ -453,7 +453,7 @@ impl CudaBackend {
                 } else {
                     "conv_dgrad_plain"
                 };
-                cuda_launch!(self, name, self.grid_1d((m * n) as u64), p)
+                cuda_launch!(self, name, self.grid_1d((m * n) as u64)?, p)
             }
         }
     }
@@ -484,7 +484,7 @@ impl CudaBackend {
                 cuda_launch!(self, &t.kernel(ConvMode::Wgrad), cfg, p)
             }
             ConvImpl::Plain => {
-                let mut cfg = self.grid_1d((m * n) as u64);
+                let mut cfg = self.grid_1d((m * n) as u64)?;
                 cfg.grid_dim.1 = splits as u32;
                 cuda_launch!(self, "conv_wgrad_plain", cfg, p)
             }

@@ -209,7 +209,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             "bn_apply",
-            self.grid_1d(m * a.c as u64),
+            self.grid_1d(m * a.c as u64)?,
             x,
             mean,
             inv_std,
@@ -234,7 +234,7 @@ impl CudaBackend {
             a.yoff as i32,
         );
         let (rm, rv, g, b, eps) = (a.running_mean, a.running_var, a.gamma, a.beta, a.eps);
-        let cfg = self.grid_1d(m * a.c as u64);
+        let cfg = self.grid_1d(m * a.c as u64)?;
         cuda_launch!(self, "bn_infer", cfg, x, rm, rv, g, b, eps, m, c, relu, y, ldy, yoff)
     }
 
@@ -289,7 +289,7 @@ impl CudaBackend {
             dbeta
         )?;
         let acc = accumulate as i32;
-        let cfg = self.grid_1d(m * a.c as u64);
+        let cfg = self.grid_1d(m * a.c as u64)?;
         cuda_launch!(
             self,
             "bn_bwd_dx",
@@ -333,7 +333,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             name,
-            self.grid_1d((s.n * s.oh() * s.ow() * s.c) as u64),
+            self.grid_1d((s.n * s.oh() * s.ow() * s.c) as u64)?,
             p
         )
     }
@@ -362,7 +362,7 @@ impl CudaBackend {
             ..s.params()
         };
         let name = if max { "maxpool_bwd" } else { "avgpool_bwd" };
-        cuda_launch!(self, name, self.grid_1d((s.n * s.h * s.w * s.c) as u64), p)
+        cuda_launch!(self, name, self.grid_1d((s.n * s.h * s.w * s.c) as u64)?, p)
     }
 
     /// y[n][c] = mean of x[n] over h*w.
@@ -378,7 +378,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             "global_avgpool_fwd",
-            self.grid_1d((n * c) as u64),
+            self.grid_1d((n * c) as u64)?,
             x,
             ni,
             hwi,
@@ -400,7 +400,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             "global_avgpool_bwd",
-            self.grid_1d((n * hw * c) as u64),
+            self.grid_1d((n * hw * c) as u64)?,
             dy,
             ni,
             hwi,
@@ -421,7 +421,17 @@ impl CudaBackend {
         y: DevPtr,
     ) -> Result<()> {
         let n = count as u64;
-        cuda_launch!(self, "dropout_fwd", self.grid_1d(n), x, n, p, seed, step, y)
+        cuda_launch!(
+            self,
+            "dropout_fwd",
+            self.grid_1d(n)?,
+            x,
+            n,
+            p,
+            seed,
+            step,
+            y
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -439,7 +449,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             "dropout_bwd",
-            self.grid_1d(n),
+            self.grid_1d(n)?,
             dy,
             n,
             p,
@@ -523,7 +533,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             "bias_add",
-            self.grid_1d((n * out_f) as u64),
+            self.grid_1d((n * out_f) as u64)?,
             y,
             b,
             ni,
@@ -594,7 +604,7 @@ impl CudaBackend {
         } else {
             "rmsprop_f32"
         };
-        cuda_launch!(self, name, self.grid_1d(p.count), p)
+        cuda_launch!(self, name, self.grid_1d(p.count)?, p)
     }
 
     /// *flag = 1 when any of `count` gradients is inf/NaN (the caller zeroes the flag first).
@@ -611,17 +621,17 @@ impl CudaBackend {
         } else {
             "overflow_check_f32"
         };
-        cuda_launch!(self, name, self.grid_1d(n), grads, n, flag)
+        cuda_launch!(self, name, self.grid_1d(n)?, grads, n, flag)
     }
 
     pub fn cast_f32_to_f16(&self, src: DevPtr, count: usize, dst: DevPtr) -> Result<()> {
         let n = count as u64;
-        cuda_launch!(self, "cast_f32_to_f16", self.grid_1d(n), src, n, dst)
+        cuda_launch!(self, "cast_f32_to_f16", self.grid_1d(n)?, src, n, dst)
     }
 
     pub fn cast_f16_to_f32(&self, src: DevPtr, count: usize, dst: DevPtr) -> Result<()> {
         let n = count as u64;
-        cuda_launch!(self, "cast_f16_to_f32", self.grid_1d(n), src, n, dst)
+        cuda_launch!(self, "cast_f16_to_f32", self.grid_1d(n)?, src, n, dst)
     }
 
     /// Copies `c` channels of `rows` rows between row-strided fp16 tensors (concat slices, stem
@@ -653,7 +663,7 @@ impl CudaBackend {
         cuda_launch!(
             self,
             "copy_channels",
-            self.grid_1d(r * c.max(zero_to) as u64),
+            self.grid_1d(r * c.max(zero_to) as u64)?,
             src,
             sl,
             so,
