@@ -77,6 +77,10 @@ pub trait CpuReference {
     fn bn_forward_train(&self, case: &BnCase) -> Option<BnForwardRef> {
         None
     }
+    /// Inference forward with the case's running statistics (ReLU applied when `case.relu`).
+    fn bn_forward_infer(&self, case: &BnCase) -> Option<Vec<f32>> {
+        None
+    }
     /// `y` is the forward output (used by the fused ReLU backward); mean/inv_std the saved stats.
     fn bn_backward(
         &self,
@@ -183,7 +187,7 @@ pub fn compare(got: &[f32], want: &[f32], tol: f32) -> (Status, f32, f32) {
 pub struct SelfTest<'a> {
     pub(super) be: &'a CudaBackend,
     pub(super) reference: &'a dyn CpuReference,
-    rng: ChaCha8Rng,
+    pub(super) rng: ChaCha8Rng,
     pub checks: Vec<Check>,
 }
 
@@ -464,6 +468,13 @@ impl SelfTest<'_> {
                 self.stem_padding(&s)?;
             }
         }
+        if let Some(s) = plan_conv_shapes(plan)
+            .iter()
+            .find(|s| conv::tc_supported(s, ConvMode::Dgrad, None))
+        {
+            self.conv_slice_accumulate(s)?;
+        }
+        self.casts(1 << 16)?;
         let bns = super::selftest_ops::plan_bn_shapes(plan);
         for &(m, c) in &bns {
             self.batchnorm(m, c, true)?;

@@ -3,6 +3,10 @@
 
 use anyhow::Result;
 
+use half::f16;
+use rand::Rng;
+
+use super::conv::{self, ConvImpl, ConvMode, ConvOut, ConvShape};
 use super::ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams};
 use super::selftest::{BnCase, RmspropHyper, SelfTest, TOL, TOL_REDUCTION};
 use crate::plan::{Op, Plan};
@@ -51,8 +55,14 @@ impl SelfTest<'_> {
             ldy: c,
             yoff: 0,
         };
-        self.be.bn_forward_train(&a, xb.ptr, y.ptr, ws.ptr)?;
+        // Inference first, while the running statistics still hold the case's values.
+        let yi = self.poisoned_f16(m * c)?;
+        self.be.bn_forward_infer(&a, xb.ptr, yi.ptr)?;
+        let got_yi = self.read_f16(&yi)?;
+        let want_yi = self.reference.bn_forward_infer(&case);
         let label = format!("m{m} c{c} relu{}", relu as u8);
+        self.record("bn_infer", &label, "cpu", &got_yi, want_yi.as_deref(), TOL);
+        self.be.bn_forward_train(&a, xb.ptr, y.ptr, ws.ptr)?;
         let got_y = self.read_f16(&y)?;
         let (got_mean, got_is) = (self.read_f32(&mean)?, self.read_f32(&inv_std)?);
         let (got_rm, got_rv) = (self.read_f32(&rmb)?, self.read_f32(&rvb)?);
@@ -400,6 +410,106 @@ impl SelfTest<'_> {
             "unchanged",
             &w_after,
             Some(&got_w),
+            0.0,
+        );
+        Ok(())
+    }
+}
+
+impl SelfTest<'_> {
+    /// The conv epilogue options: fprop and dgrad write into a channel slice of a wider tensor
+    /// (ldc, c_offset) and add to what is there (accumulate). The oracle is the plain kernel's
+    /// dense result added to the prefill inside the slice; outside it nothing may change.
+    pub fn conv_slice_accumulate(&mut self, s: &ConvShape) -> Result<()> {
+        let c = s.conv;
+        let x = self.random(s.n * s.h * s.w * c.cin, 1.0);
+        let w = self.random(c.cout * c.kh * c.kw * c.cin, 0.1);
+        let dy = self.random(s.n * s.oh() * s.ow() * c.cout, 1.0);
+        let (xb, wb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&w)?, self.f16_buf(&dy)?);
+        for mode in [ConvMode::Fprop, ConvMode::Dgrad] {
+            let (rows, width) = match mode {
+                ConvMode::Fprop => (s.n * s.oh() * s.ow(), c.cout),
+                _ => (s.n * s.h * s.w, c.cin),
+            };
+            let (ldc, off) = (width + 16, 8);
+            let dense = self.poisoned_f16(rows * width)?;
+            let prefill = self.random(rows * ldc, 1.0);
+            let wide = self.f16_buf(&prefill)?;
+            let tile = conv::preferred_tile(s, mode, self.be.num_sms);
+            let slice = ConvOut {
+                ptr: wide.ptr,
+                ldc,
+                c_offset: off,
+                accumulate: true,
+            };
+            if mode == ConvMode::Fprop {
+                self.be.conv_fprop(
+                    s,
+                    xb.ptr,
+                    wb.ptr,
+                    ConvOut::dense(dense.ptr, width),
+                    Some(ConvImpl::Plain),
+                )?;
+                self.be
+                    .conv_fprop(s, xb.ptr, wb.ptr, slice, Some(ConvImpl::Tc(tile)))?;
+            } else {
+                self.be.conv_dgrad(
+                    s,
+                    dyb.ptr,
+                    wb.ptr,
+                    ConvOut::dense(dense.ptr, width),
+                    Some(ConvImpl::Plain),
+                )?;
+                self.be
+                    .conv_dgrad(s, dyb.ptr, wb.ptr, slice, Some(ConvImpl::Tc(tile)))?;
+            }
+            let (d, got) = (self.read_f16(&dense)?, self.read_f16(&wide)?);
+            let mut want = prefill.clone();
+            for r in 0..rows {
+                for j in 0..width {
+                    want[r * ldc + off + j] += d[r * width + j];
+                }
+            }
+            let name = format!("{}(slice+accumulate)", tile.kernel(mode));
+            self.record(
+                &name,
+                &format!("ldc {ldc} offset {off}"),
+                "plain+prefill",
+                &got,
+                Some(&want),
+                TOL,
+            );
+        }
+        Ok(())
+    }
+
+    /// fp32 -> fp16 -> fp32 round trip against IEEE round-to-nearest-even on the host.
+    pub fn casts(&mut self, count: usize) -> Result<()> {
+        let src: Vec<f32> = (0..count)
+            .map(|_| self.rng.random_range(-70000.0f32..70000.0))
+            .collect();
+        let want: Vec<f32> = src.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let (sb, mid, back) = (
+            self.buf(&src)?,
+            self.poisoned_f16(count)?,
+            self.poisoned_f32(count)?,
+        );
+        self.be.cast_f32_to_f16(sb.ptr, count, mid.ptr)?;
+        self.be.cast_f16_to_f32(mid.ptr, count, back.ptr)?;
+        let got = self.read_f32(&back)?;
+        // Exact match required; values beyond the fp16 range become inf on both sides, which
+        // `compare` would count as a failure, so compare bit patterns instead.
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
+        let flag = [same as u8 as f32];
+        self.record(
+            "cast_f32_to_f16+cast_f16_to_f32",
+            &format!("{count}"),
+            "host f16",
+            &flag,
+            Some(&[1.0]),
             0.0,
         );
         Ok(())

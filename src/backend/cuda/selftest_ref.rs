@@ -83,6 +83,27 @@ impl CpuReference for OpsReference {
         Some(r)
     }
 
+    fn bn_forward_infer(&self, case: &BnCase) -> Option<Vec<f32>> {
+        let p = ops::batchnorm::BnParams {
+            gamma: case.gamma,
+            beta: case.beta,
+            eps: case.eps,
+        };
+        let mut y = vec![0.0; case.m * case.c];
+        ops::batchnorm::forward_infer(
+            case.x,
+            &p,
+            case.c,
+            case.running_mean,
+            case.running_var,
+            &mut y,
+        );
+        if case.relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        Some(y)
+    }
+
     fn bn_backward(
         &self,
         case: &BnCase,
