@@ -10,6 +10,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 extern "C" {
     fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
@@ -84,10 +85,14 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The install whose libnvrtc we preloaded: its headers match that NVRTC, so they come first.
+static NVRTC_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
 /// Include folders holding cuda_fp16.h (and the CCCL headers beside it when present).
 pub fn include_dirs() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for root in cuda_roots() {
+    let roots = NVRTC_ROOT.get().cloned().into_iter().chain(cuda_roots());
+    for root in roots {
         let inc = root.join("include");
         if inc.join("cuda_fp16.h").is_file() {
             out.push(inc.clone());
@@ -125,6 +130,7 @@ pub fn ensure_nvrtc() -> anyhow::Result<()> {
         }
         // SAFETY: as above.
         if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            let _ = NVRTC_ROOT.set(root);
             return Ok(());
         }
     }
