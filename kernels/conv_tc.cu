@@ -6,8 +6,9 @@
 //   wgrad  M = cout      N = kh*kw*cin  K = n*oh*ow A = dy as [K][M]         B = im2col(x) [K][N]
 //
 // Operands are gathered straight from global memory in 16-byte chunks (8 channels) with cp.async,
-// so the fast path needs the gathered channel count to be a multiple of 8 (the launcher checks it
-// and pads the 3-channel stem input to 8). Shared tiles are stored in the layout the operand has in
+// so the fast path needs the gathered channel count to be a multiple of 8 (the launcher checks it;
+// the 3-channel stem runs on the plain kernel unless the caller pads it to 8 channels with the
+// pad_channels launcher, input and weights alike). Shared tiles are stored in the layout the operand has in
 // memory ("MK"/"NK": k contiguous, read with ldmatrix; "KM"/"KN": m or n contiguous, read with
 // ldmatrix.trans), padded by 8 halves per row so ldmatrix rows fall in distinct banks.
 // A STAGES-deep cp.async pipeline overlaps the gathers of tile k+STAGES-1 with the MMAs of tile k.
