@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use inception_engine::cli::{bench, eval, export, inspect, pack, predict, selftest, train};
+use inception_engine::cli::{bench, eval, export, import, inspect, pack, predict, selftest, train};
 
 #[derive(Parser)]
 #[command(
@@ -24,7 +24,7 @@ enum Command {
     /// Compile the CUDA kernels, or check them against the CPU reference.
     Selftest(selftest::Args),
     /// Train a plan on an image folder or packed file.
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Evaluate a checkpoint: loss, top-1, top-5.
     Eval(eval::Args),
     /// Classify images with a checkpoint.
@@ -33,10 +33,19 @@ enum Command {
     Pack(pack::Args),
     /// Export a checkpoint to ONNX or a timm state dict.
     Export(export::Args),
+    /// Import a timm inception_v4 state dict (safetensors) as an engine checkpoint.
+    Import(import::Args),
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let argv = match train::expand_config(std::env::args().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if let Err(e) = dispatch(cli.command) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -48,10 +57,11 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Selftest(a) => selftest::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Pack(a) => pack::run(a),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
     }
 }

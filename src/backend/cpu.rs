@@ -7,6 +7,7 @@
 //! `Plan::params()` / `Plan::states()` order.
 
 use crate::ops::{self, batchnorm::BnParams, conv::ConvShape, pool::PoolShape};
+use crate::params::{ParamEntry, ParamLayout};
 use crate::plan::backward::{derive, BackwardPlan, BackwardStep};
 use crate::plan::memory::lifetimes;
 use crate::plan::{Node, Op, Plan, TensorId};
@@ -17,18 +18,6 @@ use std::collections::HashMap;
 pub enum Mode {
     Train,
     Eval,
-}
-
-/// Offsets of a plan's tensors in flat buffers: `(offset, len)` by tensor id.
-pub fn flat_offsets(plan: &Plan, ids: &[TensorId]) -> HashMap<TensorId, (usize, usize)> {
-    let mut off = 0;
-    ids.iter()
-        .map(|&t| {
-            let len = plan.tensors[t].numel();
-            off += len;
-            (t, (off - len, len))
-        })
-        .collect()
 }
 
 pub struct CpuExecutor {
@@ -53,8 +42,14 @@ impl CpuExecutor {
             plan.nodes.len() + bwd.steps.len() + 1,
         );
         let release_eval = release_lists(eval_last_use(&plan).into_iter(), plan.nodes.len() + 1);
-        let params = flat_offsets(&plan, &plan.params());
-        let states = flat_offsets(&plan, &plan.states());
+        let layout = ParamLayout::new(&plan);
+        let offsets = |entries: &[ParamEntry]| {
+            entries
+                .iter()
+                .map(|e| (e.tensor, (e.offset, e.len)))
+                .collect()
+        };
+        let (params, states) = (offsets(&layout.params), offsets(&layout.states));
         CpuExecutor {
             plan,
             bwd,

@@ -1,10 +1,132 @@
-//! `inception-engine bench`: time training steps or kernels.
+//! `inception-engine bench`: time full training steps (`bench train`) or kernels (`bench kernels`).
 
-use anyhow::Result;
+use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::params::ModelState;
+use crate::plan::{self, PlanConfig};
+use crate::train::{LossScaler, RmsProp, RmsPropConfig};
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    anyhow::bail!("`bench` is not built yet")
+#[derive(clap::Subcommand, Debug)]
+pub enum What {
+    /// Full training steps (forward, backward, optimizer) on synthetic data, after a warm-up.
+    Train(TrainArgs),
+    /// Kernel microbenchmarks against cuDNN/cuBLAS (needs the CUDA backend).
+    Kernels(KernelArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "v4")]
+    pub plan: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    #[arg(long, default_value_t = 299)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub num_classes: usize,
+    /// Mixed precision level (O0 on the CPU).
+    #[arg(long, default_value = "O0")]
+    pub amp: String,
+    /// Print a JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KernelArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.what {
+        What::Train(a) => bench_train(a),
+        What::Kernels(_) => {
+            bail!("`bench kernels` needs the CUDA benchmarks, which are not built yet")
+        }
+    }
+}
+
+fn bench_train(a: TrainArgs) -> Result<()> {
+    if a.amp != "O0" {
+        bail!(
+            "--amp {} needs the CUDA backend; the CPU runs fp32 (O0)",
+            a.amp
+        );
+    }
+    let device = resolve_device(a.device)?;
+    let cfg = PlanConfig {
+        batch: a.batch_size,
+        image_size: a.image_size,
+        num_classes: a.num_classes,
+        ..Default::default()
+    };
+    let plan = plan::build(&a.plan, cfg)?;
+    let model = ModelState::init(&plan, 1);
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let images: Vec<f32> = (0..plan.tensor(plan.input).numel())
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let labels: Vec<u32> = (0..a.batch_size)
+        .map(|_| rng.random_range(0..a.num_classes as u32))
+        .collect();
+    let mut backend: Box<dyn Backend> = Box::new(CpuTrainer::new(plan, model, optim)?);
+    eprintln!(
+        "bench train: {} on {} ({device:?}), batch {}, {}x{}, {} warm-up + {} timed steps",
+        a.plan,
+        backend.name(),
+        a.batch_size,
+        a.image_size,
+        a.image_size,
+        a.warmup,
+        a.steps
+    );
+    let mut scaler = LossScaler::None;
+    for s in 0..a.warmup {
+        backend.train_step(&images, &labels, s as u64, 1e-4, &mut scaler)?;
+    }
+    let mut times = Vec::with_capacity(a.steps);
+    for s in 0..a.steps {
+        let t = Instant::now();
+        let out = backend.train_step(&images, &labels, (a.warmup + s) as u64, 1e-4, &mut scaler)?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        eprintln!("  step {}: {:.1} ms, loss {:.4}", s + 1, times[s], out.loss);
+    }
+    let step_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let best_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let ips = a.batch_size as f64 / (step_ms / 1000.0);
+    println!("{:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), peak resident memory {:.0} MiB", ips, peak_rss_bytes() as f64 / 1048576.0);
+    if a.json {
+        let out = json!({"plan": a.plan, "device": "cpu", "threads": rayon::current_num_threads(), "image_size": a.image_size, "batch_size": a.batch_size, "steps": a.steps, "step_ms": step_ms, "best_step_ms": best_ms, "images_per_sec": ips, "peak_rss_bytes": peak_rss_bytes()});
+        println!("{out}");
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process (Linux), or 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod eval;
 pub mod export;
+pub mod import;
 pub mod inspect;
 pub mod pack;
 pub mod predict;

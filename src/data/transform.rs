@@ -15,7 +15,7 @@ pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Training augmentation settings.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AugmentConfig {
     /// Range of the crop's area as a fraction of the image area.
     pub scale: (f32, f32),

@@ -3,10 +3,10 @@
 
 use super::{out_size, Conv2d, Node, Op, Plan, Pool, Tensor, TensorId, TensorKind};
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything that fixes a plan's shapes and hyper-parameters.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PlanConfig {
     pub batch: usize,
     pub image_size: usize,

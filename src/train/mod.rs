@@ -8,3 +8,6 @@ pub mod schedule;
 pub use loss_scale::{has_overflow, LossScaler, StepDecision};
 pub use optimizer::{RmsProp, RmsPropConfig};
 pub use schedule::{lr_max_for_batch, Schedule};
+pub mod eval;
+pub mod log;
+pub mod trainer;

@@ -11,7 +11,7 @@ use std::ops::Range;
 const CHUNK: usize = 1 << 16;
 
 /// Hyper-parameters of [`RmsProp`].
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RmsPropConfig {
     pub rho: f32,
     pub momentum: f32,

@@ -1,0 +1,90 @@
+//! Evaluation over every image of a dataset: loss, top-1 and top-5.
+
+use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::checkpoint::Checkpoint;
+use crate::data::Loader;
+use crate::ops::softmax_ce;
+use crate::params::ModelState;
+use crate::plan::{self, Plan, PlanConfig};
+use crate::train::loss::topk_correct;
+use crate::train::{RmsProp, RmsPropConfig};
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct EvalResult {
+    /// Mean cross-entropy without label smoothing.
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub images: usize,
+    /// Unreadable files skipped.
+    pub skipped: usize,
+}
+
+impl EvalResult {
+    /// The seed's print format.
+    pub fn seed_line(&self) -> String {
+        format!(
+            "metric: {{'Loss': {:.4}, 'Top1-Acc': {:.4}, 'Top5-Acc': {:.4}}}",
+            self.loss, self.top1, self.top5
+        )
+    }
+}
+
+/// Evaluate every image once (the last batch may be short: only its real rows count).
+pub fn evaluate(
+    backend: &mut dyn Backend,
+    loader: &Loader,
+    classes: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalResult> {
+    let (mut loss, mut top1, mut top5, mut images) = (0.0f64, 0, 0, 0);
+    let mut epoch = loader.epoch(0);
+    for batch in &mut epoch {
+        let logits = backend.infer(&batch.images)?;
+        let n = batch.len;
+        let labels_f: Vec<f32> = batch.labels[..n].iter().map(|&l| l as f32).collect();
+        loss += softmax_ce::forward(&logits, &labels_f, n, classes, 0.0) as f64 * n as f64;
+        top1 += topk_correct(&logits[..n * classes], &batch.labels[..n], classes, 1);
+        top5 += topk_correct(
+            &logits[..n * classes],
+            &batch.labels[..n],
+            classes,
+            5.min(classes),
+        );
+        images += n;
+        progress(images);
+    }
+    let d = images.max(1) as f64;
+    Ok(EvalResult {
+        loss: loss / d,
+        top1: top1 as f64 / d,
+        top5: top5 as f64 / d,
+        images,
+        skipped: epoch.skipped(),
+    })
+}
+
+/// Build the checkpoint's plan for `batch` images and a backend holding its weights.
+pub fn inference_backend(
+    ckpt: &Checkpoint,
+    batch: usize,
+    device: Device,
+) -> Result<(Plan, Box<dyn Backend>)> {
+    let mut config: PlanConfig = serde_json::from_value(ckpt.meta.plan_config.clone())
+        .context("the checkpoint's plan configuration is unreadable")?;
+    config.batch = batch;
+    config.image_size = ckpt.meta.preprocessing.image_size;
+    let plan = plan::build(&ckpt.meta.plan_name, config)?;
+    ckpt.check_compatible(&plan)?;
+    let mut model = ModelState::zeros(&plan);
+    ckpt.apply_to(&mut model, None)?;
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    let backend: Box<dyn Backend> = match resolve_device(device)? {
+        Device::Cpu | Device::Auto | Device::Cuda => {
+            Box::new(CpuTrainer::new(plan.clone(), model, optim)?)
+        }
+    };
+    Ok((plan, backend))
+}

@@ -1,0 +1,374 @@
+//! The training loop: epochs of steps over the loader, the schedule, loss scaling, logs,
+//! evaluation and checkpoints. It drives any [`Backend`].
+
+use super::eval::{evaluate, EvalResult};
+use super::log::{Progress, RunLog};
+use super::{LossScaler, RmsProp, RmsPropConfig, Schedule};
+use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing, RngState};
+use crate::data::{AugmentConfig, Dataset, Loader, LoaderConfig, MEAN, STD};
+use crate::params::{ModelState, ParamLayout};
+use crate::plan::{self, Plan, PlanConfig};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Prefix of checkpoint file names: `<prefix>-e<epoch>-s<step>.safetensors`.
+pub const CHECKPOINT_PREFIX: &str = "inception";
+
+/// Everything a training run needs; stored in every checkpoint it writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub plan: String,
+    pub data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub image_size: usize,
+    pub device: Device,
+    pub seed: u64,
+    pub workers: usize,
+    pub lr_init: f32,
+    pub lr_max: f32,
+    pub lr_end: f32,
+    pub warmup_epochs: usize,
+    pub rmsprop: RmsPropConfig,
+    pub label_smoothing: f32,
+    pub dropout: f32,
+    pub loss_scaler: LossScaler,
+    pub augment: AugmentConfig,
+    pub save_every_epochs: usize,
+    pub keep_max: usize,
+    pub eval_every_epochs: usize,
+    pub log_every: usize,
+    pub resume: Option<PathBuf>,
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub epoch_losses: Vec<f64>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub eval: Option<EvalResult>,
+    pub steps: u64,
+}
+
+/// Mutable run state that a checkpoint captures.
+struct RunState {
+    step: u64,
+    epoch: usize,
+    scaler: LossScaler,
+}
+
+pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let device = resolve_device(cfg.device)?;
+    let train_set = Arc::new(Dataset::open(&cfg.data)?);
+    let classes = train_set.classes().to_vec();
+    let eval_set = cfg
+        .eval_data
+        .as_deref()
+        .map(|p| open_eval_set(p, &classes).map(Arc::new))
+        .transpose()?;
+    let plan = plan::build(&cfg.plan, plan_config(cfg, classes.len()))?;
+    let loader = Loader::new(train_set, loader_config(cfg))?;
+    let steps_per_epoch = loader.batches_per_epoch();
+    let schedule = Schedule {
+        lr_init: cfg.lr_init,
+        lr_max: cfg.lr_max,
+        lr_end: cfg.lr_end,
+        warmup_epochs: cfg.warmup_epochs,
+        steps_per_epoch,
+        epochs: cfg.epochs,
+    };
+    let (model, optim, mut run) = initial_state(cfg, &plan)?;
+    let meta = CheckpointMeta::new(&plan, classes.clone(), preprocessing(cfg.image_size));
+    let mut backend: Box<dyn Backend> = match device {
+        Device::Cpu | Device::Auto | Device::Cuda => {
+            Box::new(CpuTrainer::new(plan.clone(), model, optim)?)
+        }
+    };
+    let mut log = RunLog::open(&cfg.out)?;
+    eprintln!(
+        "training {} on {} ({} images, {} classes) with {}: {} epochs of {} steps, batch {}, {}x{}, lr_max {:.3e}, loss scale {}",
+        plan.name,
+        cfg.data.display(),
+        loader.dataset().len(),
+        classes.len(),
+        backend.name(),
+        cfg.epochs,
+        steps_per_epoch,
+        cfg.batch_size,
+        cfg.image_size,
+        cfg.image_size,
+        cfg.lr_max,
+        scaler_name(&run.scaler)
+    );
+    let mut summary = TrainSummary {
+        epoch_losses: Vec::new(),
+        last_checkpoint: None,
+        eval: None,
+        steps: run.step,
+    };
+    while run.epoch < cfg.epochs {
+        let epoch = run.epoch + 1;
+        let mean_loss = run_epoch(
+            cfg,
+            backend.as_mut(),
+            &loader,
+            &schedule,
+            &mut run,
+            &mut log,
+            epoch,
+            summary.last_checkpoint.as_deref(),
+        )?;
+        run.epoch = epoch;
+        summary.epoch_losses.push(mean_loss);
+        let last = epoch == cfg.epochs;
+        if let Some(set) = &eval_set {
+            if last || (cfg.eval_every_epochs > 0 && epoch % cfg.eval_every_epochs == 0) {
+                summary.eval = Some(run_eval(
+                    backend.as_mut(),
+                    set,
+                    cfg,
+                    &plan,
+                    epoch,
+                    &mut log,
+                )?);
+            }
+        }
+        if last || (cfg.save_every_epochs > 0 && epoch % cfg.save_every_epochs == 0) {
+            summary.last_checkpoint = Some(save_checkpoint(backend.as_mut(), cfg, &meta, &run)?);
+        }
+    }
+    summary.steps = run.step;
+    Ok(summary)
+}
+
+fn plan_config(cfg: &TrainConfig, classes: usize) -> PlanConfig {
+    PlanConfig {
+        batch: cfg.batch_size,
+        image_size: cfg.image_size,
+        num_classes: classes,
+        dropout: cfg.dropout,
+        label_smoothing: cfg.label_smoothing,
+        ..Default::default()
+    }
+}
+
+fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
+    LoaderConfig {
+        workers: cfg.workers,
+        augment: cfg.augment.clone(),
+        ..LoaderConfig::train(cfg.batch_size, cfg.image_size, cfg.seed)
+    }
+}
+
+/// The preprocessing a checkpoint records for evaluation and prediction.
+pub fn preprocessing(image_size: usize) -> Preprocessing {
+    Preprocessing {
+        image_size,
+        mean: MEAN,
+        std: STD,
+        resize: "resize shorter side to image_size (bilinear), centre crop".into(),
+    }
+}
+
+fn open_eval_set(path: &Path, classes: &[String]) -> Result<Dataset> {
+    let set = Dataset::open(path)?;
+    if set.classes() != classes {
+        bail!(
+            "the evaluation data {} has classes {:?}, but the training data has {:?}",
+            path.display(),
+            set.classes(),
+            classes
+        );
+    }
+    Ok(set)
+}
+
+/// Fresh weights, or everything a checkpoint holds when resuming.
+fn initial_state(cfg: &TrainConfig, plan: &Plan) -> Result<(ModelState, RmsProp, RunState)> {
+    let mut model = ModelState::init(plan, cfg.seed);
+    let mut optim = RmsProp::new(cfg.rmsprop, &ParamLayout::new(plan));
+    let Some(path) = &cfg.resume else {
+        return Ok((
+            model,
+            optim,
+            RunState {
+                step: 0,
+                epoch: 0,
+                scaler: cfg.loss_scaler,
+            },
+        ));
+    };
+    let ckpt = Checkpoint::load(path)?;
+    ckpt.check_compatible(plan)
+        .with_context(|| format!("cannot resume from {}", path.display()))?;
+    if !ckpt.has_optimizer() {
+        bail!("{} holds no optimizer state, so training cannot resume from it bit-exactly; start a new run from it with fine-tuning instead", path.display());
+    }
+    ckpt.apply_to(&mut model, Some(&mut optim))?;
+    let m = &ckpt.meta;
+    if m.epoch as usize >= cfg.epochs {
+        bail!(
+            "{} is already at epoch {}: ask for more --epochs to continue",
+            path.display(),
+            m.epoch
+        );
+    }
+    eprintln!(
+        "resuming from {} at epoch {} step {}",
+        path.display(),
+        m.epoch,
+        m.step
+    );
+    Ok((
+        model,
+        optim,
+        RunState {
+            step: m.step,
+            epoch: m.epoch as usize,
+            scaler: m.loss_scaler,
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_epoch(
+    cfg: &TrainConfig,
+    backend: &mut dyn Backend,
+    loader: &Loader,
+    schedule: &Schedule,
+    run: &mut RunState,
+    log: &mut RunLog,
+    epoch: usize,
+    last_ckpt: Option<&Path>,
+) -> Result<f64> {
+    let steps = loader.batches_per_epoch();
+    let progress = Progress::new(
+        steps as u64,
+        format!("epoch {epoch}/{}", cfg.epochs),
+        cfg.log_every as u64,
+    );
+    let start = Instant::now();
+    let (mut sum, mut count, mut last_loss) = (0.0f64, 0usize, f32::NAN);
+    let mut batches = loader.epoch(epoch - 1);
+    for (i, batch) in (&mut batches).enumerate() {
+        let lr = schedule.lr(run.step);
+        let out =
+            backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
+        run.step += 1;
+        if let Some((old, new)) = out.scale_changed {
+            eprintln!("step {}: loss scale {old} -> {new}", run.step);
+            log.metrics(json!({"event": "loss_scale", "step": run.step, "from": old, "to": new}))?;
+        }
+        if !out.loss.is_finite() && !out.skipped {
+            let kept = last_ckpt
+                .map(|p| format!("; the last good checkpoint is {}", p.display()))
+                .unwrap_or_default();
+            bail!(
+                "the loss became {} at step {} (epoch {epoch}): stopping{kept}",
+                out.loss,
+                run.step
+            );
+        }
+        if !out.skipped {
+            sum += out.loss as f64;
+            count += 1;
+            last_loss = out.loss;
+        }
+        let ips = ((i + 1) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
+        progress.update(
+            i as u64 + 1,
+            format!("loss {:.4} lr {lr:.3e} {ips:.1} img/s", out.loss),
+        );
+        if (i + 1) % cfg.log_every == 0 {
+            log.metrics(json!({"event": "step", "epoch": epoch, "step": run.step, "loss": out.loss, "lr": lr, "loss_scale": run.scaler.scale(), "images_per_sec": ips}))?;
+        }
+    }
+    progress.finish();
+    let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+    let mean = sum / count.max(1) as f64;
+    log.line(&format!(
+        "epoch: {epoch} step: {}, loss is {last_loss:.4}",
+        steps
+    ))?;
+    log.line(&format!(
+        "Epoch time: {elapsed:.3} ms, per step time: {:.3} ms",
+        elapsed / steps.max(1) as f64
+    ))?;
+    let ips = (steps * cfg.batch_size) as f64 / (elapsed / 1000.0);
+    log.metrics(json!({"event": "epoch", "epoch": epoch, "step": run.step, "mean_loss": mean, "last_loss": last_loss, "epoch_ms": elapsed, "images_per_sec": ips, "skipped_files": batches.skipped()}))?;
+    eprintln!("epoch {epoch}: mean loss {mean:.4}, last {last_loss:.4}, {:.1} s, {ips:.1} img/s, {} unreadable files skipped", elapsed / 1000.0, batches.skipped());
+    Ok(mean)
+}
+
+fn run_eval(
+    backend: &mut dyn Backend,
+    set: &Arc<Dataset>,
+    cfg: &TrainConfig,
+    plan: &Plan,
+    epoch: usize,
+    log: &mut RunLog,
+) -> Result<EvalResult> {
+    let loader = Loader::new(
+        set.clone(),
+        LoaderConfig {
+            workers: cfg.workers,
+            ..LoaderConfig::eval(cfg.batch_size, cfg.image_size)
+        },
+    )?;
+    let r = evaluate(backend, &loader, plan.config.num_classes, |_| {})?;
+    eprintln!(
+        "epoch {epoch} eval on {} images: {}",
+        r.images,
+        r.seed_line()
+    );
+    log.line(&r.seed_line())?;
+    log.metrics(json!({"event": "eval", "epoch": epoch, "loss": r.loss, "top1": r.top1, "top5": r.top5, "images": r.images}))?;
+    Ok(r)
+}
+
+fn save_checkpoint(
+    backend: &mut dyn Backend,
+    cfg: &TrainConfig,
+    meta: &CheckpointMeta,
+    run: &RunState,
+) -> Result<PathBuf> {
+    let (model, optim) = backend.state()?;
+    let mut meta = meta.clone();
+    meta.step = run.step;
+    meta.epoch = run.epoch as u64;
+    meta.loss_scaler = run.scaler;
+    meta.rng = RngState {
+        seed: cfg.seed,
+        epoch: run.epoch as u64,
+        step: run.step,
+        ..Default::default()
+    };
+    meta.extra
+        .insert("train_config".into(), serde_json::to_string(cfg)?);
+    let path = cfg.out.join(checkpoint::file_name(
+        CHECKPOINT_PREFIX,
+        run.epoch as u64,
+        run.step,
+    ));
+    Checkpoint::from_state(&model, Some(&optim), meta).save(&path)?;
+    for old in checkpoint::rotate(&cfg.out, CHECKPOINT_PREFIX, cfg.keep_max)? {
+        eprintln!("removed old checkpoint {}", old.display());
+    }
+    eprintln!("saved {}", path.display());
+    Ok(path)
+}
+
+fn scaler_name(s: &LossScaler) -> String {
+    match s {
+        LossScaler::None => "none".into(),
+        LossScaler::Fixed(v) => format!("fixed {v}"),
+        LossScaler::Dynamic { scale, .. } => format!("dynamic from {scale}"),
+    }
+}
