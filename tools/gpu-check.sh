@@ -36,7 +36,7 @@ step() {
   timeout "$limit" "$@" >>"$log" 2>&1; rc=$?
   tail -n 25 "$log"
   if [ $rc -eq 0 ]; then status=PASS
-  elif grep -qE "not built yet|unrecognized subcommand|unexpected argument" "$log"; then status="SKIP (not built yet)"
+  elif grep -qE "not built yet|needs the CUDA backend|unrecognized subcommand|unexpected argument" "$log"; then status="SKIP (not built yet)"
   elif [ $rc -eq 124 ]; then status="FAIL (timeout ${limit}s)"
   else status="FAIL (rc $rc)"; fi
   SUMMARY+=("$(printf '%-18s %-24s %5ss' "$name" "$status" $((SECONDS - t0)))")
