@@ -1,10 +1,126 @@
 //! `inception-engine selftest`: compile the CUDA kernels, or check them against the CPU reference.
+//!
+//! - `--compile-only --arch sm_90a|sm_80 [--json]` compiles every kernel with NVRTC (no GPU needed)
+//!   and prints registers, spill bytes and shared memory; fails on a compile error or any spill.
+//! - `--device cuda [--json]` runs every kernel on the GPU at the plan's distinct shapes against
+//!   the oracles of src/backend/cuda/selftest.rs; fails on any mismatch or when there is no GPU.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+
+use crate::backend::cuda::selftest::{CpuReference, SelfTest};
+use crate::backend::cuda::selftest_ref::OpsReference;
+use crate::backend::cuda::{compile_all, CudaBackend, KernelInfo};
+use crate::plan::{self, PlanConfig};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Only compile the kernels with NVRTC and report their resources (no GPU needed).
+    #[arg(long)]
+    pub compile_only: bool,
+    /// Target architecture for --compile-only.
+    #[arg(long, default_value = "sm_90a")]
+    pub arch: String,
+    /// Run the kernels on this device against the reference (`cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print a JSON summary as the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Plan whose layer shapes are tested.
+    #[arg(long, default_value = "v4")]
+    pub plan: String,
+    /// Batch size of the test shapes (small keeps the CPU reference quick).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Input image size of the test plan.
+    #[arg(long, default_value_t = 299)]
+    pub image_size: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    anyhow::bail!("`selftest` is not built yet")
+pub fn run(args: Args) -> Result<()> {
+    if args.compile_only {
+        return compile_only(&args);
+    }
+    match args.device.as_deref() {
+        Some("cuda") => device_cuda(&args),
+        Some(other) => bail!("unknown device '{other}': selftest checks the 'cuda' device"),
+        None => bail!("choose --compile-only or --device cuda"),
+    }
+}
+
+fn compile_only(args: &Args) -> Result<()> {
+    let compiled = compile_all(&args.arch)?;
+    let kernels: Vec<&KernelInfo> = compiled.iter().flat_map(|c| &c.kernels).collect();
+    println!(
+        "{:<28} {:>6} {:>9} {:>8} {:>7}  arch",
+        "kernel", "regs", "spill(B)", "smem(B)", "stack"
+    );
+    for k in &kernels {
+        println!(
+            "{:<28} {:>6} {:>9} {:>8} {:>7}  {}",
+            k.name, k.registers, k.spill_bytes, k.shared_bytes, k.stack_bytes, k.arch
+        );
+    }
+    println!(
+        "{} kernels in {} files compiled for {}",
+        kernels.len(),
+        compiled.len(),
+        args.arch
+    );
+    if args.json {
+        println!("{}", serde_json::json!({ "kernels": kernels }));
+    }
+    let spilling: Vec<&str> = kernels
+        .iter()
+        .filter(|k| k.spill_bytes > 0)
+        .map(|k| k.name.as_str())
+        .collect();
+    if !spilling.is_empty() {
+        bail!("register spills on {}: {spilling:?}", args.arch);
+    }
+    Ok(())
+}
+
+/// The CPU reference the device self-test compares against: src/ops (see selftest_ref.rs).
+fn cpu_reference() -> Box<dyn CpuReference> {
+    Box::new(OpsReference)
+}
+
+fn device_cuda(args: &Args) -> Result<()> {
+    let be = CudaBackend::new(0)?;
+    println!(
+        "device: {} SMs, compiled for {}, {} kernels loaded",
+        be.num_sms,
+        be.arch,
+        be.kernel_names().len()
+    );
+    let config = PlanConfig {
+        batch: args.batch,
+        image_size: args.image_size,
+        ..PlanConfig::default()
+    };
+    let plan = plan::build(&args.plan, config)?;
+    let reference = cpu_reference();
+    let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
+    let outcome = test.run_plan(&plan);
+    print!("{}", test.table());
+    if args.json {
+        let summary = serde_json::json!({
+            "arch": be.arch,
+            "plan": args.plan,
+            "batch": args.batch,
+            "failed": test.failed(),
+            "checks": test.checks,
+        });
+        println!("{summary}");
+    }
+    outcome?;
+    be.save_verified()?;
+    if test.failed() > 0 {
+        bail!("{} kernel checks failed", test.failed());
+    }
+    Ok(())
 }

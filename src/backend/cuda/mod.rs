@@ -1,1 +1,31 @@
-//! The CUDA backend: kernel compilation (NVRTC), loading, launchers, arena.
+//! The CUDA backend: kernel sources embedded at build time, NVRTC compilation with a disk cache,
+//! library discovery, the device context and one launcher per op.
+//!
+//! Nothing here links CUDA at build time: cudarc loads the driver and NVRTC dynamically, and
+//! [`libs`] turns their absence into errors.
+//!
+//! Conventions of every launcher ([`CudaBackend`] methods in [`conv`] and [`ops`]):
+//! - tensors are raw device addresses ([`DevPtr`]) carved from the caller's arena; launchers never
+//!   allocate, and scratch space (`ws`) is sized by `conv_wgrad_workspace` / `bn_workspace`;
+//! - activations and conv/FC weights are fp16 (NHWC, `[cout][kh][kw][cin]`, `[out][in]`); BN
+//!   parameters and statistics, biases, parameter gradients and optimizer state are fp32;
+//! - every tensor starts on a 16-byte boundary (the tensor-core path checks and refuses otherwise);
+//! - `accumulate` adds into the destination (a tensor feeding several branches sums gradients);
+//! - outputs that may land in a concat slice take a row stride and channel offset (`ldc`/`c_offset`
+//!   for convs, `ldy`/`yoff` for BN and pools);
+//! - all work is queued on the backend's stream; nothing synchronises except `synchronize`.
+
+pub mod context;
+pub mod conv;
+pub mod libs;
+pub mod nvrtc;
+pub mod ops;
+pub mod selftest;
+mod selftest_ops;
+pub mod selftest_ref;
+pub mod sources;
+
+pub use context::{arch_for, CudaBackend, DevPtr};
+pub use conv::{ConvImpl, ConvMode, ConvOut, ConvShape, Tile};
+pub use nvrtc::{compile_all, Compiled, KernelInfo};
+pub use ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams};

@@ -1,0 +1,83 @@
+// Mixed-precision support: overflow check, RMSProp over the flat parameter buffer, casts, and the
+// channel copies (stem channel padding, concat slices).
+#include "common.cuh"
+
+// Sets *flag = 1 if any gradient is inf or NaN. The caller zeroes the flag before the step; many
+// threads may store 1 concurrently, which is harmless.
+template <class G>
+__device__ __forceinline__ void overflow_check(const G* g, u64 count, int* flag) {
+    GRID_STRIDE(i, count) {
+        float v = (float)g[i];
+        if (!isfinite(v)) *flag = 1;
+    }
+}
+extern "C" __global__ void overflow_check_f32(const float* g, u64 count, int* flag) { overflow_check(g, count, flag); }
+extern "C" __global__ void overflow_check_f16(const __half* g, u64 count, int* flag) {
+    GRID_STRIDE(i, count) {
+        if (!isfinite(__half2float(g[i]))) *flag = 1;
+    }
+}
+
+// Mirrored by `RmspropParams` in src/backend/cuda/optim.rs.
+struct RmspropParams {
+    float* w;             // fp32 master weights
+    __half* w16;          // fp16 working copy (may be null)
+    float* ms;            // mean square state
+    float* mom;           // momentum state
+    const void* grad;     // gradients, fp32 or fp16 (entry point decides)
+    const unsigned char* decay;  // per-element weight-decay mask (1 = decay); null: decay all
+    const float* lr_dev;  // learning rate in device memory (null: use lr), so graphs can replay
+    const int* overflow;  // skip the whole update when *overflow != 0 (null: never skip)
+    u64 count;
+    float lr, rho, momentum, eps, weight_decay, inv_loss_scale;
+};
+
+// MindSpore/TF RMSProp with coupled L2:
+//   g = grad / loss_scale + wd * w (where decayed)
+//   ms = rho * ms + (1 - rho) * g^2;  mom = momentum * mom + lr * g / sqrt(ms + eps);  w -= mom
+template <class G>
+__device__ __forceinline__ void rmsprop(const RmspropParams& p) {
+    if (p.overflow && *p.overflow) return;
+    float lr = p.lr_dev ? *p.lr_dev : p.lr;
+    const G* grad = (const G*)p.grad;
+    GRID_STRIDE(i, p.count) {
+        float w = p.w[i];
+        float g = (float)grad[i] * p.inv_loss_scale;
+        if (!p.decay || p.decay[i]) g += p.weight_decay * w;
+        float ms = p.rho * p.ms[i] + (1.0f - p.rho) * g * g;
+        float mom = p.momentum * p.mom[i] + lr * g * rsqrtf(ms + p.eps);
+        w -= mom;
+        p.ms[i] = ms;
+        p.mom[i] = mom;
+        p.w[i] = w;
+        if (p.w16) p.w16[i] = __float2half_rn(w);
+    }
+}
+extern "C" __global__ void rmsprop_f32(const RmspropParams p) { rmsprop<float>(p); }
+extern "C" __global__ void rmsprop_f16(const RmspropParams p) { rmsprop<__half>(p); }
+
+extern "C" __global__ void cast_f32_to_f16(const float* src, u64 count, __half* dst) {
+    GRID_STRIDE(i, count) dst[i] = __float2half_rn(src[i]);
+}
+extern "C" __global__ void cast_f16_to_f32(const __half* src, u64 count, float* dst) {
+    GRID_STRIDE(i, count) dst[i] = __half2float(src[i]);
+}
+
+// Copies rows of `c` channels between two row-strided tensors:
+// dst[r*dst_ld + dst_off + j] (+)= src[r*src_ld + src_off + j] for j < c, and when zero_to > c also
+// zeroes dst channels [c, zero_to). Covers padding the stem to 8 channels (input and weights: both
+// are rows of cin), writing a concat slice, and splitting a concat gradient back to its branches.
+extern "C" __global__ void copy_channels(const __half* src, int src_ld, int src_off, __half* dst, int dst_ld,
+                                         int dst_off, u64 rows, int c, int zero_to, int accumulate) {
+    int width = max(c, zero_to);
+    GRID_STRIDE(i, rows * width) {
+        int j = (int)(i % width);
+        u64 r = i / width;
+        __half* d = dst + r * dst_ld + dst_off + j;
+        if (j < c) {
+            store_half(d, __half2float(src[r * src_ld + src_off + j]), accumulate);
+        } else {
+            *d = __float2half_rn(0.0f);
+        }
+    }
+}

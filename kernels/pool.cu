@@ -1,0 +1,139 @@
+// Max and average pooling (square window, symmetric padding) and global average pooling, NHWC.
+// Backward passes are gathers (one thread per input value visits the windows covering it), so
+// overlapping windows need no atomics and results are deterministic.
+// Output/dy tensors of the windowed pools take a row stride and channel offset (ldy, yoff) so a
+// pooling branch can write straight into its concat slice.
+#include "common.cuh"
+
+// Mirrored by `PoolParams` in src/backend/cuda/pool.rs.
+struct PoolParams {
+    const __half* x;
+    const __half* dy;
+    __half* y;
+    __half* dx;
+    int n, h, w, c, oh, ow, k, stride, pad;
+    int ldy, yoff, accumulate;
+};
+
+// Index (ih*w + iw) of the first maximum of window (oh, ow) in scan order (kh-major, then kw),
+// ignoring padded positions; this is where max-pool backward sends the gradient.
+__device__ __forceinline__ int max_window(const PoolParams& p, const __half* xn, int oh, int ow, int c, float* best) {
+    int arg = -1;
+    float m = -INF_F32;
+    for (int r = 0; r < p.k; ++r) {
+        int ih = oh * p.stride - p.pad + r;
+        if (ih < 0 || ih >= p.h) continue;
+        for (int s = 0; s < p.k; ++s) {
+            int iw = ow * p.stride - p.pad + s;
+            if (iw < 0 || iw >= p.w) continue;
+            float v = __half2float(xn[((long long)ih * p.w + iw) * p.c + c]);
+            if (arg < 0 || v > m) {
+                m = v;
+                arg = ih * p.w + iw;
+            }
+        }
+    }
+    *best = m;
+    return arg;
+}
+
+// Number of non-padded positions in window (oh, ow): the average pool divisor.
+__device__ __forceinline__ int window_count(const PoolParams& p, int oh, int ow) {
+    int h0 = max(oh * p.stride - p.pad, 0), h1 = min(oh * p.stride - p.pad + p.k, p.h);
+    int w0 = max(ow * p.stride - p.pad, 0), w1 = min(ow * p.stride - p.pad + p.k, p.w);
+    return max(h1 - h0, 0) * max(w1 - w0, 0);
+}
+
+extern "C" __global__ void maxpool_fwd(const PoolParams p) {
+    GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
+        int c = (int)(i % p.c);
+        u32 pix = i / p.c;
+        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
+        float m;
+        max_window(p, p.x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
+        p.y[(u64)pix * p.ldy + p.yoff + c] = __float2half_rn(m);
+    }
+}
+
+extern "C" __global__ void avgpool_fwd(const PoolParams p) {
+    GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
+        int c = (int)(i % p.c);
+        u32 pix = i / p.c;
+        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
+        float s = 0.0f;
+        for (int r = 0; r < p.k; ++r) {
+            int ih = oh * p.stride - p.pad + r;
+            if (ih < 0 || ih >= p.h) continue;
+            for (int q = 0; q < p.k; ++q) {
+                int iw = ow * p.stride - p.pad + q;
+                if (iw < 0 || iw >= p.w) continue;
+                s += __half2float(p.x[(((long long)n * p.h + ih) * p.w + iw) * p.c + c]);
+            }
+        }
+        p.y[(u64)pix * p.ldy + p.yoff + c] = __float2half_rn(s / (float)window_count(p, oh, ow));
+    }
+}
+
+// Output windows covering input row/col `i`: o in [lo, hi].
+__device__ __forceinline__ void covering(int i, int k, int stride, int pad, int out, int* lo, int* hi) {
+    int t = i + pad - k + 1;
+    *lo = t <= 0 ? 0 : (t + stride - 1) / stride;
+    *hi = min((i + pad) / stride, out - 1);
+}
+
+extern "C" __global__ void maxpool_bwd(const PoolParams p) {
+    GRID_STRIDE(i, (u32)p.n * p.h * p.w * p.c) {
+        int c = (int)(i % p.c);
+        u32 pix = i / p.c;
+        int w = (int)(pix % p.w), h = (int)(pix / p.w % p.h), n = (int)(pix / (u32)(p.w * p.h));
+        int oh0, oh1, ow0, ow1;
+        covering(h, p.k, p.stride, p.pad, p.oh, &oh0, &oh1);
+        covering(w, p.k, p.stride, p.pad, p.ow, &ow0, &ow1);
+        const __half* xn = p.x + (long long)n * p.h * p.w * p.c;
+        float g = 0.0f, m;
+        for (int oh = oh0; oh <= oh1; ++oh)
+            for (int ow = ow0; ow <= ow1; ++ow)
+                if (max_window(p, xn, oh, ow, c, &m) == h * p.w + w)
+                    g += __half2float(p.dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]);
+        store_half(p.dx + i, g, p.accumulate);
+    }
+}
+
+extern "C" __global__ void avgpool_bwd(const PoolParams p) {
+    GRID_STRIDE(i, (u32)p.n * p.h * p.w * p.c) {
+        int c = (int)(i % p.c);
+        u32 pix = i / p.c;
+        int w = (int)(pix % p.w), h = (int)(pix / p.w % p.h), n = (int)(pix / (u32)(p.w * p.h));
+        int oh0, oh1, ow0, ow1;
+        covering(h, p.k, p.stride, p.pad, p.oh, &oh0, &oh1);
+        covering(w, p.k, p.stride, p.pad, p.ow, &ow0, &ow1);
+        float g = 0.0f;
+        for (int oh = oh0; oh <= oh1; ++oh)
+            for (int ow = ow0; ow <= ow1; ++ow)
+                g += __half2float(p.dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]) /
+                     (float)window_count(p, oh, ow);
+        store_half(p.dx + i, g, p.accumulate);
+    }
+}
+
+// y[n][c] = mean over h*w of x[n][.][.][c]; consecutive threads take consecutive channels so the
+// reads of one pixel row are coalesced.
+extern "C" __global__ void global_avgpool_fwd(const __half* x, int n, int hw, int c, __half* y) {
+    GRID_STRIDE(i, (u32)n * c) {
+        int ch = (int)(i % c);
+        u32 img = i / c;
+        const __half* xp = x + (u64)img * hw * c + ch;
+        float s = 0.0f;
+        for (int q = 0; q < hw; ++q) s += __half2float(xp[(u64)q * c]);
+        y[i] = __float2half_rn(s / (float)hw);
+    }
+}
+
+extern "C" __global__ void global_avgpool_bwd(const __half* dy, int n, int hw, int c, __half* dx, int accumulate) {
+    float inv = 1.0f / (float)hw;
+    GRID_STRIDE(i, (u32)n * hw * c) {
+        int ch = (int)(i % c);
+        u32 img = i / (u32)(hw * c);
+        store_half(dx + i, __half2float(dy[(u64)img * c + ch]) * inv, accumulate);
+    }
+}

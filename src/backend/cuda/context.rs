@@ -1,0 +1,185 @@
+//! The device context: one CUDA context and stream, every kernel compiled (NVRTC, cached) and
+//! loaded for the card's architecture, and the registry of shapes whose fast kernels passed the
+//! self-test.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+
+use super::{conv, libs, nvrtc};
+
+/// A raw device address (`CUdeviceptr`), as carved out of the arena. Launchers take these so they
+/// never allocate and work on any sub-range of one big allocation.
+pub type DevPtr = u64;
+
+/// Largest element count of one grid-stride launch (see GRID_STRIDE in kernels/common.cuh).
+pub const MAX_ELEMENTS: u64 = 1 << 31;
+
+/// Threads per block of the elementwise and gather kernels.
+pub const BLOCK: u32 = 256;
+
+pub struct CudaBackend {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// Compile target, e.g. `sm_90a` on an H100.
+    pub arch: String,
+    pub num_sms: u32,
+    funcs: HashMap<String, CudaFunction>,
+    verified: Mutex<HashSet<String>>,
+    /// Use fast kernels even for shapes the self-test has not passed (benchmarks; the self-test).
+    pub trust_unverified: bool,
+}
+
+/// The NVRTC architecture for a compute capability: the `a` variant on Hopper (sm_90a) so
+/// architecture-specific instructions are allowed.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if major == 9 {
+        format!("sm_{major}{minor}a")
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads from cache) and loads every kernel. A machine
+    /// without the CUDA driver or NVRTC gets an error, never a panic.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        libs::ensure_driver()?;
+        libs::ensure_nvrtc()?;
+        let ctx =
+            CudaContext::new(ordinal).context("creating the CUDA context (is there a GPU?)")?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = arch_for(major, minor);
+        let num_sms =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let mut funcs = HashMap::new();
+        for compiled in nvrtc::compile_all(&arch)? {
+            let module = ctx
+                .load_module(Ptx::from_binary(compiled.cubin.clone()))
+                .with_context(|| format!("loading the CUBIN of {}", compiled.file))?;
+            for k in &compiled.kernels {
+                let f = module
+                    .load_function(&k.name)
+                    .with_context(|| format!("loading kernel {}", k.name))?;
+                funcs.insert(k.name.clone(), f);
+            }
+        }
+        let backend = Self {
+            stream: ctx.default_stream(),
+            ctx,
+            verified: Mutex::new(Self::load_verified(&arch)),
+            arch,
+            num_sms,
+            funcs,
+            trust_unverified: std::env::var("INCEPTION_TRUST_FAST_KERNELS").as_deref() == Ok("1"),
+        };
+        backend.raise_smem_limits()?;
+        Ok(backend)
+    }
+
+    /// The 128-wide tensor-core tiles use more than the default 48 KiB of dynamic shared memory.
+    fn raise_smem_limits(&self) -> Result<()> {
+        for (name, bytes) in conv::tc_smem_table() {
+            if bytes > 48 * 1024 {
+                let f = self.func(&name)?;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .with_context(|| format!("kernel {name} is not loaded"))
+    }
+
+    pub fn kernel_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.funcs.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Records that the fast kernel identified by `key` passed its self-test.
+    pub fn mark_verified(&self, key: String) {
+        self.verified.lock().unwrap().insert(key);
+    }
+
+    /// File holding the verified keys of this architecture and exact kernel sources.
+    fn verified_file(arch: &str) -> Option<PathBuf> {
+        let name = format!("verified-{arch}-{}.txt", nvrtc::sources_digest());
+        nvrtc::cache_dir().map(|d| d.join(name))
+    }
+
+    /// Keys verified by an earlier run with the same kernels on the same architecture.
+    fn load_verified(arch: &str) -> HashSet<String> {
+        Self::verified_file(arch)
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Persists the verified keys next to the CUBIN cache (best effort), so later runs use the
+    /// fast kernels without repeating the check.
+    pub fn save_verified(&self) -> Result<()> {
+        let Some(file) = Self::verified_file(&self.arch) else {
+            return Ok(());
+        };
+        let mut keys: Vec<String> = self.verified.lock().unwrap().iter().cloned().collect();
+        keys.sort();
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&file, keys.join("\n") + "\n")
+            .with_context(|| format!("writing {}", file.display()))
+    }
+
+    pub fn is_verified(&self, key: &str) -> bool {
+        self.trust_unverified || self.verified.lock().unwrap().contains(key)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().context("CUDA stream synchronize")
+    }
+
+    /// A 1-D grid for a grid-stride kernel over `count` items: enough blocks to fill the GPU, no
+    /// more than the work needs. The kernels index with 32 bits, so counts above 2^31 are refused.
+    pub fn grid_1d(&self, count: u64) -> Result<LaunchConfig> {
+        if count > MAX_ELEMENTS {
+            anyhow::bail!(
+                "{count} elements exceed the kernels' 32-bit index range ({MAX_ELEMENTS})"
+            );
+        }
+        let want = count.div_ceil(BLOCK as u64).max(1);
+        let cap = self.num_sms as u64 * 16;
+        Ok(LaunchConfig {
+            grid_dim: (want.min(cap) as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+}
+
+/// Launches kernel `$name` of backend `$b` with config `$cfg` and the listed arguments: local
+/// variables of `DeviceRepr` types (locals, so the references the builder keeps stay alive).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! cuda_launch {
+    ($b:expr, $name:expr, $cfg:expr $(, $arg:ident)* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let f = $b.func($name)?;
+        let mut builder = $b.stream.launch_builder(f);
+        $( builder.arg(&$arg); )*
+        // SAFETY: the argument list matches the kernel's C signature (kept in sync with
+        // kernels/*.cu) and the pointers are device addresses of live buffers supplied by the caller.
+        unsafe { builder.launch($cfg) }.map(|_| ()).with_context(|| format!("launching {}", $name))
+    }};
+}

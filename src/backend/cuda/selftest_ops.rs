@@ -1,0 +1,561 @@
+//! Self-test cases of the non-convolution kernels (see selftest.rs for the harness). Each runs the
+//! kernel into poisoned outputs and compares with the CPU reference hook (SKIP when not wired).
+
+use anyhow::Result;
+
+use half::f16;
+use rand::Rng;
+
+use super::conv::{self, ConvImpl, ConvMode, ConvOut, ConvShape};
+use super::ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams};
+use super::selftest::{BnCase, RmspropHyper, SelfTest, TOL, TOL_REDUCTION};
+use crate::plan::{Op, Plan};
+
+impl SelfTest<'_> {
+    /// Training forward and backward of one BN shape, with and without the fused ReLU.
+    pub fn batchnorm(&mut self, m: usize, c: usize, relu: bool) -> Result<()> {
+        let (eps, momentum) = (1e-3, 0.1);
+        let x: Vec<f32> = self.random(m * c, 2.0).iter().map(|v| v + 0.5).collect();
+        let gamma = self.random(c, 1.0);
+        let beta = self.random(c, 0.5);
+        let rm = self.random(c, 0.1);
+        let rv: Vec<f32> = self.random(c, 0.5).iter().map(|v| v + 1.0).collect();
+        let case = BnCase {
+            m,
+            c,
+            eps,
+            momentum,
+            relu,
+            x: &x,
+            gamma: &gamma,
+            beta: &beta,
+            running_mean: &rm,
+            running_var: &rv,
+        };
+        let (xb, gb, bb) = (self.f16_buf(&x)?, self.buf(&gamma)?, self.buf(&beta)?);
+        let (rmb, rvb) = (self.buf(&rm)?, self.buf(&rv)?);
+        let (mean, inv_std, y) = (
+            self.poisoned_f32(c)?,
+            self.poisoned_f32(c)?,
+            self.poisoned_f16(m * c)?,
+        );
+        let ws = self.poisoned_f32(bn_workspace(m, c))?;
+        let a = BnArgs {
+            m,
+            c,
+            eps,
+            momentum,
+            relu,
+            gamma: gb.ptr,
+            beta: bb.ptr,
+            save_mean: mean.ptr,
+            save_inv_std: inv_std.ptr,
+            running_mean: rmb.ptr,
+            running_var: rvb.ptr,
+            ldy: c,
+            yoff: 0,
+        };
+        // Inference first, while the running statistics still hold the case's values.
+        let yi = self.poisoned_f16(m * c)?;
+        self.be.bn_forward_infer(&a, xb.ptr, yi.ptr)?;
+        let got_yi = self.read_f16(&yi)?;
+        let want_yi = self.reference.bn_forward_infer(&case);
+        let label = format!("m{m} c{c} relu{}", relu as u8);
+        self.record("bn_infer", &label, "cpu", &got_yi, want_yi.as_deref(), TOL);
+        self.be.bn_forward_train(&a, xb.ptr, y.ptr, ws.ptr)?;
+        let got_y = self.read_f16(&y)?;
+        let (got_mean, got_is) = (self.read_f32(&mean)?, self.read_f32(&inv_std)?);
+        let (got_rm, got_rv) = (self.read_f32(&rmb)?, self.read_f32(&rvb)?);
+        let r = self.reference.bn_forward_train(&case);
+        self.record(
+            "bn_apply",
+            &label,
+            "cpu",
+            &got_y,
+            r.as_ref().map(|r| r.y.as_slice()),
+            TOL,
+        );
+        self.record(
+            "bn_stats(mean)",
+            &label,
+            "cpu",
+            &got_mean,
+            r.as_ref().map(|r| r.mean.as_slice()),
+            TOL_REDUCTION,
+        );
+        self.record(
+            "bn_stats(inv_std)",
+            &label,
+            "cpu",
+            &got_is,
+            r.as_ref().map(|r| r.inv_std.as_slice()),
+            TOL_REDUCTION,
+        );
+        self.record(
+            "bn_stats(running_mean)",
+            &label,
+            "cpu",
+            &got_rm,
+            r.as_ref().map(|r| r.running_mean.as_slice()),
+            TOL_REDUCTION,
+        );
+        self.record(
+            "bn_stats(running_var)",
+            &label,
+            "cpu",
+            &got_rv,
+            r.as_ref().map(|r| r.running_var.as_slice()),
+            TOL_REDUCTION,
+        );
+
+        let dy = self.random(m * c, 1.0);
+        let dyb = self.f16_buf(&dy)?;
+        let (dg, db, dx) = (
+            self.poisoned_f32(c)?,
+            self.poisoned_f32(c)?,
+            self.poisoned_f16(m * c)?,
+        );
+        self.be.bn_backward(
+            &a, xb.ptr, y.ptr, dyb.ptr, dg.ptr, db.ptr, dx.ptr, false, ws.ptr,
+        )?;
+        let (got_dx, got_dg, got_db) = (
+            self.read_f16(&dx)?,
+            self.read_f32(&dg)?,
+            self.read_f32(&db)?,
+        );
+        let r = self
+            .reference
+            .bn_backward(&case, &got_y, &dy, &got_mean, &got_is);
+        self.record(
+            "bn_bwd_dx",
+            &label,
+            "cpu",
+            &got_dx,
+            r.as_ref().map(|r| r.dx.as_slice()),
+            TOL,
+        );
+        self.record(
+            "bn_bwd(dgamma)",
+            &label,
+            "cpu",
+            &got_dg,
+            r.as_ref().map(|r| r.dgamma.as_slice()),
+            TOL_REDUCTION,
+        );
+        self.record(
+            "bn_bwd(dbeta)",
+            &label,
+            "cpu",
+            &got_db,
+            r.as_ref().map(|r| r.dbeta.as_slice()),
+            TOL_REDUCTION,
+        );
+        Ok(())
+    }
+
+    /// Forward and backward of one max or average pool shape.
+    pub fn pool(&mut self, s: &PoolShape, max: bool) -> Result<()> {
+        let x = self.random(s.n * s.h * s.w * s.c, 1.0);
+        let dy = self.random(s.n * s.oh() * s.ow() * s.c, 1.0);
+        let (xb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&dy)?);
+        let (y, dx) = (self.poisoned_f16(dy.len())?, self.poisoned_f16(x.len())?);
+        self.be.pool_forward(s, max, xb.ptr, y.ptr, s.c, 0)?;
+        self.be
+            .pool_backward(s, max, xb.ptr, dyb.ptr, s.c, 0, dx.ptr, false)?;
+        let (got_y, got_dx) = (self.read_f16(&y)?, self.read_f16(&dx)?);
+        let kind = if max { "maxpool" } else { "avgpool" };
+        let label = format!(
+            "n{} {}x{}x{} k{} s{} p{}",
+            s.n, s.h, s.w, s.c, s.pool.k, s.pool.stride, s.pool.pad
+        );
+        let want_y = self.reference.pool_forward(s, max, &x);
+        self.record(
+            &format!("{kind}_fwd"),
+            &label,
+            "cpu",
+            &got_y,
+            want_y.as_deref(),
+            TOL,
+        );
+        let want_dx = self.reference.pool_backward(s, max, &x, &dy);
+        self.record(
+            &format!("{kind}_bwd"),
+            &label,
+            "cpu",
+            &got_dx,
+            want_dx.as_deref(),
+            TOL,
+        );
+        Ok(())
+    }
+
+    /// Global average pool forward/backward, checked against the pool reference with a window
+    /// covering the whole image.
+    pub fn global_avgpool(&mut self, n: usize, hw: usize, c: usize) -> Result<()> {
+        let side = (hw as f64).sqrt() as usize;
+        let s = PoolShape {
+            pool: crate::plan::Pool {
+                k: side,
+                stride: 1,
+                pad: 0,
+            },
+            n,
+            h: side,
+            w: side,
+            c,
+        };
+        let x = self.random(n * hw * c, 1.0);
+        let dy = self.random(n * c, 1.0);
+        let (xb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&dy)?);
+        let (y, dx) = (self.poisoned_f16(n * c)?, self.poisoned_f16(n * hw * c)?);
+        self.be.global_avgpool_forward(n, hw, c, xb.ptr, y.ptr)?;
+        self.be
+            .global_avgpool_backward(n, hw, c, dyb.ptr, dx.ptr, false)?;
+        let (got_y, got_dx) = (self.read_f16(&y)?, self.read_f16(&dx)?);
+        let label = format!("n{n} {side}x{side}x{c}");
+        let want_y = self.reference.pool_forward(&s, false, &x);
+        self.record(
+            "global_avgpool_fwd",
+            &label,
+            "cpu(avgpool)",
+            &got_y,
+            want_y.as_deref(),
+            TOL,
+        );
+        let want_dx = self.reference.pool_backward(&s, false, &x, &dy);
+        self.record(
+            "global_avgpool_bwd",
+            &label,
+            "cpu(avgpool)",
+            &got_dx,
+            want_dx.as_deref(),
+            TOL,
+        );
+        Ok(())
+    }
+
+    /// Dropout forward must match the reference bit for bit in its mask; backward applies the
+    /// same mask (checked as: backward of dy = x equals forward of x).
+    pub fn dropout(&mut self, count: usize, p: f32) -> Result<()> {
+        let (seed, step) = (0x1234_5678_9abc_def0, 17);
+        let x = self.random(count, 1.0);
+        let xb = self.f16_buf(&x)?;
+        let (y, dx) = (self.poisoned_f16(count)?, self.poisoned_f16(count)?);
+        self.be
+            .dropout_forward(count, p, seed, step, xb.ptr, y.ptr)?;
+        self.be
+            .dropout_backward(count, p, seed, step, xb.ptr, dx.ptr, false)?;
+        let (got_y, got_dx) = (self.read_f16(&y)?, self.read_f16(&dx)?);
+        let label = format!("{count} p{p}");
+        let want = self.reference.dropout_forward(p, seed, step, &x);
+        self.record("dropout_fwd", &label, "cpu", &got_y, want.as_deref(), TOL);
+        self.record(
+            "dropout_bwd",
+            &label,
+            "dropout_fwd",
+            &got_dx,
+            Some(&got_y),
+            0.0,
+        );
+        Ok(())
+    }
+
+    /// Fused softmax cross-entropy with f32 and i32 labels.
+    pub fn softmax_ce(&mut self, n: usize, k: usize, smoothing: f32) -> Result<()> {
+        let grad_scale = 1024.0;
+        let logits = self.random(n * k, 4.0);
+        let labels: Vec<f32> = (0..n).map(|i| ((i * 7919) % k) as f32).collect();
+        let labels_i: Vec<i32> = labels.iter().map(|&v| v as i32).collect();
+        let (lb, lf, li) = (
+            self.f16_buf(&logits)?,
+            self.buf(&labels)?,
+            self.buf(&labels_i)?,
+        );
+        let want = self
+            .reference
+            .softmax_ce(n, k, smoothing, grad_scale, &logits, &labels);
+        let label = format!("n{n} k{k} eps{smoothing}");
+        for (name, lab) in [
+            ("softmax_ce_f32", Labels::F32(lf.ptr)),
+            ("softmax_ce_i32", Labels::I32(li.ptr)),
+        ] {
+            let (rows, loss, dz) = (
+                self.poisoned_f32(n)?,
+                self.poisoned_f32(1)?,
+                self.poisoned_f16(n * k)?,
+            );
+            let counter = self.zeros::<u32>(1)?;
+            self.be.softmax_ce(
+                n,
+                k,
+                smoothing,
+                grad_scale,
+                lb.ptr,
+                lab,
+                rows.ptr,
+                loss.ptr,
+                counter.ptr,
+                dz.ptr,
+            )?;
+            let (got_loss, got_dz) = (self.read_f32(&loss)?, self.read_f16(&dz)?);
+            let want_loss = want.as_ref().map(|w| vec![w.0]);
+            self.record(
+                &format!("{name}(loss)"),
+                &label,
+                "cpu",
+                &got_loss,
+                want_loss.as_deref(),
+                TOL_REDUCTION,
+            );
+            self.record(
+                &format!("{name}(grad)"),
+                &label,
+                "cpu",
+                &got_dz,
+                want.as_ref().map(|w| w.1.as_slice()),
+                TOL,
+            );
+        }
+        Ok(())
+    }
+
+    /// One RMSProp step (fp32 gradients, half the elements decayed), then a step with the overflow
+    /// flag set that must leave everything untouched; also the overflow check itself.
+    pub fn rmsprop(&mut self, count: usize) -> Result<()> {
+        let h = RmspropHyper {
+            lr: 0.4,
+            rho: 0.9,
+            momentum: 0.9,
+            eps: 1.0,
+            weight_decay: 4e-5,
+            inv_loss_scale: 1.0 / 1024.0,
+        };
+        let g: Vec<f32> = self.random(count, 1024.0);
+        let w0 = self.random(count, 1.0);
+        let ms0: Vec<f32> = self.random(count, 0.5).iter().map(|v| v + 1.0).collect();
+        let mom0 = self.random(count, 0.01);
+        let decay: Vec<bool> = (0..count).map(|i| i < count / 2).collect();
+        let decay_u8: Vec<u8> = decay.iter().map(|&d| d as u8).collect();
+        let (gb, wb, msb, momb, db) = (
+            self.buf(&g)?,
+            self.buf(&w0)?,
+            self.buf(&ms0)?,
+            self.buf(&mom0)?,
+            self.buf(&decay_u8)?,
+        );
+        let (w16, flag) = (self.poisoned_f16(count)?, self.zeros::<i32>(1)?);
+        let p = RmspropParams {
+            w: wb.ptr,
+            w16: w16.ptr,
+            ms: msb.ptr,
+            mom: momb.ptr,
+            grad: gb.ptr,
+            decay: db.ptr,
+            lr_dev: 0,
+            overflow: flag.ptr,
+            count: count as u64,
+            lr: h.lr,
+            rho: h.rho,
+            momentum: h.momentum,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            inv_loss_scale: h.inv_loss_scale,
+        };
+        self.be.overflow_check(gb.ptr, count, false, flag.ptr)?;
+        let finite_flag = self.be.stream.clone_dtoh(&flag.dev)?[0];
+        self.be.rmsprop(p, false)?;
+        let (got_w, got_w16) = (self.read_f32(&wb)?, self.read_f16(&w16)?);
+        let (mut w, mut ms, mut mom) = (w0.clone(), ms0.clone(), mom0.clone());
+        let want = self
+            .reference
+            .rmsprop(&h, &g, &decay, &mut w, &mut ms, &mut mom)
+            .map(|_| w);
+        let label = format!("{count}");
+        self.record(
+            "rmsprop_f32(w)",
+            &label,
+            "cpu",
+            &got_w,
+            want.as_deref(),
+            TOL,
+        );
+        self.record("rmsprop_f32(w16)", &label, "w", &got_w16, Some(&got_w), TOL);
+
+        // One poisoned gradient: the check must raise the flag and the update must change nothing.
+        let mut bad = g.clone();
+        bad[count / 2] = f32::INFINITY;
+        let badb = self.buf(&bad)?;
+        self.be.overflow_check(badb.ptr, count, false, flag.ptr)?;
+        let raised = self.be.stream.clone_dtoh(&flag.dev)?[0];
+        self.be.rmsprop(
+            RmspropParams {
+                grad: badb.ptr,
+                ..p
+            },
+            false,
+        )?;
+        let w_after = self.read_f32(&wb)?;
+        let flags = [finite_flag as f32, raised as f32];
+        self.record(
+            "overflow_check_f32",
+            &label,
+            "expected",
+            &flags,
+            Some(&[0.0, 1.0]),
+            0.0,
+        );
+        self.record(
+            "rmsprop_f32(skip on overflow)",
+            &label,
+            "unchanged",
+            &w_after,
+            Some(&got_w),
+            0.0,
+        );
+        Ok(())
+    }
+}
+
+impl SelfTest<'_> {
+    /// The conv epilogue options: fprop and dgrad write into a channel slice of a wider tensor
+    /// (ldc, c_offset) and add to what is there (accumulate). The oracle is the plain kernel's
+    /// dense result added to the prefill inside the slice; outside it nothing may change.
+    pub fn conv_slice_accumulate(&mut self, s: &ConvShape) -> Result<()> {
+        let c = s.conv;
+        let x = self.random(s.n * s.h * s.w * c.cin, 1.0);
+        let w = self.random(c.cout * c.kh * c.kw * c.cin, 0.1);
+        let dy = self.random(s.n * s.oh() * s.ow() * c.cout, 1.0);
+        let (xb, wb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&w)?, self.f16_buf(&dy)?);
+        for mode in [ConvMode::Fprop, ConvMode::Dgrad] {
+            let (rows, width) = match mode {
+                ConvMode::Fprop => (s.n * s.oh() * s.ow(), c.cout),
+                _ => (s.n * s.h * s.w, c.cin),
+            };
+            let (ldc, off) = (width + 16, 8);
+            let dense = self.poisoned_f16(rows * width)?;
+            let prefill = self.random(rows * ldc, 1.0);
+            let wide = self.f16_buf(&prefill)?;
+            let tile = conv::preferred_tile(s, mode, self.be.num_sms);
+            let slice = ConvOut {
+                ptr: wide.ptr,
+                ldc,
+                c_offset: off,
+                accumulate: true,
+            };
+            if mode == ConvMode::Fprop {
+                self.be.conv_fprop(
+                    s,
+                    xb.ptr,
+                    wb.ptr,
+                    ConvOut::dense(dense.ptr, width),
+                    Some(ConvImpl::Plain),
+                )?;
+                self.be
+                    .conv_fprop(s, xb.ptr, wb.ptr, slice, Some(ConvImpl::Tc(tile)))?;
+            } else {
+                self.be.conv_dgrad(
+                    s,
+                    dyb.ptr,
+                    wb.ptr,
+                    ConvOut::dense(dense.ptr, width),
+                    Some(ConvImpl::Plain),
+                )?;
+                self.be
+                    .conv_dgrad(s, dyb.ptr, wb.ptr, slice, Some(ConvImpl::Tc(tile)))?;
+            }
+            let (d, got) = (self.read_f16(&dense)?, self.read_f16(&wide)?);
+            let mut want = prefill.clone();
+            for r in 0..rows {
+                for j in 0..width {
+                    want[r * ldc + off + j] += d[r * width + j];
+                }
+            }
+            let name = format!("{}(slice+accumulate)", tile.kernel(mode));
+            self.record(
+                &name,
+                &format!("ldc {ldc} offset {off}"),
+                "plain+prefill",
+                &got,
+                Some(&want),
+                TOL,
+            );
+        }
+        Ok(())
+    }
+
+    /// fp32 -> fp16 -> fp32 round trip against IEEE round-to-nearest-even on the host.
+    pub fn casts(&mut self, count: usize) -> Result<()> {
+        let src: Vec<f32> = (0..count)
+            .map(|_| self.rng.random_range(-70000.0f32..70000.0))
+            .collect();
+        let want: Vec<f32> = src.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let (sb, mid, back) = (
+            self.buf(&src)?,
+            self.poisoned_f16(count)?,
+            self.poisoned_f32(count)?,
+        );
+        self.be.cast_f32_to_f16(sb.ptr, count, mid.ptr)?;
+        self.be.cast_f16_to_f32(mid.ptr, count, back.ptr)?;
+        let got = self.read_f32(&back)?;
+        // Exact match required; values beyond the fp16 range become inf on both sides, which
+        // `compare` would count as a failure, so compare bit patterns instead.
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
+        let flag = [same as u8 as f32];
+        self.record(
+            "cast_f32_to_f16+cast_f16_to_f32",
+            &format!("{count}"),
+            "host f16",
+            &flag,
+            Some(&[1.0]),
+            0.0,
+        );
+        Ok(())
+    }
+}
+
+/// Distinct BN inputs (m = n*h*w, c) of a plan.
+pub fn plan_bn_shapes(plan: &Plan) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for node in plan
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::BatchNorm { .. }))
+    {
+        let s = plan.shape(node.inputs[0]);
+        let mc = (s[..s.len() - 1].iter().product(), s[s.len() - 1]);
+        if !out.contains(&mc) {
+            out.push(mc);
+        }
+    }
+    out
+}
+
+/// Distinct pools of a plan, with `true` for max pools.
+pub fn plan_pools(plan: &Plan) -> Vec<(PoolShape, bool)> {
+    let mut out = Vec::new();
+    for node in &plan.nodes {
+        let (pool, max) = match node.op {
+            Op::MaxPool(p) => (p, true),
+            Op::AvgPool(p) => (p, false),
+            _ => continue,
+        };
+        let s = plan.shape(node.inputs[0]);
+        let item = (
+            PoolShape {
+                pool,
+                n: s[0],
+                h: s[1],
+                w: s[2],
+                c: s[3],
+            },
+            max,
+        );
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One visit to the GPU machine: check everything in one go (see ../shared/gpu.md / docs).
+#
+# Run from the repository root with the release binary already copied to
+# target/release/inception-engine (the GPU machine has no Rust toolchain). Logs go to $OUT (else
+# ./gpu-out); a summary table is printed last. About 5 minutes; every step has its own timeout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-./gpu-out}"
+mkdir -p "$OUT"
+BIN="${BIN:-target/release/inception-engine}"
+SUMMARY=()
+
+# --- CUDA libraries: the wheels are not on the default search path -------------------------------
+LIBDIRS=$(find / \( -path /proc -o -path /sys \) -prune -o \
+  \( -name 'libcudnn.so*' -o -name 'libcublas*.so*' -o -name 'libnvrtc.so*' \) -print 2>/dev/null |
+  xargs -r -n1 dirname | sort -u | tr '\n' ':')
+[ -d /usr/local/cuda/lib64 ] && LIBDIRS="${LIBDIRS}/usr/local/cuda/lib64:"
+# cudarc opens libnccl.so; the wheel ships libnccl.so.2.
+NCCL_DIR=$(mktemp -d)
+NCCL=$(find / \( -path /proc -o -path /sys \) -prune -o -name 'libnccl.so.2' -print 2>/dev/null | head -n1)
+[ -n "$NCCL" ] && ln -sf "$NCCL" "$NCCL_DIR/libnccl.so"
+export LD_LIBRARY_PATH="${LIBDIRS}${NCCL_DIR}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Headers for NVRTC (cuda_fp16.h): the toolkit's, else the runtime wheel's.
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_fp16.h ]; then export CUDA_HOME=/usr/local/cuda; fi
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/env.log"
+
+# step NAME TIMEOUT_S CMD... : runs a step with a timeout, logs to $OUT/NAME.log, records status.
+# A step whose output says the subcommand is not built yet (or that this binary does not know its
+# arguments yet) is recorded as SKIP, not FAIL.
+step() {
+  local name=$1 limit=$2; shift 2
+  local log="$OUT/$name.log" t0=$SECONDS rc status
+  echo "=== $name: $*" | tee "$log"
+  timeout "$limit" "$@" >>"$log" 2>&1; rc=$?
+  tail -n 25 "$log"
+  if [ $rc -eq 0 ]; then status=PASS
+  elif grep -qE "not built yet|needs the CUDA backend|unrecognized subcommand|unexpected argument" "$log"; then status="SKIP (not built yet)"
+  elif [ $rc -eq 124 ]; then status="FAIL (timeout ${limit}s)"
+  else status="FAIL (rc $rc)"; fi
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' "$name" "$status" $((SECONDS - t0)))")
+}
+
+# --- 1. card, driver, binary --------------------------------------------------------------------
+step nvidia-smi 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+step binary 30 "$BIN" --version
+
+# --- 2. kernels against the references -------------------------------------------------------------
+step compile 90 "$BIN" selftest --compile-only --arch sm_90a --json
+step selftest 180 "$BIN" selftest --device cuda --json
+
+# --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
+step bench-kernels 120 "$BIN" bench kernels --json
+step bench-train 150 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 --json
+if [ -f tools/torch_baseline.py ]; then
+  step torch-baseline 150 python3 tools/torch_baseline.py
+else
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' torch-baseline "SKIP (no script)" 0)")
+fi
+
+rm -rf "$NCCL_DIR"
+# --- 5. summary last --------------------------------------------------------------------------------
+{
+  echo
+  echo "=== summary (logs in $OUT)"
+  printf '%-18s %-24s %6s\n' step status time
+  printf '%s\n' "${SUMMARY[@]}"
+} | tee "$OUT/summary.txt"
