@@ -144,33 +144,36 @@ pub fn backward(
     let rows = x.len() / c;
     let (sdy, sdyx) = channel_sums(rows, c, |r, a, b| {
         let (xr, dyr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
-        for ch in 0..c {
-            let xhat = (xr[ch] - mean[ch]) * inv_std[ch];
-            a[ch] += dyr[ch] as f64;
-            b[ch] += (dyr[ch] * xhat) as f64;
+        let terms = xr.iter().zip(dyr).zip(mean).zip(inv_std);
+        for ((a, b), (((&xv, &g), &m), &s)) in a.iter_mut().zip(b.iter_mut()).zip(terms) {
+            *a += g as f64;
+            *b += (g * (xv - m) * s) as f64;
         }
     });
     for ch in 0..c {
         dbeta[ch] = sdy[ch] as f32;
         dgamma[ch] = sdyx[ch] as f32;
     }
-    // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
+    // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), with xhat expanded, is
+    // per channel an affine function of (dy, x): dx = p * dy + q * x + r.
     let inv_rows = 1.0 / rows as f32;
-    let k: Vec<f32> = gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
-    let mdy: Vec<f32> = dbeta.iter().map(|v| v * inv_rows).collect();
-    let mdyx: Vec<f32> = dgamma.iter().map(|v| v * inv_rows).collect();
+    let p: Vec<f32> = gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
+    let q: Vec<f32> = (0..c)
+        .map(|ch| -p[ch] * dgamma[ch] * inv_rows * inv_std[ch])
+        .collect();
+    let r: Vec<f32> = (0..c)
+        .map(|ch| -p[ch] * dbeta[ch] * inv_rows - q[ch] * mean[ch])
+        .collect();
     dx.par_chunks_mut(c * 64)
         .zip(x.par_chunks(c * 64))
         .zip(dy.par_chunks(c * 64))
         .for_each(|((dxc, xc), dyc)| {
             for ((dxr, xr), dyr) in dxc.chunks_mut(c).zip(xc.chunks(c)).zip(dyc.chunks(c)) {
-                for ch in 0..c {
-                    let xhat = (xr[ch] - mean[ch]) * inv_std[ch];
-                    store(
-                        &mut dxr[ch],
-                        k[ch] * (dyr[ch] - mdy[ch] - xhat * mdyx[ch]),
-                        accumulate,
-                    );
+                let coef = p.iter().zip(&q).zip(&r);
+                for ((d, (&xv, &g)), ((&pc, &qc), &rc)) in
+                    dxr.iter_mut().zip(xr.iter().zip(dyr)).zip(coef)
+                {
+                    store(d, pc * g + qc * xv + rc, accumulate);
                 }
             }
         });

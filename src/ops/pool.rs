@@ -87,20 +87,33 @@ pub fn max_backward(s: &PoolShape, x: &[f32], dy: &[f32], dx: &mut [f32], accumu
             }
             let ximg = &x[n * s.in_image()..][..s.in_image()];
             let dyimg = &dy[n * s.out_image()..][..s.out_image()];
+            // Per output pixel: the running maximum and its input pixel, channel by channel. A later
+            // position wins only if strictly greater, so ties keep the first in scan order.
+            let (mut best, mut at) = (vec![0.0f32; c], vec![0usize; c]);
             for oy in 0..s.oh {
                 for ox in 0..s.ow {
                     let (rows, cols) = s.window(oy, ox);
-                    for ch in 0..c {
-                        let mut best = (f32::NEG_INFINITY, usize::MAX);
-                        for iy in rows.clone() {
-                            for ix in cols.clone() {
-                                let i = (iy * s.w + ix) * c + ch;
-                                if ximg[i] > best.0 || best.1 == usize::MAX {
-                                    best = (ximg[i], i);
+                    let first = rows.start * s.w + cols.start;
+                    best.copy_from_slice(&ximg[first * c..][..c]);
+                    at.fill(first);
+                    for iy in rows {
+                        for ix in cols.clone() {
+                            let pix = iy * s.w + ix;
+                            for ((b, a), &v) in best
+                                .iter_mut()
+                                .zip(at.iter_mut())
+                                .zip(&ximg[pix * c..][..c])
+                            {
+                                if v > *b {
+                                    *b = v;
+                                    *a = pix;
                                 }
                             }
                         }
-                        dximg[best.1] += dyimg[(oy * s.ow + ox) * c + ch];
+                    }
+                    let g = &dyimg[(oy * s.ow + ox) * c..][..c];
+                    for (ch, (&pix, &gv)) in at.iter().zip(g).enumerate() {
+                        dximg[pix * c + ch] += gv;
                     }
                 }
             }
