@@ -21,6 +21,27 @@ pub enum What {
     Train(TrainArgs),
     /// Kernel microbenchmarks against cuDNN/cuBLAS (needs the CUDA backend).
     Kernels(KernelArgs),
+    /// The data loader alone: decoded, augmented images per second.
+    Loader(LoaderArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LoaderArgs {
+    /// An ImageFolder or packed file.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    #[arg(long, default_value_t = 299)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Loader threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Batches to time (after one untimed batch).
+    #[arg(long, default_value_t = 50)]
+    pub batches: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,6 +82,7 @@ pub struct KernelArgs {
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Train(a) => bench_train(a),
+        What::Loader(a) => bench_loader(a),
         What::Kernels(_) => {
             bail!("`bench kernels` needs the CUDA benchmarks, which are not built yet")
         }
@@ -153,6 +175,40 @@ fn print_profile(
         "",
         step_ms - ops
     );
+}
+
+/// Training-mode batches (random crops, flips, jitter) as fast as the loader threads make them.
+fn bench_loader(a: LoaderArgs) -> Result<()> {
+    let set = std::sync::Arc::new(crate::data::Dataset::open(&a.data)?);
+    let cfg = crate::data::LoaderConfig {
+        workers: a.workers,
+        ..crate::data::LoaderConfig::train(a.batch_size, a.image_size, 1)
+    };
+    let loader = crate::data::Loader::new(set, cfg)?;
+    let threads = if a.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.workers
+    };
+    let mut epoch = loader.epoch(0);
+    epoch
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the dataset has fewer images than one batch"))?;
+    let start = Instant::now();
+    let mut images = 0;
+    for batch in epoch.take(a.batches) {
+        images += batch.len;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ips = images as f64 / secs;
+    println!("loader: {ips:.0} images/s at {0}x{0} with {threads} threads ({images} images in {secs:.2} s)", a.image_size);
+    if a.json {
+        println!(
+            "{}",
+            json!({"images_per_sec": ips, "images": images, "seconds": secs, "threads": threads, "image_size": a.image_size, "batch_size": a.batch_size})
+        );
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process (Linux), or 0 where unknown.
