@@ -300,3 +300,47 @@ fn train_eval_and_predict_from_the_command_line() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("missing.safetensors"));
 }
+
+/// Real JPEGs of mixed sizes (baseline and progressive, colour and grey) and PNGs, plus a corrupt
+/// file: v4 trains on them at its smallest size and a larger one.
+#[test]
+fn v4_trains_on_mixed_jpegs_at_any_size_from_75() {
+    use image::codecs::jpeg::JpegEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mixed");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (c, class) in ["a", "b"].iter().enumerate() {
+        let d = root.join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(fixtures.join("data_progressive.jpg"), d.join("prog.jpg")).unwrap();
+        std::fs::copy(
+            fixtures.join("data_progressive_grey.jpg"),
+            d.join("prog_grey.jpg"),
+        )
+        .unwrap();
+        for (i, (w, h)) in [(31u32, 200u32), (500, 120), (90, 90)].iter().enumerate() {
+            let img = image::RgbImage::from_fn(*w, *h, |x, y| {
+                image::Rgb([(x * 7 + c as u32 * 50) as u8, (y * 3) as u8, (i * 80) as u8])
+            });
+            let mut bytes = Vec::new();
+            JpegEncoder::new_with_quality(&mut bytes, 85)
+                .encode_image(&img)
+                .unwrap();
+            std::fs::write(d.join(format!("base{i}.jpg")), bytes).unwrap();
+            img.save(d.join(format!("png{i}.png"))).unwrap();
+        }
+        std::fs::write(d.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    }
+    for size in [75, 83] {
+        let mut cfg = tiny_config(root.clone(), dir.path().join(format!("out{size}")), 1);
+        cfg.plan = "v4".into();
+        cfg.image_size = size;
+        cfg.batch_size = 4;
+        let summary = train(&cfg).unwrap();
+        assert_eq!(
+            summary.steps, 4,
+            "18 files, 2 of them unreadable, still make 4 full batches of 4"
+        );
+        assert!(summary.epoch_losses[0].is_finite());
+    }
+}

@@ -6,7 +6,13 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, fin: usize, fout: usiz
     for row in y[..n * fout].chunks_mut(fout) {
         row.copy_from_slice(b);
     }
-    matmul(y, Mat::rows(x, n, fin), Mat::rows(w, fout, fin).t(), true);
+    matmul(
+        y,
+        Mat::rows(x, n, fin),
+        Mat::rows(w, fout, fin).t(),
+        true,
+        true,
+    );
 }
 
 /// `dx (+)= dy * w`, `dw = dy^T * x`, `db = sum over rows of dy`.
@@ -29,9 +35,16 @@ pub fn backward(
             Mat::rows(dy, n, fout),
             Mat::rows(w, fout, fin),
             accumulate,
+            true,
         );
     }
-    matmul(dw, Mat::rows(dy, n, fout).t(), Mat::rows(x, n, fin), false);
+    matmul(
+        dw,
+        Mat::rows(dy, n, fout).t(),
+        Mat::rows(x, n, fin),
+        false,
+        true,
+    );
     db.fill(0.0);
     for row in dy[..n * fout].chunks(fout) {
         db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
