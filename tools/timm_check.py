@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Check the engine against timm's inception_v4 itself (PyTorch, CPU). Not run in CI.
+
+Needs torch, timm, safetensors, numpy, onnx and onnxruntime, e.g. in a virtual environment:
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch timm safetensors numpy onnx onnxruntime
+    /tmp/venv/bin/python tools/timm_check.py [--num-classes 10] [--image-size 299] [--images 8]
+
+What it does, in a temporary folder:
+1. builds timm's inception_v4 (pretrained=False) and perturbs every BatchNorm (random running
+   mean, positive running variance, gamma, beta) so BN is not the identity; saves its state dict
+   with safetensors;
+2. `inception-engine import --from timm` turns it into an engine checkpoint;
+3. the engine's CPU backend computes logits of real images (the bundled Fashion-MNIST validation
+   PNGs through the engine's eval transform), via the ignored test
+   tests/interop_cpu_logits.rs, which also writes the exact input tensor it used;
+4. timm computes logits of that same tensor: engine vs timm is the import check;
+5. `inception-engine export --format onnx` of the imported checkpoint, run by onnxruntime on the
+   same tensor: ONNX vs timm;
+6. `inception-engine export --format timm` of the imported checkpoint, loaded into a fresh timm
+   model with load_state_dict(strict=True): its logits must equal the first model's exactly.
+Prints max |difference| and relative L2 for each comparison; exits 1 if any relative L2 exceeds
+--tol (default 1e-4).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def engine_binary():
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    return os.path.join(target, "release", "inception-engine")
+
+
+def perturbed_timm(num_classes, seed):
+    torch.manual_seed(seed)
+    model = timm.create_model("inception_v4", pretrained=False, num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.7, 1.3)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def compare(label, got, want):
+    diff = np.abs(got - want).max()
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    print(f"{label:24s} max|diff| {diff:.3e}  relative L2 {rel:.3e}  (max|logit| {np.abs(want).max():.3g})")
+    return rel
+
+
+def engine_cpu_logits(ckpt, work, n):
+    env = dict(os.environ, INTEROP_CKPT=ckpt, INTEROP_OUT=work, INTEROP_N=str(n))
+    cmd = ["cargo", "test", "--release", "--quiet", "--test", "interop_cpu_logits", "--", "--ignored"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    n, s, k = (int(v) for v in open(os.path.join(work, "shape.txt")).read().split())
+    x = np.fromfile(os.path.join(work, "input.f32"), dtype="<f4").reshape(n, 3, s, s)
+    y = np.fromfile(os.path.join(work, "logits.f32"), dtype="<f4").reshape(n, k)
+    return x, y
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=299)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tol", type=float, default=1e-4)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    engine = engine_binary()
+    work = tempfile.mkdtemp(prefix="timm_check_")
+    run = lambda *a: subprocess.run([engine, *a], check=True, stdout=subprocess.DEVNULL)
+
+    model = perturbed_timm(args.num_classes, args.seed)
+    sd_path, ckpt = os.path.join(work, "timm.safetensors"), os.path.join(work, "ck.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sd_path)
+    run("import", "--from", "timm", sd_path, "--out", ckpt, "--image-size", str(args.image_size))
+
+    x, cpu = engine_cpu_logits(ckpt, work, args.images)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    print(f"timm {timm.__version__}, torch {torch.__version__}; inception_v4, "
+          f"{args.num_classes} classes, {args.images} real images at {args.image_size}x{args.image_size}")
+    rels = [compare("engine CPU vs timm", cpu, want)]
+
+    onnx_path = os.path.join(work, "model.onnx")
+    run("export", "--checkpoint", ckpt, "--format", "onnx", "--out", onnx_path)
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    rels.append(compare("onnxruntime vs timm", sess.run(None, {"input": x})[0], want))
+
+    back = os.path.join(work, "back.safetensors")
+    run("export", "--checkpoint", ckpt, "--format", "timm", "--out", back)
+    fresh = timm.create_model("inception_v4", pretrained=False, num_classes=args.num_classes)
+    fresh.load_state_dict(load_file(back), strict=True)
+    with torch.no_grad():
+        again = fresh.eval()(torch.from_numpy(x)).numpy()
+    rels.append(compare("timm(exported) vs timm", again, want))
+
+    ok = all(r <= args.tol for r in rels)
+    print("PASS" if ok else f"FAIL (tolerance {args.tol:g})")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
