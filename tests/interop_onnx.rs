@@ -7,6 +7,7 @@
 mod util;
 
 use inception_engine::backend::cpu::{CpuExecutor, Mode};
+use inception_engine::checkpoint::Checkpoint;
 use std::path::Path;
 use std::process::Command;
 use util::*;
@@ -29,32 +30,27 @@ fn onnxruntime_available() -> bool {
     ok
 }
 
-/// Engine CPU logits of `n` real images, and the same images as NCHW.
-fn cpu_logits(
-    n: usize,
-    seed: u64,
-) -> (Vec<f32>, Vec<f32>, inception_engine::checkpoint::Checkpoint) {
+/// Engine CPU logits of `n` real images, the same images as NCHW, and the checkpoint. With
+/// `calibrated`, BN statistics come from the images (see [`calibrate`]); else they are random.
+fn cpu_logits(n: usize, seed: u64, calibrated: bool) -> (Vec<f32>, Vec<f32>, Checkpoint) {
     let plan = v4_plan(n);
-    let model = perturbed_model(&plan, seed);
-    let ckpt = checkpoint(&plan, &model);
     let images = real_images(n);
+    let mut model = perturbed_model(&plan, seed);
+    if calibrated {
+        calibrate(&mut model, &images, n, seed);
+    }
+    let ckpt = checkpoint(&plan, &model);
     let mut states = model.states.clone();
     let mut cpu = CpuExecutor::new(plan);
-    cpu.forward(
-        &model.params,
-        &mut states,
-        &images,
-        &vec![0; n],
-        Mode::Eval,
-        0,
-    );
+    let labels = vec![0; n];
+    cpu.forward(&model.params, &mut states, &images, &labels, Mode::Eval, 0);
     (cpu.logits().to_vec(), nhwc_to_nchw(&images, n, SIZE), ckpt)
 }
 
 /// Export through the CLI, run with onnxruntime; returns its logits and the model description.
 fn run_onnx(
     dir: &Path,
-    ckpt: &inception_engine::checkpoint::Checkpoint,
+    ckpt: &Checkpoint,
     nchw: &[f32],
     n: usize,
     batch_flag: Option<usize>,
@@ -92,21 +88,51 @@ fn run_onnx(
     (read_f32(&output), info)
 }
 
+/// The brief's setting: random BN statistics (BN far from the identity), 1e-4 relative L2.
 #[test]
 fn onnx_matches_cpu_logits_on_real_images() {
     if !onnxruntime_available() {
         return;
     }
     let n = 4;
-    let (want, nchw, ckpt) = cpu_logits(n, 7);
+    let (want, nchw, ckpt) = cpu_logits(n, 7, false);
     let dir = tempfile::tempdir().unwrap();
     let (got, info) = run_onnx(dir.path(), &ckpt, &nchw, n, None);
     let err = rel_l2(&got, &want);
-    eprintln!("onnxruntime vs engine CPU: relative L2 {err:.3e}");
+    eprintln!("random BN statistics: onnxruntime vs engine CPU relative L2 {err:.3e}");
     assert!(err < 1e-4, "relative L2 {err}");
     assert_eq!(info["input_shape"], serde_json::json!(["N", 3, SIZE, SIZE]));
     assert_eq!(info["output_shape"], serde_json::json!(["N", CLASSES]));
     assert_eq!(info["opset"], serde_json::json!([17]));
+}
+
+/// With random statistics the logits hardly depend on the image, so an input layout or channel
+/// order mistake could pass the test above. Calibrated statistics make the logits follow the
+/// image; the bound is looser because float32 rounding itself reaches ~2e-4 on such a network.
+#[test]
+fn onnx_follows_the_image_like_the_cpu_backend() {
+    if !onnxruntime_available() {
+        return;
+    }
+    let n = 4;
+    let (want, nchw, ckpt) = cpu_logits(n, 5, true);
+    let dir = tempfile::tempdir().unwrap();
+    let (got, _) = run_onnx(dir.path(), &ckpt, &nchw, n, None);
+    let err = rel_l2(&got, &want);
+    let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+    let (spread, of_spread) = (spread(&want, CLASSES), norm(&diff) / spread(&want, CLASSES));
+    eprintln!("calibrated BN: relative L2 {err:.3e}, {of_spread:.3e} of the between-image spread");
+    // The images really give different logits...
+    assert!(
+        spread > 0.05 * norm(&want),
+        "logits hardly depend on the image"
+    );
+    // ...and the exported model reproduces those differences.
+    assert!(err < 1e-3, "relative L2 {err}");
+    assert!(
+        of_spread < 1e-2,
+        "error {of_spread} of the between-image spread"
+    );
 }
 
 #[test]
@@ -115,7 +141,7 @@ fn onnx_fixed_batch_and_preprocessing_metadata() {
         return;
     }
     let n = 2;
-    let (want, nchw, ckpt) = cpu_logits(n, 11);
+    let (want, nchw, ckpt) = cpu_logits(n, 11, false);
     let dir = tempfile::tempdir().unwrap();
     let (got, info) = run_onnx(dir.path(), &ckpt, &nchw, n, Some(n));
     assert!(rel_l2(&got, &want) < 1e-4);

@@ -1,6 +1,7 @@
 //! Helpers shared by the interop tests (included with `#[path]`; alone it holds no tests).
 #![allow(dead_code)]
 
+use inception_engine::backend::cpu::{CpuExecutor, Mode};
 use inception_engine::checkpoint::{Checkpoint, CheckpointMeta};
 use inception_engine::data::{bundled_dataset, transform::eval_transform, Dataset};
 use inception_engine::export::engine_preprocessing;
@@ -61,6 +62,66 @@ pub fn perturbed_model(plan: &Plan, seed: u64) -> ModelState {
     model
 }
 
+/// Set the BN running statistics from a training pass over `images` (momentum 1: the batch
+/// statistics), then jitter them. Random statistics wash the input out over v4's 149 BN layers:
+/// the logits then hardly depend on the image, only on the weights. Calibrated ones keep the
+/// activations normalised, so the logits follow the image, at the price of float32 rounding
+/// that grows with depth to about 2e-4 relative (timm in float32 against float64 is as far).
+pub fn calibrate(model: &mut ModelState, images: &[f32], n: usize, seed: u64) {
+    let config = PlanConfig {
+        batch: n,
+        image_size: SIZE,
+        num_classes: CLASSES,
+        bn_momentum: 1.0,
+        ..PlanConfig::default()
+    };
+    let mut cpu = CpuExecutor::new(plan::build("v4", config).unwrap());
+    cpu.forward(
+        &model.params,
+        &mut model.states,
+        images,
+        &vec![0; n],
+        Mode::Train,
+        0,
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xca1b);
+    for e in model.layout.states.clone() {
+        let var = e.name.ends_with("running_var");
+        for v in &mut model.states[e.range()] {
+            *v = if var {
+                *v * rng.random_range(0.8..1.25)
+            } else {
+                *v + rng.random_range(-0.05..0.05)
+            };
+        }
+    }
+}
+
+/// ||b - mean over images of b|| for `[n, k]` logits: how much they differ between images.
+pub fn spread(b: &[f32], k: usize) -> f64 {
+    let n = b.len() / k;
+    let mean: Vec<f32> = (0..k)
+        .map(|j| (0..n).map(|i| b[i * k + j]).sum::<f32>() / n as f32)
+        .collect();
+    let s: f64 = b
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((v - mean[i % k]) as f64).powi(2))
+        .sum();
+    s.sqrt()
+}
+
+pub fn norm(a: &[f32]) -> f64 {
+    a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// ||a - b|| / ||b||.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    norm(&d) / norm(b)
+}
+
 pub fn checkpoint(plan: &Plan, model: &ModelState) -> Checkpoint {
     let classes = (0..CLASSES).map(|i| format!("c{i}")).collect();
     let meta = CheckpointMeta::new(plan, classes, engine_preprocessing(SIZE));
@@ -109,14 +170,6 @@ pub fn engine_output(args: &[&str]) -> std::process::Output {
 
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// ||a - b|| / ||b||.
-pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (d / n).sqrt()
 }
 
 pub fn write_f32(path: &Path, data: &[f32]) {

@@ -162,7 +162,6 @@ impl<'a> Emitter<'a> {
     }
 
     fn node(&mut self, node: &Node) -> Result<()> {
-        let x = node.inputs.first().copied();
         match &node.op {
             Op::Conv2d(c) => self.conv(node, c),
             Op::BatchNorm { eps, .. } => self.batchnorm(node, *eps),
@@ -176,14 +175,15 @@ impl<'a> Emitter<'a> {
             Op::GlobalAvgPool => self.global_pool(node),
             Op::Concat => self.emit(node, "Concat", self.ins(&node.inputs), vec![int("axis", 1)]),
             Op::Dropout { .. } => {
-                let x = x.context("dropout without input")?;
+                // Identity in inference: later nodes read the dropout's input directly.
+                let x = *node.inputs.first().context("dropout without input")?;
+                if node.outputs[0] == self.plan.logits {
+                    bail!("cannot export a plan whose logits come straight from dropout");
+                }
                 self.names[node.outputs[0]] = self.names[x].clone();
             }
             Op::Linear { .. } => self.linear(node),
             Op::SoftmaxCrossEntropy { .. } => {}
-        }
-        if node.outputs.contains(&self.plan.logits) && !matches!(node.op, Op::Linear { .. }) {
-            bail!("ONNX export expects the logits to come from a linear layer");
         }
         Ok(())
     }

@@ -171,6 +171,13 @@ fn unexpected(
 /// Write the model as a timm state dict. `batches_tracked` fills every BN's
 /// `num_batches_tracked` (timm counts training batches there; the engine's step count).
 pub fn export(plan: &Plan, model: &ModelState, batches_tracked: i64, path: &Path) -> Result<()> {
+    // Only v4 is named after timm's modules; another plan's names would mean nothing to timm.
+    if plan.name != "v4" {
+        bail!(
+            "a timm state dict needs the 'v4' plan, this checkpoint is '{}'",
+            plan.name
+        );
+    }
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (is_param, e) in tagged(&model.layout) {
         let buf = if is_param {
