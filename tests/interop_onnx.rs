@@ -154,3 +154,58 @@ fn onnx_fixed_batch_and_preprocessing_metadata() {
     let classes: Vec<String> = serde_json::from_str(meta["class_names"].as_str().unwrap()).unwrap();
     assert_eq!(classes.len(), CLASSES);
 }
+
+/// The graph's structure, read back with the same prost types (no Python needed).
+#[test]
+fn onnx_graph_has_one_node_per_plan_op() {
+    use inception_engine::export::{onnx, onnx_proto::ModelProto};
+    use prost::Message;
+    let plan = v4_plan(1);
+    let model = perturbed_model(&plan, 1);
+    let ckpt = checkpoint(&plan, &model);
+    let proto = onnx::to_model(&plan, &model, &ckpt.meta, None).unwrap();
+    let proto = ModelProto::decode(&proto.encode_to_vec()[..]).unwrap();
+    let graph = proto.graph.unwrap();
+    let count = |op: &str| {
+        let ops = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some(op));
+        ops.count()
+    };
+    for (op, n) in [
+        ("Conv", 149),
+        ("BatchNormalization", 149),
+        ("Relu", 149),
+        ("MaxPool", 4),
+        ("AveragePool", 14),
+        ("Concat", 19),
+        ("GlobalAveragePool", 1),
+        ("Flatten", 1),
+        ("Gemm", 1),
+    ] {
+        assert_eq!(count(op), n, "{op}");
+    }
+    assert_eq!(graph.node.len(), 149 * 3 + 4 + 14 + 19 + 3);
+    assert_eq!(graph.initializer.len(), 149 * 5 + 2);
+    let node = |name: &str| graph.node.iter().find(|n| n.name.as_deref() == Some(name));
+    let attr = |name: &str, a: &str| {
+        let n = node(name).unwrap_or_else(|| panic!("no node {name}"));
+        n.attribute
+            .iter()
+            .find(|x| x.name.as_deref() == Some(a))
+            .cloned()
+    };
+    // A zero must be on the wire: the checker wants exactly one value field per attribute.
+    let pad = attr("features.6.branch3.0", "count_include_pad").unwrap();
+    assert_eq!(pad.i, Some(0));
+    // A 1x7 conv pads left and right only: ONNX order [top, left, bottom, right].
+    let pads = attr("features.4.branch1.1.conv", "pads").unwrap();
+    assert_eq!(pads.ints, [0, 3, 0, 3]);
+    let w = graph
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some("features.4.branch1.1.conv.weight"))
+        .unwrap();
+    assert_eq!(w.dims, [64, 64, 1, 7]); // OIHW
+}

@@ -6,20 +6,22 @@ Needs torch, timm, safetensors, numpy, onnx and onnxruntime, e.g. in a virtual e
     /tmp/venv/bin/python tools/timm_check.py [--num-classes 10] [--image-size 299] [--images 8]
 
 What it does, in a temporary folder:
-1. builds timm's inception_v4 (pretrained=False) and perturbs every BatchNorm (random running
-   mean, positive running variance, gamma, beta) so BN is not the identity; saves its state dict
-   with safetensors;
+1. builds timm's inception_v4 (pretrained=False) with random BatchNorm gamma and beta and running
+   statistics set from real images then jittered (random statistics alone would make the logits
+   nearly independent of the image); saves its state dict with safetensors;
 2. `inception-engine import --from timm` turns it into an engine checkpoint;
 3. the engine's CPU backend computes logits of real images (the bundled Fashion-MNIST validation
    PNGs through the engine's eval transform), via the ignored test
    tests/interop_cpu_logits.rs, which also writes the exact input tensor it used;
-4. timm computes logits of that same tensor: engine vs timm is the import check;
+4. timm computes logits of that same tensor in float32 and in float64;
 5. `inception-engine export --format onnx` of the imported checkpoint, run by onnxruntime on the
-   same tensor: ONNX vs timm;
+   same tensor;
 6. `inception-engine export --format timm` of the imported checkpoint, loaded into a fresh timm
    model with load_state_dict(strict=True): its logits must equal the first model's exactly.
-Prints max |difference| and relative L2 for each comparison; exits 1 if any relative L2 exceeds
---tol (default 1e-4).
+Prints max |difference| and relative L2 of each pair, also relative to how much the logits differ
+between images. Float64 timm is the reference: float32 rounding alone (timm's own included) moves
+a deep network's logits by ~1e-4 relative. Passes when the engine and onnxruntime are within
+max(--tol, 4 x timm-float32's own error) of it and the timm export is bit-identical.
 """
 import argparse
 import copy

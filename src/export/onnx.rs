@@ -71,6 +71,11 @@ metadata. Output 'logits': float32 [N, classes], before softmax.";
 
 /// Encode and write `model` to `path`.
 pub fn write(model: &ModelProto, path: &Path) -> Result<()> {
+    // Protobuf messages cannot exceed 2 GiB; larger models would need ONNX external data.
+    let len = model.encoded_len();
+    if len >= i32::MAX as usize {
+        bail!("the ONNX model would be {len} bytes, over protobuf's 2 GiB limit");
+    }
     std::fs::write(path, model.encode_to_vec())
         .with_context(|| format!("cannot write {}", path.display()))
 }
