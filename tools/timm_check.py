@@ -63,7 +63,7 @@ def calibration_batch(n, size):
     return torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))
 
 
-def perturbed_timm(num_classes, size, seed):
+def perturbed_timm(num_classes, size, seed, bn):
     """timm's model with random BN gamma and beta, and running statistics set from real images
     then jittered. Random running statistics alone wash the input out over 149 BN layers, so
     every image would give nearly the same logits and the comparison would say little."""
@@ -76,6 +76,12 @@ def perturbed_timm(num_classes, size, seed):
             m.bias.uniform_(-0.2, 0.2)
             m.reset_running_stats()
             m.momentum = None  # cumulative average: one batch gives its own statistics
+        if bn == "random":
+            for m in bns:
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.momentum = 0.1
+            return model.eval()
         model.train()(calibration_batch(16, size))
         for m in bns:
             m.running_mean.add_(torch.empty_like(m.running_mean).uniform_(-0.05, 0.05))
@@ -113,13 +119,16 @@ def main():
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--bn", choices=["calibrated", "random"], default="calibrated",
+                    help="BN running statistics: from real images (logits follow the image), or "
+                         "random (logits nearly independent of the image, rounding tiny)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     work = tempfile.mkdtemp(prefix="timm_check_")
     engine = engine_binary(work)
     run = lambda *a: subprocess.run([engine, *a], check=True, stdout=subprocess.DEVNULL)
 
-    model = perturbed_timm(args.num_classes, args.image_size, args.seed)
+    model = perturbed_timm(args.num_classes, args.image_size, args.seed, args.bn)
     sd_path, ckpt = os.path.join(work, "timm.safetensors"), os.path.join(work, "ck.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sd_path)
     run("import", "--from", "timm", sd_path, "--out", ckpt, "--image-size", str(args.image_size))
@@ -131,7 +140,8 @@ def main():
         # logits of a deep network, and this shows by how much.
         exact = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
     print(f"timm {timm.__version__}, torch {torch.__version__}; inception_v4, "
-          f"{args.num_classes} classes, {args.images} real images at {args.image_size}x{args.image_size}")
+          f"{args.num_classes} classes, {args.images} real images at {args.image_size}x{args.image_size}, "
+          f"{args.bn} BN statistics")
     floor = compare("timm f32 vs timm f64", want, exact)
     rels = [compare("engine CPU vs timm f64", cpu, exact), compare("engine CPU vs timm f32", cpu, want)]
 
