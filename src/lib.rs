@@ -6,6 +6,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod export;
 pub mod ops;
 pub mod params;
 pub mod plan;
