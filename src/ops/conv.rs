@@ -62,20 +62,8 @@ impl ConvShape {
             && g.pad_top + g.pad_bottom + g.pad_left + g.pad_right == 0
     }
 
-    /// Images per parallel task: the batch is split so that every thread gets work and each
-    /// task's im2col scratch stays within budget. Each task runs its own single-threaded GEMM on
-    /// cache-sized operands, which beats one multi-threaded GEMM for InceptionV4's many narrow
-    /// layers.
-    fn images_per_task(&self) -> usize {
-        let per_image = (self.oh * self.ow * self.k()).max(1);
-        let tasks =
-            rayon::current_num_threads().max(self.n.saturating_mul(per_image).div_ceil(COL_BUDGET));
-        self.n.div_ceil(tasks.min(self.n).max(1))
-    }
-
-    /// Whether tasks should multi-thread their GEMM themselves (when the batch gives one task).
-    fn gemm_parallel(&self) -> bool {
-        self.images_per_task() >= self.n
+    fn images_per_chunk(&self) -> usize {
+        (COL_BUDGET / (self.oh * self.ow * self.k()).max(1)).clamp(1, self.n)
     }
 
     /// Input pixel read by output (oy, ox) at tap (ky, kx), or None in the padding.
@@ -86,124 +74,134 @@ impl ConvShape {
         (y < self.h && x < self.w).then_some((y, x))
     }
 
-    /// Fill `col` (one row of K per output pixel) from the images `x` (whole images).
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+    /// Fill `col` (rows of K) for `images` images of `x` starting at image `first`.
+    fn im2col(&self, x: &[f32], first: usize, images: usize, col: &mut [f32]) {
         let (k, cin) = (self.k(), self.g.cin);
-        let img_in = self.h * self.w * cin;
-        for (r, row) in col.chunks_mut(k).enumerate() {
-            let img = &x[r / (self.oh * self.ow) * img_in..][..img_in];
-            let (oy, ox) = ((r / self.ow) % self.oh, r % self.ow);
-            for ky in 0..self.g.kh {
-                for kx in 0..self.g.kw {
-                    let dst = &mut row[(ky * self.g.kw + kx) * cin..][..cin];
-                    match self.source(oy, ox, ky, kx) {
-                        Some((y, xx)) => {
-                            dst.copy_from_slice(&img[(y * self.w + xx) * cin..][..cin])
+        let row_len = self.oh * self.ow * k;
+        col[..images * row_len]
+            .par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let img = first + r / (self.oh * self.ow);
+                let (oy, ox) = ((r / self.ow) % self.oh, r % self.ow);
+                for ky in 0..self.g.kh {
+                    for kx in 0..self.g.kw {
+                        let dst = &mut row[(ky * self.g.kw + kx) * cin..][..cin];
+                        match self.source(oy, ox, ky, kx) {
+                            Some((y, xx)) => dst.copy_from_slice(
+                                &x[((img * self.h + y) * self.w + xx) * cin..][..cin],
+                            ),
+                            None => dst.fill(0.0),
                         }
-                        None => dst.fill(0.0),
                     }
                 }
-            }
-        }
+            });
     }
 
-    /// Scatter-add `col` rows back into the images `dx` (the adjoint of im2col).
-    fn col2im(&self, col: &[f32], dx: &mut [f32], accumulate: bool) {
+    /// Scatter-add `col` rows back into `dx` images (the adjoint of im2col).
+    fn col2im(&self, col: &[f32], first: usize, images: usize, dx: &mut [f32], accumulate: bool) {
         let (k, cin) = (self.k(), self.g.cin);
-        if !accumulate {
-            dx.fill(0.0);
-        }
         let img_in = self.h * self.w * cin;
-        for (r, row) in col.chunks(k).enumerate() {
-            let img = r / (self.oh * self.ow);
-            let (oy, ox) = ((r / self.ow) % self.oh, r % self.ow);
-            for ky in 0..self.g.kh {
-                for kx in 0..self.g.kw {
-                    if let Some((y, x)) = self.source(oy, ox, ky, kx) {
-                        let src = &row[(ky * self.g.kw + kx) * cin..][..cin];
-                        let dst = &mut dx[img * img_in + (y * self.w + x) * cin..][..cin];
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        let img_col = self.oh * self.ow * k;
+        dx[first * img_in..(first + images) * img_in]
+            .par_chunks_mut(img_in)
+            .enumerate()
+            .for_each(|(i, dimg)| {
+                if !accumulate {
+                    dimg.fill(0.0);
+                }
+                let ccol = &col[i * img_col..(i + 1) * img_col];
+                for oy in 0..self.oh {
+                    for ox in 0..self.ow {
+                        let row = &ccol[(oy * self.ow + ox) * k..][..k];
+                        for ky in 0..self.g.kh {
+                            for kx in 0..self.g.kw {
+                                if let Some((y, x)) = self.source(oy, ox, ky, kx) {
+                                    let src = &row[(ky * self.g.kw + kx) * cin..][..cin];
+                                    let dst = &mut dimg[(y * self.w + x) * cin..][..cin];
+                                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                                }
+                            }
+                        }
                     }
                 }
-            }
-        }
+            });
     }
 }
 
 /// `y = conv(x, w)`.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
-    let (k, cout, pix) = (s.k(), s.g.cout, s.oh * s.ow);
-    let (per, par) = (s.images_per_task(), s.gemm_parallel());
-    let img_in = s.h * s.w * s.g.cin;
+    let (k, cout) = (s.k(), s.g.cout);
     let wt = Mat::rows(w, cout, k).t();
-    y[..s.n * pix * cout]
-        .par_chunks_mut(per * pix * cout)
-        .enumerate()
-        .for_each(|(t, yc)| {
-            let rows = yc.len() / cout;
-            let xc = &x[t * per * img_in..][..rows / pix * img_in];
-            if s.is_pointwise() {
-                return matmul(yc, Mat::rows(xc, rows, k), wt, false, par);
-            }
-            with_scratch(rows * k, |col| {
-                s.im2col(xc, col);
-                matmul(yc, Mat::rows(col, rows, k), wt, false, par);
-            })
-        });
+    if s.is_pointwise() {
+        let m = s.n * s.h * s.w;
+        return matmul(&mut y[..m * cout], Mat::rows(x, m, k), wt, false);
+    }
+    let pix = s.oh * s.ow;
+    let chunk = s.images_per_chunk();
+    with_scratch(chunk * pix * k, |col| {
+        for first in (0..s.n).step_by(chunk) {
+            let imgs = chunk.min(s.n - first);
+            s.im2col(x, first, imgs, col);
+            let rows = imgs * pix;
+            matmul(
+                &mut y[first * pix * cout..][..rows * cout],
+                Mat::rows(col, rows, k),
+                wt,
+                false,
+            );
+        }
+    })
 }
 
 /// `dx (+)= conv_backward_data(dy, w)`.
 pub fn backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32], accumulate: bool) {
-    let (k, cout, pix) = (s.k(), s.g.cout, s.oh * s.ow);
-    let (per, par) = (s.images_per_task(), s.gemm_parallel());
-    let img_in = s.h * s.w * s.g.cin;
+    let (k, cout) = (s.k(), s.g.cout);
     let wm = Mat::rows(w, cout, k);
-    dx[..s.n * img_in]
-        .par_chunks_mut(per * img_in)
-        .enumerate()
-        .for_each(|(t, dxc)| {
-            let rows = dxc.len() / img_in * pix;
-            let dyc = Mat::rows(&dy[t * per * pix * cout..], rows, cout);
-            if s.is_pointwise() {
-                return matmul(dxc, dyc, wm, accumulate, par);
-            }
-            with_scratch(rows * k, |col| {
-                matmul(col, dyc, wm, false, par);
-                s.col2im(col, dxc, accumulate);
-            })
-        });
+    if s.is_pointwise() {
+        let m = s.n * s.h * s.w;
+        return matmul(&mut dx[..m * k], Mat::rows(dy, m, cout), wm, accumulate);
+    }
+    let pix = s.oh * s.ow;
+    let chunk = s.images_per_chunk();
+    with_scratch(chunk * pix * k, |col| {
+        for first in (0..s.n).step_by(chunk) {
+            let imgs = chunk.min(s.n - first);
+            let rows = imgs * pix;
+            matmul(
+                &mut col[..rows * k],
+                Mat::rows(&dy[first * pix * cout..], rows, cout),
+                wm,
+                false,
+            );
+            s.col2im(col, first, imgs, dx, accumulate);
+        }
+    })
 }
 
-/// `dw = conv_backward_weight(x, dy)` (overwrites `dw`). Each task sums its images into a
-/// partial; partials are added in task order, so the result does not depend on timing.
+/// `dw = conv_backward_weight(x, dy)` (overwrites `dw`).
 pub fn backward_weight(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    let (k, cout, pix) = (s.k(), s.g.cout, s.oh * s.ow);
-    let (per, par) = (s.images_per_task(), s.gemm_parallel());
-    let img_in = s.h * s.w * s.g.cin;
-    let partials: Vec<Vec<f32>> = (0..s.n.div_ceil(per))
-        .into_par_iter()
-        .map(|t| {
-            let imgs = per.min(s.n - t * per);
-            let rows = imgs * pix;
-            let xc = &x[t * per * img_in..][..imgs * img_in];
-            let dyc = Mat::rows(&dy[t * per * pix * cout..], rows, cout).t();
-            let mut part = vec![0.0; cout * k];
-            if s.is_pointwise() {
-                matmul(&mut part, dyc, Mat::rows(xc, rows, k), false, par);
-            } else {
-                with_scratch(rows * k, |col| {
-                    s.im2col(xc, col);
-                    matmul(&mut part, dyc, Mat::rows(col, rows, k), false, par);
-                });
-            }
-            part
-        })
-        .collect();
-    let dw = &mut dw[..cout * k];
-    dw.copy_from_slice(&partials[0]);
-    for p in &partials[1..] {
-        dw.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+    let (k, cout) = (s.k(), s.g.cout);
+    if s.is_pointwise() {
+        let m = s.n * s.h * s.w;
+        return matmul(
+            &mut dw[..cout * k],
+            Mat::rows(dy, m, cout).t(),
+            Mat::rows(x, m, k),
+            false,
+        );
     }
+    let pix = s.oh * s.ow;
+    let chunk = s.images_per_chunk();
+    with_scratch(chunk * pix * k, |col| {
+        for first in (0..s.n).step_by(chunk) {
+            let imgs = chunk.min(s.n - first);
+            let rows = imgs * pix;
+            s.im2col(x, first, imgs, col);
+            let dyc = Mat::rows(&dy[first * pix * cout..], rows, cout).t();
+            matmul(&mut dw[..cout * k], dyc, Mat::rows(col, rows, k), first > 0);
+        }
+    })
 }
 
 /// Direct convolution by definition: the test oracle for the GEMM formulation above.

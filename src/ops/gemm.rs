@@ -41,10 +41,8 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `c = a * b` (or `c += a * b` when `accumulate`), `c` row-major `a.rows x b.cols`. With
-/// `parallel` the product uses every rayon thread; without, it runs on the calling thread (for
-/// callers that already split the work across threads).
-pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool, parallel: bool) {
+/// `c = a * b` (or `c += a * b` when `accumulate`), `c` row-major `a.rows x b.cols`.
+pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert!(c.len() >= m * n, "output too small");
@@ -81,11 +79,7 @@ pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool, parallel: bool) {
             false,
             false,
             false,
-            if parallel {
-                gemm::Parallelism::Rayon(0)
-            } else {
-                gemm::Parallelism::None
-            },
+            gemm::Parallelism::Rayon(0),
         );
     }
 }
@@ -100,13 +94,7 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut c = vec![1.0; m * n];
-        matmul(
-            &mut c,
-            Mat::rows(&a, m, k),
-            Mat::rows(&bt, n, k).t(),
-            true,
-            false,
-        );
+        matmul(&mut c, Mat::rows(&a, m, k), Mat::rows(&bt, n, k).t(), true);
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum::<f32>();

@@ -6,13 +6,7 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, fin: usize, fout: usiz
     for row in y[..n * fout].chunks_mut(fout) {
         row.copy_from_slice(b);
     }
-    matmul(
-        y,
-        Mat::rows(x, n, fin),
-        Mat::rows(w, fout, fin).t(),
-        true,
-        true,
-    );
+    matmul(y, Mat::rows(x, n, fin), Mat::rows(w, fout, fin).t(), true);
 }
 
 /// `dx (+)= dy * w`, `dw = dy^T * x`, `db = sum over rows of dy`.
@@ -35,16 +29,9 @@ pub fn backward(
             Mat::rows(dy, n, fout),
             Mat::rows(w, fout, fin),
             accumulate,
-            true,
         );
     }
-    matmul(
-        dw,
-        Mat::rows(dy, n, fout).t(),
-        Mat::rows(x, n, fin),
-        false,
-        true,
-    );
+    matmul(dw, Mat::rows(dy, n, fout).t(), Mat::rows(x, n, fin), false);
     db.fill(0.0);
     for row in dy[..n * fout].chunks(fout) {
         db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
