@@ -2,6 +2,11 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+/// mimalloc reuses freed pages: the loader threads allocate and free a megabyte per image at
+/// 299x299, which the system allocator turns into a page fault storm.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use inception_engine::cli::{bench, eval, export, import, inspect, pack, predict, selftest, train};
 
 #[derive(Parser)]
