@@ -21,7 +21,9 @@ fn kernels(c: &mut Criterion) {
     };
     println!("kernels on {}", gpu.describe());
     let cases = cases::derive("v4", 128, 299).expect("v4 plan");
-    if let Err(e) = gpu.verify(&cases.convs) {
+    let mut shapes: Vec<_> = cases.convs.iter().map(|c| c.shape).collect();
+    shapes.push(cases.fc_shape());
+    if let Err(e) = gpu.verify(&shapes) {
         println!("tensor-core check failed, launchers stay on the plain kernels: {e:#}");
     }
     for case in Case::all(&cases) {

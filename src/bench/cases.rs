@@ -130,6 +130,30 @@ pub struct Cases {
     pub classes: usize,
 }
 
+impl Cases {
+    /// The classifier as the 1x1 convolution over an n x 1 x 1 image that the linear launchers run.
+    pub fn fc_shape(&self) -> ConvShape {
+        let (n, cin, cout) = self.fc;
+        let conv = crate::plan::Conv2d {
+            cin,
+            cout,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad_top: 0,
+            pad_bottom: 0,
+            pad_left: 0,
+            pad_right: 0,
+        };
+        ConvShape {
+            conv,
+            n,
+            h: 1,
+            w: 1,
+        }
+    }
+}
+
 /// Derives the cases of plan `name` at `batch` and `image_size`.
 pub fn derive(name: &str, batch: usize, image_size: usize) -> Result<Cases> {
     let plan = plan::build(

@@ -21,7 +21,6 @@ use super::cudnn::{Dnn, DnnConv};
 use crate::backend::cuda::{
     bn_workspace, BnArgs, ConvMode, ConvOut, ConvShape, CudaBackend, DevPtr, Labels, RmspropParams,
 };
-use crate::plan::Conv2d;
 
 /// Untimed launches before measuring.
 const WARMUP: usize = 3;
@@ -219,9 +218,8 @@ impl Gpu {
 
     /// Marks the tensor-core kernels of these shapes verified where they match the plain kernels
     /// (what the executor does at start-up), so the launchers pick what training would run.
-    pub fn verify(&self, convs: &[ConvCase]) -> Result<usize> {
-        let shapes: Vec<ConvShape> = convs.iter().map(|c| c.shape).collect();
-        let checks = crate::backend::cuda::selftest::verify_conv_shapes(&self.be, &shapes)?;
+    pub fn verify(&self, shapes: &[ConvShape]) -> Result<usize> {
+        let checks = crate::backend::cuda::selftest::verify_conv_shapes(&self.be, shapes)?;
         Ok(checks
             .iter()
             .filter(|c| c.status == crate::backend::cuda::selftest::Status::Fail)
@@ -287,27 +285,13 @@ impl Case {
     }
 }
 
-fn dense_conv(cin: usize, cout: usize) -> Conv2d {
-    Conv2d {
-        cin,
-        cout,
-        kh: 1,
-        kw: 1,
-        stride: 1,
-        pad_top: 0,
-        pad_bottom: 0,
-        pad_left: 0,
-        pad_right: 0,
-    }
-}
-
 impl Gpu {
     /// Allocates and fills the buffers of `case` and returns its runnable implementations.
     pub fn prepare<'a>(&'a self, case: &Case, cases: &Cases) -> Result<Prepared<'a>> {
         match case {
             Case::Copy => self.prep_copy(),
             Case::Conv(c, m) => self.prep_conv(case.id(), c.label(), c.flop(), &c.shape, *m),
-            Case::Fc(m) => self.prep_fc(case.id(), cases.fc, *m),
+            Case::Fc(m) => self.prep_fc(case.id(), &cases.fc_shape(), *m),
             Case::Bn(b, fwd) => self.prep_bn(case.id(), b, *fwd),
             Case::Pool(p, fwd) => self.prep_pool(case.id(), p, *fwd),
             Case::SoftmaxCe => self.prep_softmax(case.id(), cases.batch, cases.classes),
@@ -438,18 +422,9 @@ impl Gpu {
     /// The classifier y[n][out] = x[n][in] W[out][in]^T as its three GEMMs: ours (the 1x1
     /// convolution launchers the linear layer uses, bias excluded) against cublasGemmEx with fp16
     /// operands and fp32 compute (fp32 output for the weight gradient, like ours).
-    fn prep_fc(
-        &self,
-        id: String,
-        (n, fin, fout): (usize, usize, usize),
-        mode: ConvMode,
-    ) -> Result<Prepared<'_>> {
-        let s = ConvShape {
-            conv: dense_conv(fin, fout),
-            n,
-            h: 1,
-            w: 1,
-        };
+    fn prep_fc(&self, id: String, s: &ConvShape, mode: ConvMode) -> Result<Prepared<'_>> {
+        let s = *s;
+        let (n, fin, fout) = (s.n, s.conv.cin, s.conv.cout);
         let be = &self.be;
         let x = Rc::new(self.filled(n * fin, Fill::F16)?);
         let w = Rc::new(self.filled(fout * fin, Fill::F16)?);

@@ -68,6 +68,8 @@ pub struct Row {
     /// For GB/s rows: the fraction of the measured device-to-device copy bandwidth.
     pub copy_fraction: Option<f64>,
     pub note: Option<String>,
+    /// An implementation failed to launch (its error is in the note).
+    pub failed: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -105,7 +107,8 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
             a.filter.as_deref().unwrap_or("")
         );
     }
-    let convs: Vec<_> = cases
+    // The shapes about to run, checked as the executor does before it trusts the fast kernels.
+    let mut shapes: Vec<_> = cases
         .convs
         .iter()
         .filter(|c| {
@@ -113,10 +116,13 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
                 .iter()
                 .any(|s| matches!(s, Case::Conv(k, _) if k.name == c.name))
         })
-        .cloned()
+        .map(|c| c.shape)
         .collect();
+    if selected.iter().any(|s| matches!(s, Case::Fc(_))) {
+        shapes.push(cases.fc_shape());
+    }
     let unverified = gpu
-        .verify(&convs)
+        .verify(&shapes)
         .context("checking the tensor-core kernels")?;
     let mut report = Report {
         device,
@@ -129,9 +135,13 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
         rows: Vec::new(),
     };
     println!("{}", text_header());
+    let mut failed = 0;
     for case in &selected {
+        // A case that fails is reported and the suite goes on (a launch error that poisons the
+        // context will make the following cases fail too, which the notes then show).
         let row = measure(&gpu, case, &cases, report.copy_gbps)
-            .with_context(|| format!("benchmarking {}", case.id()))?;
+            .unwrap_or_else(|e| Row::failed(case, format!("{e:#}")));
+        failed += row.failed as usize;
         if matches!(case, Case::Copy) {
             report.copy_gbps = row.reference.as_ref().map(|m| m.rate);
         }
@@ -144,6 +154,12 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
     }
     if a.json {
         println!("{json}");
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} cases failed (see their notes)",
+            selected.len()
+        );
     }
     Ok(())
 }
@@ -162,8 +178,17 @@ pub fn measure(
     };
     let mut custom = None;
     let mut reference = None;
+    let mut notes: Vec<String> = prep.note.take().into_iter().collect();
+    let mut failed = false;
     for v in &mut prep.variants {
-        let t = gpu.time(&mut v.run)?;
+        let t = match gpu.time(&mut v.run) {
+            Ok(t) => t,
+            Err(e) => {
+                notes.push(format!("{} failed: {e:#}", v.label));
+                failed = true;
+                continue;
+            }
+        };
         let m = Measure {
             label: v.label.clone(),
             median_ms: t.median_ms,
@@ -194,8 +219,26 @@ pub fn measure(
         reference,
         ratio,
         copy_fraction,
-        note: prep.note,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
+        failed,
     })
+}
+
+impl Row {
+    fn failed(case: &Case, why: String) -> Self {
+        Row {
+            id: case.id(),
+            group: case.id().split('/').next().unwrap_or("").to_string(),
+            shape: String::new(),
+            unit: "",
+            custom: None,
+            reference: None,
+            ratio: None,
+            copy_fraction: None,
+            note: Some(format!("failed: {why}")),
+            failed: true,
+        }
+    }
 }
 
 fn text_header() -> String {
