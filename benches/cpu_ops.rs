@@ -166,6 +166,8 @@ fn memory_benches(c: &mut Criterion) {
                 }
             })
         });
+        // Backward: read dy, write dx; the max pool also reads x to find each maximum again.
+        g.throughput(f32s(out + len + if max { len } else { 0 }));
         g.bench_function(format!("{name}/bwd"), |b| {
             b.iter(|| {
                 if max {
