@@ -15,7 +15,14 @@ fn bench_kernels_takes_filter_batch_and_json() {
     let out = engine(&["bench", "kernels", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--json", "--filter", "--batch", "--samples", "--out"] {
+    for flag in [
+        "--json",
+        "--filter",
+        "--batch",
+        "--samples",
+        "--out",
+        "--list",
+    ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }
@@ -32,4 +39,23 @@ fn bench_kernels_without_a_gpu_fails_cleanly() {
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("need an NVIDIA GPU"), "stderr: {err}");
     assert!(!err.contains("panicked"), "stderr: {err}");
+}
+
+#[test]
+fn bench_kernels_lists_every_case_without_a_gpu() {
+    let out = engine(&["bench", "kernels", "--list"]);
+    assert!(out.status.success());
+    let ids = String::from_utf8_lossy(&out.stdout);
+    let count = |prefix: &str| ids.lines().filter(|l| l.starts_with(prefix)).count();
+    // 38 distinct convolutions x 3 directions, the classifier's 3 GEMMs, the copy reference.
+    assert_eq!(count("conv/"), 114, "{ids}");
+    assert_eq!(count("fc/"), 3);
+    assert_eq!(count("copy/"), 1);
+    assert_eq!(count("rmsprop/"), 1);
+    assert!(ids.contains("conv/features.0.conv/fprop"));
+    let wgrad = engine(&["bench", "kernels", "--list", "--filter", "wgrad"]);
+    let ids = String::from_utf8_lossy(&wgrad.stdout);
+    assert_eq!(ids.lines().count(), 114 / 3 + 1 + 1, "{ids}");
+    let none = engine(&["bench", "kernels", "--list", "--filter", "no-such-case"]);
+    assert_eq!(none.status.code(), Some(1));
 }

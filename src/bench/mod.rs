@@ -41,6 +41,9 @@ pub struct KernelArgs {
     /// Also write the JSON report to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Print the ids of the cases (after --filter) and exit; needs no GPU.
+    #[arg(long)]
+    pub list: bool,
 }
 
 /// One implementation's figures on one case.
@@ -89,12 +92,6 @@ pub struct Report {
 /// `inception-engine bench kernels`.
 pub fn run_kernels(a: &KernelArgs) -> Result<()> {
     let cases = cases::derive(&a.plan, a.batch, a.image_size)?;
-    let gpu = Gpu::open(a.samples).map_err(|e| anyhow::anyhow!("`bench kernels`: {e:#}"))?;
-    let device = gpu.describe();
-    eprintln!(
-        "bench kernels: {} batch {} at {}x{} on {device}",
-        a.plan, a.batch, a.image_size, a.image_size
-    );
     let selected: Vec<Case> = Case::all(&cases)
         .into_iter()
         .filter(|c| {
@@ -103,10 +100,22 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
         .collect();
     if selected.len() == 1 && a.filter.is_some() {
         bail!(
-            "--filter {:?} matches no case",
+            "--filter {:?} matches no case (see --list)",
             a.filter.as_deref().unwrap_or("")
         );
     }
+    if a.list {
+        for c in &selected {
+            println!("{}", c.id());
+        }
+        return Ok(());
+    }
+    let gpu = Gpu::open(a.samples).map_err(|e| anyhow::anyhow!("`bench kernels`: {e:#}"))?;
+    let device = gpu.describe();
+    eprintln!(
+        "bench kernels: {} batch {} at {}x{} on {device}",
+        a.plan, a.batch, a.image_size, a.image_size
+    );
     // The shapes about to run, checked as the executor does before it trusts the fast kernels.
     let mut shapes: Vec<_> = cases
         .convs
