@@ -282,3 +282,86 @@ fn text_row(r: &Row) -> String {
             .map_or(String::new(), |n| format!(" (note: {n})"))
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> Row {
+        let m = |label: &str, rate: f64| Measure {
+            label: label.into(),
+            median_ms: 1.0,
+            min_ms: 0.9,
+            rate,
+        };
+        Row {
+            id: "conv/features.0.conv/fprop".into(),
+            group: "conv".into(),
+            shape: "299x299x3->32 k3x3 s2 p0,0,0,0".into(),
+            unit: "TFLOP/s",
+            custom: Some(m("custom Plain", 10.0)),
+            reference: Some(m("cudnn fwd algo 1 (tc)", 40.0)),
+            ratio: Some(0.25),
+            copy_fraction: None,
+            note: None,
+            failed: false,
+        }
+    }
+
+    #[test]
+    fn text_row_shows_rates_ratio_and_kernels() {
+        let t = text_row(&row());
+        assert!(t.starts_with("conv/features.0.conv/fprop"));
+        for part in [
+            "10.00",
+            "40.00",
+            "0.25",
+            "custom Plain 1.000 ms",
+            "cudnn fwd algo 1",
+        ] {
+            assert!(t.contains(part), "{part} missing: {t}");
+        }
+    }
+
+    /// tools/bench_table.py reads these keys: keep them in step.
+    #[test]
+    fn json_report_has_the_keys_bench_table_reads() {
+        let report = Report {
+            device: "test".into(),
+            plan: "v4".into(),
+            batch: 128,
+            image_size: 299,
+            samples: 15,
+            copy_gbps: Some(3000.0),
+            unverified_shapes: 0,
+            rows: vec![row()],
+        };
+        let v: serde_json::Value = serde_json::to_value(&report).unwrap();
+        for k in [
+            "device",
+            "plan",
+            "batch",
+            "image_size",
+            "samples",
+            "copy_gbps",
+            "unverified_shapes",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        let r = &v["rows"][0];
+        for k in [
+            "id",
+            "group",
+            "shape",
+            "unit",
+            "ratio",
+            "copy_fraction",
+            "note",
+            "failed",
+        ] {
+            assert!(r.get(k).is_some(), "{k}");
+        }
+        assert_eq!(r["custom"]["rate"], 10.0);
+        assert_eq!(r["reference"]["label"], "cudnn fwd algo 1 (tc)");
+    }
+}
