@@ -126,17 +126,6 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     modes = ["eager", "compile"] if args.mode == "both" else [args.mode]
     results = {}
-    for mode in modes:
-        try:
-            r = run_mode(mode, args, torch, timm)
-        except Exception as e:  # report and go on with the other mode
-            print(f"{mode}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-            results[mode] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        results[mode] = r
-        print(f"{mode:8s} {r['images_per_sec']:9.1f} images/s  {r['step_ms']:8.2f} ms/step  "
-              f"peak {r['peak_memory_bytes'] / 2**30:6.2f} GiB  (warm-up {r['warmup_s']:.1f} s)",
-              flush=True)
     summary = {
         "tool": "torch_baseline",
         "model": "timm inception_v4",
@@ -153,11 +142,22 @@ def main(argv=None):
         "warmup": args.warmup,
         "results": results,
     }
-    line = json.dumps(summary)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    for mode in modes:
+        try:
+            r = run_mode(mode, args, torch, timm)
+        except Exception as e:  # report and go on with the other mode
+            print(f"{mode}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            r = {"error": f"{type(e).__name__}: {e}"}
+        results[mode] = r
+        if "error" not in r:
+            print(f"{mode:8s} {r['images_per_sec']:9.1f} images/s  {r['step_ms']:8.2f} ms/step  "
+                  f"peak {r['peak_memory_bytes'] / 2**30:6.2f} GiB  (warm-up {r['warmup_s']:.1f} s)",
+                  flush=True)
+        if args.json_out:
+            # Rewritten after every mode, so a compile that runs out of time keeps the eager result.
+            with open(args.json_out, "w") as f:
+                f.write(json.dumps(summary) + "\n")
+    print(json.dumps(summary))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
