@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use inception_engine::bench::cases;
-use inception_engine::bench::gpu::{Case, Gpu, Work};
+use inception_engine::bench::gpu::{self, Case, Gpu, Work};
 
 fn kernels(c: &mut Criterion) {
     let gpu = match Gpu::open(1) {
@@ -23,6 +23,13 @@ fn kernels(c: &mut Criterion) {
     let cases = cases::derive("v4", 128, 299).expect("v4 plan");
     let mut shapes: Vec<_> = cases.convs.iter().map(|c| c.shape).collect();
     shapes.push(cases.fc_shape());
+    shapes.extend(
+        cases
+            .convs
+            .iter()
+            .filter(|c| c.shape.conv.cin % 8 != 0)
+            .map(|c| gpu::pad8(&c.shape)),
+    );
     if let Err(e) = gpu.verify(&shapes) {
         println!("tensor-core check failed, launchers stay on the plain kernels: {e:#}");
     }

@@ -48,7 +48,9 @@ fn bench_kernels_lists_every_case_without_a_gpu() {
     let ids = String::from_utf8_lossy(&out.stdout);
     let count = |prefix: &str| ids.lines().filter(|l| l.starts_with(prefix)).count();
     // 38 distinct convolutions x 3 directions, the classifier's 3 GEMMs, the copy reference.
-    assert_eq!(count("conv/"), 114, "{ids}");
+    // Plus the 3-channel stem forward on the padded tensor-core path.
+    assert_eq!(count("conv/"), 115, "{ids}");
+    assert!(ids.contains("conv/features.0.conv/fprop_pad8"));
     assert_eq!(count("fc/"), 3);
     assert_eq!(count("copy/"), 1);
     assert_eq!(count("rmsprop/"), 1);

@@ -68,6 +68,14 @@ def conv_table(rep):
             if r and r.get("ratio"):
                 ratios.append(r["ratio"])
         out.append("| " + " | ".join(cells) + " |")
+    for (group, layer, shape), modes in by_layer.items():
+        r = modes.get("fprop_pad8")
+        if r and r.get("custom"):
+            ref = r.get("reference")
+            out.append("")
+            out.append(f"{layer} forward on the tensor-core path with its input padded to 8 channels "
+                       f"(pad_channels timed too): ours {fmt(r['custom']['rate'])} TFLOP/s, "
+                       f"cuDNN {fmt(ref and ref['rate'])}, ratio {fmt(r.get('ratio'))}.")
     if ratios:
         geo = 1.0
         for x in ratios:

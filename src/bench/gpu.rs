@@ -232,6 +232,9 @@ impl Gpu {
 pub enum Case {
     Copy,
     Conv(ConvCase, ConvMode),
+    /// A forward whose input channels are not a multiple of 8 (the 3-channel stem) on the
+    /// tensor-core path: input padded to 8 channels on the device (timed), weights padded once.
+    ConvPad8(ConvCase),
     Fc(ConvMode),
     Bn(BnCase, bool),
     Pool(PoolCase, bool),
@@ -255,6 +258,9 @@ impl Case {
         let mut v = vec![Case::Copy];
         for c in &cases.convs {
             v.extend(MODES.iter().map(|&m| Case::Conv(c.clone(), m)));
+            if c.shape.conv.cin % 8 != 0 {
+                v.push(Case::ConvPad8(c.clone()));
+            }
         }
         v.extend(MODES.iter().map(|&m| Case::Fc(m)));
         for b in &cases.bns {
@@ -276,6 +282,7 @@ impl Case {
         match self {
             Case::Copy => "copy/dtod".into(),
             Case::Conv(c, m) => format!("conv/{}/{}", c.name, mode_name(*m)),
+            Case::ConvPad8(c) => format!("conv/{}/fprop_pad8", c.name),
             Case::Fc(m) => format!("fc/classifier/{}", mode_name(*m)),
             Case::Bn(b, f) => format!("bn/{}/{}", b.name, dir(*f)),
             Case::Pool(p, f) => format!("pool/{}/{}", p.name, dir(*f)),
@@ -291,6 +298,7 @@ impl Gpu {
         match case {
             Case::Copy => self.prep_copy(),
             Case::Conv(c, m) => self.prep_conv(case.id(), c.label(), c.flop(), &c.shape, *m),
+            Case::ConvPad8(c) => self.prep_conv_pad8(case.id(), c),
             Case::Fc(m) => self.prep_fc(case.id(), &cases.fc_shape(), *m),
             Case::Bn(b, fwd) => self.prep_bn(case.id(), b, *fwd),
             Case::Pool(p, fwd) => self.prep_pool(case.id(), p, *fwd),
@@ -392,6 +400,54 @@ impl Gpu {
             group: "conv",
             shape,
             work: Work::Flop(flop),
+            variants,
+            note,
+        })
+    }
+
+    /// pad_channels(x) + the tensor-core forward on the 8-channel shape, against cuDNN's forward on
+    /// the original shape. FLOP are those of the original convolution.
+    fn prep_conv_pad8(&self, id: String, case: &ConvCase) -> Result<Prepared<'_>> {
+        let s = case.shape;
+        let c = s.conv;
+        let p = pad8(&s);
+        let rows = s.n * s.h * s.w;
+        let w_rows = c.cout * c.kh * c.kw;
+        let x = Rc::new(self.filled(rows * c.cin, Fill::F16)?);
+        let w = Rc::new(self.filled(w_rows * c.cin, Fill::F16)?);
+        let y = Rc::new(self.filled(s.n * s.oh() * s.ow() * c.cout, Fill::F16)?);
+        let x8 = self.alloc(rows * 8 * 2)?;
+        let w8 = self.alloc(w_rows * 8 * 2)?;
+        let be = &self.be;
+        be.pad_channels(w_rows, c.cin, 8, w.ptr, w8.ptr)?;
+        be.synchronize()?;
+        let out = ConvOut::dense(y.ptr, c.cout);
+        let imp = be.choose_conv(&p, ConvMode::Fprop, Some(&out));
+        let (xc, cin) = (x.clone(), c.cin);
+        let mut variants = vec![Variant {
+            label: format!("pad_channels + custom {imp:?}"),
+            reference: false,
+            run: Box::new(move || {
+                be.pad_channels(rows, cin, 8, xc.ptr, x8.ptr)?;
+                be.conv_fprop(&p, x8.ptr, w8.ptr, out, None).map(|_| ())
+            }),
+        }];
+        let mut note = None;
+        match (&self.dnn, &self.cudnn_ws) {
+            (Ok(dnn), Some(ws)) => {
+                match self.cudnn_conv(dnn, ws, &s, ConvMode::Fprop, &x, &w, &y) {
+                    Ok(v) => variants.push(v),
+                    Err(e) => note = Some(format!("{e:#}")),
+                }
+            }
+            (Err(e), _) => note = Some(e.clone()),
+            _ => note = Some("no cuDNN workspace".into()),
+        }
+        Ok(Prepared {
+            id,
+            group: "conv",
+            shape: case.label(),
+            work: Work::Flop(case.flop()),
             variants,
             note,
         })
@@ -652,6 +708,13 @@ impl Gpu {
             note: None,
         })
     }
+}
+
+/// `s` with its input channels padded to 8 (what [`Case::ConvPad8`] runs).
+pub fn pad8(s: &ConvShape) -> ConvShape {
+    let mut p = *s;
+    p.conv.cin = 8;
+    p
 }
 
 /// One cublasGemmEx of the classifier (column-major view of row-major tensors):

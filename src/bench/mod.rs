@@ -117,18 +117,17 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
         a.plan, a.batch, a.image_size, a.image_size
     );
     // The shapes about to run, checked as the executor does before it trusts the fast kernels.
-    let mut shapes: Vec<_> = cases
-        .convs
-        .iter()
-        .filter(|c| {
-            selected
-                .iter()
-                .any(|s| matches!(s, Case::Conv(k, _) if k.name == c.name))
-        })
-        .map(|c| c.shape)
-        .collect();
-    if selected.iter().any(|s| matches!(s, Case::Fc(_))) {
-        shapes.push(cases.fc_shape());
+    let mut shapes: Vec<_> = Vec::new();
+    for case in &selected {
+        let shape = match case {
+            Case::Conv(c, _) => c.shape,
+            Case::ConvPad8(c) => gpu::pad8(&c.shape),
+            Case::Fc(_) => cases.fc_shape(),
+            _ => continue,
+        };
+        if !shapes.contains(&shape) {
+            shapes.push(shape);
+        }
     }
     let unverified = gpu
         .verify(&shapes)
