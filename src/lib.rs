@@ -3,6 +3,7 @@
 //! See docs/ARCHITECTURE.md for the map of the code.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -51,10 +51,14 @@ step compile 90 "$BIN" selftest --compile-only --arch sm_90a --json
 step selftest 180 "$BIN" selftest --device cuda --json
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
-step bench-kernels 120 "$BIN" bench kernels --json
+# bench (issue 6): every conv shape vs cuDNN (cudnnFind per shape and mode), FC vs cuBLAS, bandwidth
+# kernels; the --json report goes to bench-kernels.json (--out) so the console keeps the text rows.
+step bench-kernels 300 "$BIN" bench kernels --out "$OUT/bench-kernels.json"
 step bench-train 150 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 --json
 if [ -f tools/torch_baseline.py ]; then
-  step torch-baseline 150 python3 tools/torch_baseline.py
+  # bench (issue 6): timm inception_v4, AMP fp16 + GradScaler, channels_last, eager then torch.compile.
+  step torch-baseline 300 python3 tools/torch_baseline.py --mode both --batch-size 128 --image-size 299 \
+    --steps 30 --warmup 10 --json-out "$OUT/torch-baseline.json"
 else
   SUMMARY+=("$(printf '%-18s %-24s %5ss' torch-baseline "SKIP (no script)" 0)")
 fi
@@ -67,3 +71,13 @@ rm -rf "$NCCL_DIR"
   printf '%-18s %-24s %6s\n' step status time
   printf '%s\n' "${SUMMARY[@]}"
 } | tee "$OUT/summary.txt"
+
+# --- bench (issue 6): kernel table and end-to-end ratio engine/PyTorch, appended to the summary ---
+TRAIN_JSON="$OUT/bench-train.json"; [ -f "$TRAIN_JSON" ] || TRAIN_JSON="$OUT/bench-train.log"
+[ -f "$OUT/bench-kernels.json" ] && python3 tools/bench_table.py --kernels "$OUT/bench-kernels.json" \
+  --train "$TRAIN_JSON" --torch "$OUT/torch-baseline.json" >"$OUT/bench-table.md" 2>&1
+{
+  echo
+  echo "=== end to end (batch 128, 299x299; kernel table in $OUT/bench-table.md)"
+  python3 tools/bench_table.py --ratio-only --train "$TRAIN_JSON" --torch "$OUT/torch-baseline.json"
+} | tee -a "$OUT/summary.txt"

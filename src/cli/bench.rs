@@ -1,6 +1,7 @@
 //! `inception-engine bench`: time full training steps (`bench train`) or kernels (`bench kernels`).
 
 use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+pub use crate::bench::KernelArgs;
 use crate::params::ModelState;
 use crate::plan::{self, PlanConfig};
 use crate::train::{LossScaler, RmsProp, RmsPropConfig};
@@ -19,7 +20,7 @@ pub struct Args {
 pub enum What {
     /// Full training steps (forward, backward, optimizer) on synthetic data, after a warm-up.
     Train(TrainArgs),
-    /// Kernel microbenchmarks against cuDNN/cuBLAS (needs the CUDA backend).
+    /// Kernel microbenchmarks against cuDNN/cuBLAS and the copy bandwidth (needs an NVIDIA GPU).
     Kernels(KernelArgs),
     /// The data loader alone: decoded, augmented images per second.
     Loader(LoaderArgs),
@@ -73,19 +74,11 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct KernelArgs {
-    #[arg(long)]
-    pub json: bool,
-}
-
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Train(a) => bench_train(a),
         What::Loader(a) => bench_loader(a),
-        What::Kernels(_) => {
-            bail!("`bench kernels` needs the CUDA benchmarks, which are not built yet")
-        }
+        What::Kernels(a) => crate::bench::run_kernels(&a),
     }
 }
 

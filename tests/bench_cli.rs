@@ -1,0 +1,63 @@
+//! `inception-engine bench kernels` from the command line: its arguments, and on a machine without
+//! a GPU a clear error with a non-zero exit instead of a panic.
+
+use std::process::Command;
+
+fn engine(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_inception-engine"))
+        .args(args)
+        .output()
+        .expect("running inception-engine")
+}
+
+#[test]
+fn bench_kernels_takes_filter_batch_and_json() {
+    let out = engine(&["bench", "kernels", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--json",
+        "--filter",
+        "--batch",
+        "--samples",
+        "--out",
+        "--list",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn bench_kernels_without_a_gpu_fails_cleanly() {
+    // SAFETY: only tries to dlopen the driver library.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("a CUDA driver is present: the no-GPU path is not exercised here");
+        return;
+    }
+    let out = engine(&["bench", "kernels", "--json", "--filter", "rmsprop"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("need an NVIDIA GPU"), "stderr: {err}");
+    assert!(!err.contains("panicked"), "stderr: {err}");
+}
+
+#[test]
+fn bench_kernels_lists_every_case_without_a_gpu() {
+    let out = engine(&["bench", "kernels", "--list"]);
+    assert!(out.status.success());
+    let ids = String::from_utf8_lossy(&out.stdout);
+    let count = |prefix: &str| ids.lines().filter(|l| l.starts_with(prefix)).count();
+    // 38 distinct convolutions x 3 directions, the classifier's 3 GEMMs, the copy reference.
+    // Plus the 3-channel stem forward on the padded tensor-core path.
+    assert_eq!(count("conv/"), 115, "{ids}");
+    assert!(ids.contains("conv/features.0.conv/fprop_pad8"));
+    assert_eq!(count("fc/"), 3);
+    assert_eq!(count("copy/"), 1);
+    assert_eq!(count("rmsprop/"), 1);
+    assert!(ids.contains("conv/features.0.conv/fprop"));
+    let wgrad = engine(&["bench", "kernels", "--list", "--filter", "wgrad"]);
+    let ids = String::from_utf8_lossy(&wgrad.stdout);
+    assert_eq!(ids.lines().count(), 114 / 3 + 1 + 1, "{ids}");
+    let none = engine(&["bench", "kernels", "--list", "--filter", "no-such-case"]);
+    assert_eq!(none.status.code(), Some(1));
+}
