@@ -24,6 +24,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
 mod selftest_ops;
+pub mod selftest_step;
 pub mod selftest_ref;
 pub mod sources;
 pub mod step_plan;

@@ -1,0 +1,229 @@
+//! Whole-step self-test: one full CUDA training step (O2) against the CPU backend from the same
+//! weights and batch, and a check that the dynamic loss scaler skips a step whose gradients
+//! overflow. Run by `selftest --device cuda` after the per-kernel checks.
+//!
+//! Both sides start from fp16-representable weights and images, so the comparison measures the
+//! step's fp16 activations and gradients, not the rounding of its inputs. Each figure is a relative
+//! L2 error per tensor (|gpu - cpu| / |cpu|); a category reports its worst tensor.
+
+use anyhow::Result;
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::executor::CudaTrainer;
+use super::selftest::{Check, Status};
+use crate::backend::cpu::{CpuExecutor, Mode};
+use crate::backend::{Amp, Backend};
+use crate::params::{ModelState, ParamEntry};
+use crate::plan::{self, PlanConfig};
+use crate::train::{LossScaler, RmsProp, RmsPropConfig};
+
+/// Tolerances on the relative L2 error of a whole O2 step: the loss, and gradients / updates /
+/// BN statistics. First estimates from fp16 rounding (~5e-4 per op) compounded over v4's depth;
+/// a GPU visit may tighten them.
+pub const TOL_LOSS: f32 = 1e-2;
+pub const TOL_STEP: f32 = 5e-2;
+
+/// The learning rate and loss scale of the compared step: large enough that the update is
+/// visible against fp32 rounding of the weights.
+const LR: f32 = 0.01;
+const SCALE: f32 = 1024.0;
+
+/// One plan to step: name, batch, image size, classes.
+#[derive(Clone, Copy, Debug)]
+pub struct StepCase {
+    pub plan: &'static str,
+    pub batch: usize,
+    pub image_size: usize,
+    pub classes: usize,
+}
+
+/// The cases of the issue: `tiny`, and `v4` at batch 8 and 299x299.
+pub const CASES: [StepCase; 2] = [
+    StepCase {
+        plan: "tiny",
+        batch: 8,
+        image_size: 32,
+        classes: 10,
+    },
+    StepCase {
+        plan: "v4",
+        batch: 8,
+        image_size: 299,
+        classes: 1000,
+    },
+];
+
+/// Every whole-step check: each case against the CPU, then the overflow skip.
+pub fn run(seed: u64) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for case in CASES {
+        eprintln!(
+            "whole step: {} batch {} {}x{}",
+            case.plan, case.batch, case.image_size, case.image_size
+        );
+        checks.extend(run_case(case, seed)?);
+    }
+    checks.push(overflow_skip(CASES[0], seed)?);
+    Ok(checks)
+}
+
+/// Plan, fp16-representable initial model, optimizer and one random batch of a case.
+fn setup(
+    case: StepCase,
+    seed: u64,
+) -> Result<(plan::Plan, ModelState, RmsProp, Vec<f32>, Vec<u32>)> {
+    let config = PlanConfig {
+        batch: case.batch,
+        image_size: case.image_size,
+        num_classes: case.classes,
+        ..PlanConfig::default()
+    };
+    let plan = plan::build(case.plan, config)?;
+    let mut model = ModelState::init(&plan, seed);
+    round_f16(&mut model.params);
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xba7c);
+    let mut images: Vec<f32> = (0..plan.tensor(plan.input).numel())
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    round_f16(&mut images);
+    let labels = (0..case.batch)
+        .map(|_| rng.random_range(0..case.classes as u32))
+        .collect();
+    Ok((plan, model, optim, images, labels))
+}
+
+fn round_f16(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+}
+
+/// The CPU reference step: (loss, gradients at the loss scale, updated weights, BN statistics).
+fn cpu_step(
+    plan: &plan::Plan,
+    model: &ModelState,
+    optim: &RmsProp,
+    images: &[f32],
+    labels: &[u32],
+) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut exec = CpuExecutor::new(plan.clone());
+    let mut states = model.states.clone();
+    let loss = exec.forward(&model.params, &mut states, images, labels, Mode::Train, 0);
+    let mut grads = vec![0.0; exec.param_len()];
+    exec.backward(&model.params, &mut grads, SCALE);
+    let (mut w, mut opt) = (model.params.clone(), optim.clone());
+    opt.step(&mut w, &grads, LR, 1.0 / SCALE);
+    (loss, grads, w, states)
+}
+
+/// One case: loss, gradients, updates and BN statistics of a whole step against the CPU.
+pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
+    let (plan, model, optim, images, labels) = setup(case, seed)?;
+    let (loss_cpu, g_cpu, w_cpu, st_cpu) = cpu_step(&plan, &model, &optim, &images, &labels);
+    let mut gpu = CudaTrainer::new(plan, model.clone(), optim, Amp::O2)?;
+    let mut scaler = LossScaler::Fixed(SCALE);
+    let out = gpu.train_step(&images, &labels, 0, LR, &mut scaler)?;
+    let g_gpu = gpu.grads()?;
+    let (m_gpu, _) = gpu.state()?;
+    let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
+    let loss_err = (out.loss - loss_cpu).abs() / loss_cpu.abs().max(1e-6);
+    let layout = &model.layout;
+    let delta =
+        |w: &[f32]| -> Vec<f32> { w.iter().zip(&model.params).map(|(a, b)| a - b).collect() };
+    Ok(vec![
+        check(name("loss"), "loss".into(), loss_err, TOL_LOSS),
+        worst(name("param grads"), &layout.params, &g_gpu, &g_cpu),
+        worst(
+            name("weight updates"),
+            &layout.params,
+            &delta(&m_gpu.params),
+            &delta(&w_cpu),
+        ),
+        worst(
+            name("BN running stats"),
+            &layout.states,
+            &m_gpu.states,
+            &st_cpu,
+        ),
+    ])
+}
+
+/// A step at a loss scale so large that the fp16 gradients overflow must be skipped: weights and
+/// optimizer state unchanged, the scale halved; the next step at the halved scale applies.
+fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
+    let (plan, model, optim, images, labels) = setup(case, seed)?;
+    let mut gpu = CudaTrainer::new(plan, model, optim, Amp::O2)?;
+    let (before, opt_before) = gpu.state()?;
+    let huge = 1e30;
+    let mut scaler = LossScaler::Dynamic {
+        scale: huge,
+        growth_interval: 2000,
+        clean_steps: 0,
+    };
+    let out = gpu.train_step(&images, &labels, 0, LR, &mut scaler)?;
+    let (after, opt_after) = gpu.state()?;
+    let kept = after.params == before.params && opt_after.ms == opt_before.ms;
+    let halved = scaler.scale() == huge * 0.5;
+    let ok = out.skipped && kept && halved;
+    let status = if ok { Status::Pass } else { Status::Fail };
+    if !ok {
+        eprintln!(
+            "overflow skip: skipped {}, weights kept {kept}, scale halved {halved}",
+            out.skipped
+        );
+    }
+    Ok(Check {
+        kernel: format!("step {}: dynamic scaler skips overflow", case.plan),
+        shape: format!("loss scale {huge:e}"),
+        oracle: "expected".into(),
+        status,
+        max_abs_err: 0.0,
+        rel_err: 0.0,
+    })
+}
+
+/// Relative L2 error of `got` against `want`; non-finite values count as infinite error.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        diff += ((g - w) as f64).powi(2);
+        norm += (*w as f64).powi(2);
+    }
+    let e = (diff.sqrt() / norm.sqrt().max(1e-12)) as f32;
+    if e.is_finite() && got.len() == want.len() {
+        e
+    } else {
+        f32::INFINITY
+    }
+}
+
+/// The worst per-tensor relative L2 error over `entries` of two flat buffers.
+fn worst(kernel: String, entries: &[ParamEntry], got: &[f32], want: &[f32]) -> Check {
+    let (err, name) = entries
+        .iter()
+        .map(|e| (rel_l2(&got[e.range()], &want[e.range()]), e.name.clone()))
+        .fold((0f32, String::new()), |a, b| {
+            if b.0 > a.0 || !b.0.is_finite() {
+                b
+            } else {
+                a
+            }
+        });
+    check(kernel, format!("worst: {name}"), err, TOL_STEP)
+}
+
+fn check(kernel: String, shape: String, err: f32, tol: f32) -> Check {
+    Check {
+        kernel,
+        shape,
+        oracle: "cpu".into(),
+        status: if err <= tol {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        max_abs_err: err,
+        rel_err: err,
+    }
+}
