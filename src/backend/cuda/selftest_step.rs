@@ -69,11 +69,16 @@ pub fn run(seed: u64) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// Plan, fp16-representable initial model, optimizer and one random batch of a case.
-fn setup(
-    case: StepCase,
-    seed: u64,
-) -> Result<(plan::Plan, ModelState, RmsProp, Vec<f32>, Vec<u32>)> {
+/// A case's plan, fp16-representable initial model, optimizer and one random batch.
+struct Setup {
+    plan: plan::Plan,
+    model: ModelState,
+    optim: RmsProp,
+    images: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+fn setup(case: StepCase, seed: u64) -> Result<Setup> {
     let config = PlanConfig {
         batch: case.batch,
         image_size: case.image_size,
@@ -92,59 +97,74 @@ fn setup(
     let labels = (0..case.batch)
         .map(|_| rng.random_range(0..case.classes as u32))
         .collect();
-    Ok((plan, model, optim, images, labels))
+    Ok(Setup {
+        plan,
+        model,
+        optim,
+        images,
+        labels,
+    })
 }
 
 fn round_f16(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
 }
 
-/// The CPU reference step: (loss, gradients at the loss scale, updated weights, BN statistics).
-fn cpu_step(
-    plan: &plan::Plan,
-    model: &ModelState,
-    optim: &RmsProp,
-    images: &[f32],
-    labels: &[u32],
-) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut exec = CpuExecutor::new(plan.clone());
-    let mut states = model.states.clone();
-    let loss = exec.forward(&model.params, &mut states, images, labels, Mode::Train, 0);
+/// What the CPU reference step produced.
+struct CpuStep {
+    loss: f32,
+    /// Gradients at the loss scale.
+    grads: Vec<f32>,
+    weights: Vec<f32>,
+    states: Vec<f32>,
+}
+
+fn cpu_step(s: &Setup) -> CpuStep {
+    let mut exec = CpuExecutor::new(s.plan.clone());
+    let mut states = s.model.states.clone();
+    let params = &s.model.params;
+    let loss = exec.forward(params, &mut states, &s.images, &s.labels, Mode::Train, 0);
     let mut grads = vec![0.0; exec.param_len()];
-    exec.backward(&model.params, &mut grads, SCALE);
-    let (mut w, mut opt) = (model.params.clone(), optim.clone());
-    opt.step(&mut w, &grads, LR, 1.0 / SCALE);
-    (loss, grads, w, states)
+    exec.backward(params, &mut grads, SCALE);
+    let (mut weights, mut opt) = (params.clone(), s.optim.clone());
+    opt.step(&mut weights, &grads, LR, 1.0 / SCALE);
+    CpuStep {
+        loss,
+        grads,
+        weights,
+        states,
+    }
 }
 
 /// One case: loss, gradients, updates and BN statistics of a whole step against the CPU.
 pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
-    let (plan, model, optim, images, labels) = setup(case, seed)?;
-    let (loss_cpu, g_cpu, w_cpu, st_cpu) = cpu_step(&plan, &model, &optim, &images, &labels);
-    let mut gpu = CudaTrainer::new(plan, model.clone(), optim, Amp::O2)?;
+    let s = setup(case, seed)?;
+    let cpu = cpu_step(&s);
+    let model = s.model.clone();
+    let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
     let mut scaler = LossScaler::Fixed(SCALE);
-    let out = gpu.train_step(&images, &labels, 0, LR, &mut scaler)?;
+    let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
     let g_gpu = gpu.grads()?;
     let (m_gpu, _) = gpu.state()?;
     let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
-    let loss_err = (out.loss - loss_cpu).abs() / loss_cpu.abs().max(1e-6);
+    let loss_err = (out.loss - cpu.loss).abs() / cpu.loss.abs().max(1e-6);
     let layout = &model.layout;
     let delta =
         |w: &[f32]| -> Vec<f32> { w.iter().zip(&model.params).map(|(a, b)| a - b).collect() };
     Ok(vec![
         check(name("loss"), "loss".into(), loss_err, TOL_LOSS),
-        worst(name("param grads"), &layout.params, &g_gpu, &g_cpu),
+        worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads),
         worst(
             name("weight updates"),
             &layout.params,
             &delta(&m_gpu.params),
-            &delta(&w_cpu),
+            &delta(&cpu.weights),
         ),
         worst(
             name("BN running stats"),
             &layout.states,
             &m_gpu.states,
-            &st_cpu,
+            &cpu.states,
         ),
     ])
 }
@@ -152,8 +172,8 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
 /// A step at a loss scale so large that the fp16 gradients overflow must be skipped: weights and
 /// optimizer state unchanged, the scale halved; the next step at the halved scale applies.
 fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
-    let (plan, model, optim, images, labels) = setup(case, seed)?;
-    let mut gpu = CudaTrainer::new(plan, model, optim, Amp::O2)?;
+    let s = setup(case, seed)?;
+    let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
     let (before, opt_before) = gpu.state()?;
     let huge = 1e30;
     let mut scaler = LossScaler::Dynamic {
@@ -161,7 +181,7 @@ fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
         growth_interval: 2000,
         clean_steps: 0,
     };
-    let out = gpu.train_step(&images, &labels, 0, LR, &mut scaler)?;
+    let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
     let (after, opt_after) = gpu.state()?;
     let kept = after.params == before.params && opt_after.ms == opt_before.ms;
     let halved = scaler.scale() == huge * 0.5;
