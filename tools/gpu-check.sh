@@ -48,11 +48,25 @@ step binary 30 "$BIN" --version
 
 # --- 2. kernels against the references -------------------------------------------------------------
 step compile 90 "$BIN" selftest --compile-only --arch sm_90a --json
-step selftest 180 "$BIN" selftest --device cuda --json
+step selftest 180 "$BIN" selftest --device cuda --skip-steps --json
+# Whole training steps (tiny, v4 batch 8) against the CPU backend, and the overflow skip.
+step whole-steps 240 "$BIN" selftest --device cuda --steps-only --json
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
 step bench-kernels 120 "$BIN" bench kernels --json
 step bench-train 150 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 --json
+# A short real training run: O2 with dynamic loss scaling; the loss should fall. By default the
+# bundled Fashion-MNIST sample (about 300 steps of batch 16 at 75x75); with GPU_CHECK_PACKS=1 and
+# the Fashion-MNIST packs under bench/data, one epoch of the full set instead (longer).
+TRAIN_PACK=$(ls bench/data/*train*.pack 2>/dev/null | head -n1)
+TEST_PACK=$(ls bench/data/*t10k*.pack bench/data/*test*.pack 2>/dev/null | head -n1)
+if [ "${GPU_CHECK_PACKS:-0}" = 1 ] && [ -n "$TRAIN_PACK" ]; then
+  DATA_ARGS=(--data "$TRAIN_PACK" ${TEST_PACK:+--eval-data "$TEST_PACK"} --batch-size 64 --image-size 75 --epochs 1)
+else
+  DATA_ARGS=(--epochs 8)
+fi
+step train-o2 240 "$BIN" train --device cuda --amp O2 --loss-scale dynamic --log-every 10 \
+  "${DATA_ARGS[@]}" --out "$OUT/train-o2"
 if [ -f tools/torch_baseline.py ]; then
   step torch-baseline 150 python3 tools/torch_baseline.py
 else

@@ -95,6 +95,8 @@ fn bench_train(a: TrainArgs) -> Result<()> {
         Device::Cuda => {
             let mut trainer = CudaTrainer::new(plan, model, optim, amp)?;
             let times = time_steps(&a, &mut trainer, &batch, |_| {})?;
+            // Everything is allocated up front, so memory in use after the timed steps is the
+            // peak (it includes the CUDA context, and any other process on the card).
             let used = trainer.device_used_bytes()?;
             let extra = json!({"device": "cuda", "amp": amp, "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used});
             let note = format!(

@@ -43,6 +43,9 @@ pub struct Args {
     /// Skip the whole-training-step checks (tiny and v4 against the CPU backend).
     #[arg(long)]
     pub skip_steps: bool,
+    /// Run only the whole-training-step checks.
+    #[arg(long, conflicts_with = "skip_steps")]
+    pub steps_only: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -110,7 +113,12 @@ fn device_cuda(args: &Args) -> Result<()> {
     let plan = plan::build(&args.plan, config)?;
     let reference = cpu_reference();
     let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
-    let outcome = test.run_plan(&plan).and_then(|()| {
+    let ops = if args.steps_only {
+        Ok(())
+    } else {
+        test.run_plan(&plan)
+    };
+    let outcome = ops.and_then(|()| {
         // Persist the verified fast shapes first, so the whole-step trainers reuse them.
         be.save_verified()?;
         if !args.skip_steps {

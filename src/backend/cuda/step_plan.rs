@@ -97,12 +97,10 @@ fn backward_accesses(
     let node = &plan.nodes[s.node];
     if matches!(node.op, Op::SoftmaxCrossEntropy { .. }) {
         // The fused kernel: forward (the loss) and backward (the logits' gradient) in one.
-        // Labels are read from the staging buffer (see `Launch::LoadInput`).
-        let writes = node
-            .outputs
-            .iter()
-            .copied()
-            .chain(s.grad_inputs.iter().flatten().copied());
+        // Labels are read from the staging buffer (see `Launch::LoadInput`) and the loss goes to
+        // the step report beside the overflow flag, so one copy brings both back: of the arena it
+        // reads the logits and writes their gradient.
+        let writes = s.grad_inputs.iter().flatten().copied();
         let reads = node.inputs.iter().copied().filter(|&t| t != plan.labels);
         return (reads.collect(), writes.collect());
     }
