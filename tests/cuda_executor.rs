@@ -8,11 +8,14 @@ use inception_engine::backend::cuda::arena::{
 };
 use inception_engine::backend::cuda::executor::check_amp;
 use inception_engine::backend::cuda::step_plan::{check_program, Launch, StepProgram};
-use inception_engine::backend::{cuda_probe, resolve_device, Amp, Device};
+use inception_engine::backend::cuda::CudaTrainer;
+use inception_engine::backend::{self, cuda_probe, resolve_device, Amp, Device};
+use inception_engine::params::ModelState;
 use inception_engine::params::ParamLayout;
 use inception_engine::plan::backward::{derive, BackwardPlan};
 use inception_engine::plan::memory::{lifetimes, MemoryPlan, ALIGN};
 use inception_engine::plan::{self, Op, Plan, PlanConfig, TensorKind};
+use inception_engine::train::{RmsProp, RmsPropConfig};
 
 fn build(name: &str, batch: usize, size: usize) -> (Plan, BackwardPlan) {
     let config = PlanConfig {
@@ -195,6 +198,7 @@ fn memory_estimate_adds_up() {
         est.total(),
         est.arena + est.params + est.states + est.workspace + est.staging
     );
+    eprintln!("v4 batch 128 O2: {}", est.describe());
     // v4 at batch 128 in fp16 needs gigabytes, and fits an 80 GB card.
     assert!(
         est.total() > 4 << 30 && est.total() < 70 << 30,
@@ -227,6 +231,23 @@ fn resolve_device_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
     );
     assert_eq!(resolve_device(Device::Auto).unwrap(), Device::Cpu);
     assert_eq!(resolve_device(Device::Cpu).unwrap(), Device::Cpu);
+}
+
+#[test]
+fn building_the_cuda_trainer_without_a_gpu_is_an_error_not_a_panic() {
+    if cuda_probe().is_ok() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    let (plan, _) = build("tiny", 2, 32);
+    let model = ModelState::init(&plan, 1);
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    let o0 = CudaTrainer::new(plan.clone(), model.clone(), optim.clone(), Amp::O0);
+    assert!(o0.err().unwrap().to_string().contains("O0"));
+    let o2 = CudaTrainer::new(plan.clone(), model.clone(), optim.clone(), Amp::O2);
+    assert!(o2.is_err());
+    let cpu_o2 = backend::build(Device::Cpu, Some(Amp::O2), plan, model, optim);
+    assert!(cpu_o2.err().unwrap().to_string().contains("CUDA"));
 }
 
 #[test]
