@@ -67,6 +67,19 @@ else
 fi
 step train-o2 240 "$BIN" train --device cuda --amp O2 --loss-scale dynamic --log-every 10 \
   "${DATA_ARGS[@]}" --out "$OUT/train-o2"
+# The same checkpoint on both backends (interchangeable checkpoints; the figures should agree to
+# fp16 accuracy), and predict on the GPU.
+CKPT=$(ls -t "$OUT"/train-o2/*.safetensors 2>/dev/null | head -n1)
+EVAL_DATA=data/fashion-mnist-mini/val
+[ "${GPU_CHECK_PACKS:-0}" = 1 ] && [ -n "$TEST_PACK" ] && EVAL_DATA=$TEST_PACK
+if [ -n "$CKPT" ]; then
+  step eval-cuda 90 "$BIN" eval --checkpoint "$CKPT" --data "$EVAL_DATA" --device cuda --json
+  step eval-cpu 180 "$BIN" eval --checkpoint "$CKPT" --data "$EVAL_DATA" --device cpu --json
+  IMG=$(find data/fashion-mnist-mini/val -type f \( -name '*.png' -o -name '*.jpg' \) | head -n1)
+  step predict-cuda 60 "$BIN" predict --checkpoint "$CKPT" --device cuda "$IMG"
+else
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' eval-cuda "SKIP (no checkpoint)" 0)")
+fi
 if [ -f tools/torch_baseline.py ]; then
   step torch-baseline 150 python3 tools/torch_baseline.py
 else
