@@ -216,6 +216,49 @@ impl CudaTrainer {
             .gather(&self.be.stream.clone_dtoh(&self.dev.grads)?))
     }
 
+    /// Runs only the forward launches of a training step (a diagnostic: the tensors the backward
+    /// will read are then intact in the arena, see [`Self::read_tensor`]).
+    pub fn forward_train(&mut self, images: &[f32], labels: &[u32], step: u64) -> Result<()> {
+        self.stage(images, Some(labels))?;
+        let args = StepArgs {
+            train: true,
+            step,
+            lr: 0.0,
+            scale: 1.0,
+            dynamic: false,
+        };
+        let forward = self
+            .program
+            .train
+            .iter()
+            .take_while(|l| !matches!(l, Launch::Backward { .. }));
+        for &launch in forward {
+            self.launch(launch, args)?;
+        }
+        self.be.synchronize()
+    }
+
+    /// An arena tensor copied back as f32 (valid only while the planner keeps it alive).
+    pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
+        let count = if id < self.bwd.first_grad {
+            self.plan.tensor(id).numel()
+        } else {
+            self.bwd.grad_tensor(id).numel()
+        };
+        if arena::elem_bytes(&self.plan, self.amp, id) == 2 {
+            return self.read_f16(id, count);
+        }
+        let off = self.offsets[id].context("tensor has an arena placement")?;
+        let bytes = self
+            .be
+            .stream
+            .clone_dtoh(&self.dev.arena.slice(off..off + 4 * count))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
     /// Writes the fp32 masters, their fp16 copy, BN statistics, optimizer state and decay mask.
     fn upload(&mut self, model: &ModelState) -> Result<()> {
         let s = self.be.stream.clone();

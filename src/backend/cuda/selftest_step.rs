@@ -16,7 +16,9 @@ use super::selftest::{Check, Status};
 use crate::backend::cpu::{CpuExecutor, Mode};
 use crate::backend::{Amp, Backend};
 use crate::params::{ModelState, ParamEntry};
-use crate::plan::{self, PlanConfig};
+use crate::plan::backward::derive;
+use crate::plan::memory::lifetimes;
+use crate::plan::{self, PlanConfig, TensorId, TensorKind};
 use crate::train::{LossScaler, RmsProp, RmsPropConfig};
 
 /// Tolerances on the relative L2 error of a whole O2 step: the loss, and gradients / updates /
@@ -117,6 +119,23 @@ struct CpuStep {
     grads: Vec<f32>,
     weights: Vec<f32>,
     states: Vec<f32>,
+    /// Forward tensors the backward reads, as they were at the end of the forward pass.
+    forward: Vec<(TensorId, Vec<f32>)>,
+}
+
+/// Forward activations and saved statistics still alive when the backward starts: intact in the
+/// CUDA arena after the forward launches, and still held by the CPU executor.
+fn boundary_tensors(plan: &plan::Plan) -> Vec<TensorId> {
+    let bwd = derive(plan);
+    let f = plan.nodes.len();
+    let life = lifetimes(plan, &bwd);
+    (0..plan.tensors.len())
+        .filter(|&t| {
+            let kind = plan.tensors[t].kind;
+            let alive = life[t].is_some_and(|l| l.start + 2 <= f && l.end >= f);
+            alive && matches!(kind, TensorKind::Activation | TensorKind::Saved)
+        })
+        .collect()
 }
 
 fn cpu_step(s: &Setup) -> CpuStep {
@@ -124,6 +143,10 @@ fn cpu_step(s: &Setup) -> CpuStep {
     let mut states = s.model.states.clone();
     let params = &s.model.params;
     let loss = exec.forward(params, &mut states, &s.images, &s.labels, Mode::Train, 0);
+    let forward = boundary_tensors(&s.plan)
+        .into_iter()
+        .map(|t| (t, exec.buffer(t).to_vec()))
+        .collect();
     let mut grads = vec![0.0; exec.param_len()];
     exec.backward(params, &mut grads, SCALE);
     let (mut weights, mut opt) = (params.clone(), s.optim.clone());
@@ -133,6 +156,7 @@ fn cpu_step(s: &Setup) -> CpuStep {
         grads,
         weights,
         states,
+        forward,
     }
 }
 
@@ -141,6 +165,7 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
     let cpu = cpu_step(&s);
     let model = s.model.clone();
+    let forward = forward_check(&s, &cpu, case)?;
     let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
     let mut scaler = LossScaler::Fixed(SCALE);
     let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
@@ -152,6 +177,7 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let delta =
         |w: &[f32]| -> Vec<f32> { w.iter().zip(&model.params).map(|(a, b)| a - b).collect() };
     Ok(vec![
+        forward,
         check(name("loss"), "loss".into(), loss_err, TOL_LOSS),
         worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads),
         worst(
@@ -167,6 +193,32 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
             &cpu.states,
         ),
     ])
+}
+
+/// The forward pass alone on a separate trainer (so BN statistics are updated once in the step
+/// check): every tensor alive at the forward/backward boundary against the CPU. The first tensor
+/// over the tolerance, in forward order, names where a failing step starts to diverge.
+fn forward_check(s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Check> {
+    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), Amp::O2)?;
+    gpu.forward_train(&s.images, &s.labels, 0)?;
+    let (mut worst, mut worst_name, mut first_bad) = (0f32, String::new(), None);
+    for (t, want) in &cpu.forward {
+        let err = rel_l2(&gpu.read_tensor(*t)?, want);
+        let name = &s.plan.tensors[*t].name;
+        if err > worst {
+            (worst, worst_name) = (err, name.clone());
+        }
+        if err > TOL_STEP && first_bad.is_none() {
+            first_bad = Some(name.clone());
+        }
+    }
+    let first = first_bad.map_or(String::new(), |n| format!(", first over tolerance: {n}"));
+    Ok(check(
+        format!("step {} b{}: forward tensors", case.plan, case.batch),
+        format!("worst: {worst_name}{first}"),
+        worst,
+        TOL_STEP,
+    ))
 }
 
 /// A step at a loss scale so large that the fp16 gradients overflow must be skipped: weights and
