@@ -24,8 +24,8 @@ pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
 mod selftest_ops;
-pub mod selftest_step;
 pub mod selftest_ref;
+pub mod selftest_step;
 pub mod sources;
 pub mod step_plan;
 
