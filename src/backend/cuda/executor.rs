@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use super::arena::{self, MemoryEstimate, ParamSlots, STEM_CHANNELS};
 use super::conv::{ConvOut, ConvShape};
 use super::ops::{BnArgs, Labels, PoolShape, RmspropParams};
-use super::step_plan::{Launch, StepProgram};
+use super::step_plan::{check_program, Launch, StepProgram};
 use super::{CudaBackend, DevPtr};
 use crate::backend::{Amp, Backend, StepOutcome};
 use crate::cuda_launch;
@@ -154,6 +154,9 @@ impl CudaTrainer {
         let estimate = arena::estimate(&plan, &mem, &params, &states, be.num_sms);
         check_free_memory(&be, &plan, &estimate)?;
         let stem = arena::stem_conv(&plan);
+        // Cheap, and it turns a program/planner mismatch into an error before anything launches.
+        let program = StepProgram::new(&plan, &bwd, stem);
+        check_program(&plan, &bwd, &program.train)?;
         let ws_elems = arena::workspace_elems(&plan, be.num_sms);
         let dev = DeviceBuffers::alloc(&be, &plan, &mem, &params, &states, ws_elems)
             .map_err(|e| oom_error(e, &plan, &estimate))?;
@@ -168,7 +171,7 @@ impl CudaTrainer {
             .map(|(&t, s)| (t, s.1))
             .collect();
         let mut trainer = CudaTrainer {
-            program: StepProgram::new(&plan, &bwd, stem),
+            program,
             offsets: arena::offsets(&mem, bwd.first_grad + bwd.grads.len()),
             be,
             plan,
