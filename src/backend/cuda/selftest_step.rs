@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use super::executor::CudaTrainer;
 use super::selftest::{Check, Status};
 use crate::backend::cpu::{CpuExecutor, Mode};
+use crate::backend::cpu_trainer::CpuTrainer;
 use crate::backend::{Amp, Backend};
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::backward::derive;
@@ -165,7 +166,7 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
     let cpu = cpu_step(&s);
     let model = s.model.clone();
-    let forward = forward_check(&s, &cpu, case)?;
+    let fresh = fresh_checks(&s, &cpu, case)?;
     let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
     let mut scaler = LossScaler::Fixed(SCALE);
     let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
@@ -176,8 +177,8 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let layout = &model.layout;
     let delta =
         |w: &[f32]| -> Vec<f32> { w.iter().zip(&model.params).map(|(a, b)| a - b).collect() };
-    Ok(vec![
-        forward,
+    let mut checks = fresh;
+    checks.extend([
         check(name("loss"), "loss".into(), loss_err, TOL_LOSS),
         worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads),
         worst(
@@ -192,14 +193,39 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
             &m_gpu.states,
             &cpu.states,
         ),
+    ]);
+    Ok(checks)
+}
+
+/// Checks on a fresh trainer, before any step: the state read back is exactly what was loaded (so
+/// checkpoints move between backends unchanged), inference logits match the CPU's, and the
+/// training forward's tensors match (on this separate trainer, so the step check below sees its
+/// BN statistics updated once).
+fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Vec<Check>> {
+    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), Amp::O2)?;
+    let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
+    let (model, optim) = gpu.state()?;
+    let exact = model == s.model && optim == s.optim;
+    let round_trip = check(
+        name("state round trip"),
+        "exact".into(),
+        if exact { 0.0 } else { f32::INFINITY },
+        0.0,
+    );
+    let mut reference = CpuTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone())?;
+    let want = reference.infer(&s.images)?;
+    let logits = rel_l2(&gpu.infer(&s.images)?, &want);
+    let infer = check(name("inference logits"), "logits".into(), logits, TOL_STEP);
+    Ok(vec![
+        round_trip,
+        infer,
+        forward_check(&mut gpu, s, cpu, case)?,
     ])
 }
 
-/// The forward pass alone on a separate trainer (so BN statistics are updated once in the step
-/// check): every tensor alive at the forward/backward boundary against the CPU. The first tensor
+/// The forward pass alone: every tensor alive at the forward/backward boundary against the CPU. The first tensor
 /// over the tolerance, in forward order, names where a failing step starts to diverge.
-fn forward_check(s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Check> {
-    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), Amp::O2)?;
+fn forward_check(gpu: &mut CudaTrainer, s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Check> {
     gpu.forward_train(&s.images, &s.labels, 0)?;
     let (mut worst, mut worst_name, mut first_bad) = (0f32, String::new(), None);
     for (t, want) in &cpu.forward {
