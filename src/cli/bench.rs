@@ -94,7 +94,7 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     match device {
         Device::Cuda => {
             let mut trainer = CudaTrainer::new(plan, model, optim, amp)?;
-            let times = time_steps(&a, &mut trainer, &batch, |_| {})?;
+            let times = time_steps(&a, &mut trainer, &batch, |_| {}, |t| t.synchronize())?;
             // Everything is allocated up front, so memory in use after the timed steps is the
             // peak (it includes the CUDA context, and any other process on the card).
             let used = trainer.device_used_bytes()?;
@@ -112,11 +112,17 @@ fn bench_train(a: TrainArgs) -> Result<()> {
             }
             let mut trainer = CpuTrainer::new(plan, model, optim)?;
             let profile = a.profile;
-            let times = time_steps(&a, &mut trainer, &batch, |t: &mut CpuTrainer| {
-                if profile {
-                    t.executor_mut().enable_profile();
-                }
-            })?;
+            let times = time_steps(
+                &a,
+                &mut trainer,
+                &batch,
+                |t: &mut CpuTrainer| {
+                    if profile {
+                        t.executor_mut().enable_profile();
+                    }
+                },
+                |_| Ok(()),
+            )?;
             if let Some(p) = trainer.executor_mut().profile() {
                 print_profile(p, a.steps, mean(&times));
             }
@@ -140,11 +146,14 @@ struct Batch<'a> {
 }
 
 /// Runs the warm-up steps, calls `before_timed`, then times the steps (milliseconds each).
+/// `finish` waits for work still queued (CUDA returns from a step before its backward ends); its
+/// time counts to the last step, so the mean is the true time per step.
 fn time_steps<B: Backend>(
     a: &TrainArgs,
     backend: &mut B,
     batch: &Batch,
     before_timed: impl FnOnce(&mut B),
+    finish: impl FnOnce(&mut B) -> Result<()>,
 ) -> Result<Vec<f64>> {
     eprintln!(
         "bench train: {} on {}, batch {}, {}x{}, {} warm-up + {} timed steps",
@@ -168,6 +177,11 @@ fn time_steps<B: Backend>(
         let out = backend.train_step(batch.images, batch.labels, step, 1e-4, &mut scaler)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         eprintln!("  step {}: {:.1} ms, loss {:.4}", s + 1, times[s], out.loss);
+    }
+    let t = Instant::now();
+    finish(backend)?;
+    if let Some(last) = times.last_mut() {
+        *last += t.elapsed().as_secs_f64() * 1000.0;
     }
     Ok(times)
 }

@@ -10,18 +10,25 @@
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
 //!   padded stem input and weights, per-sample losses and the step report (loss, overflow flag).
 //!
-//! Synchronisation policy: launches are queued on one stream and nothing waits inside a step. At
-//! the end of each step one 16-byte report (loss, overflow flag) is copied to pinned memory and
-//! read, because the training loop wants every step's loss and the dynamic loss scale is a kernel
-//! argument: the host mirrors [`LossScaler`] exactly as the CPU backend does, while the skip itself
-//! is decided on the device (the RMSProp kernel reads the overflow flag). The GPU therefore idles
-//! for the host's launch time between steps; a device-resident scale and CUDA graphs would remove
-//! that (follow-up).
+//! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
+//! being queued. The training loop wants every step's loss, so a 16-byte report (loss, overflow
+//! flag) is copied to pinned memory in stream order and waited for once the whole step is queued:
+//! - with a fixed loss scale or none, the copy follows the fused softmax-CE, so `train_step`
+//!   returns while the backward and the update still run, and the next batch is copied to pinned
+//!   memory and its upload and launches are queued behind them: the GPU does not wait for the host;
+//! - with dynamic scaling the copy follows the update, because the next step's scale (a kernel
+//!   argument) depends on this step's overflow flag: the host mirrors [`LossScaler`] exactly as the
+//!   CPU backend does, while the skip itself is decided on the device (RMSProp reads the flag). The
+//!   GPU then idles for the host's launch time between steps; a device-resident scale (softmax-CE
+//!   and RMSProp reading it from memory) and CUDA graphs would remove that (follow-up).
+//!
+//! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::sys::CUresult;
-use cudarc::driver::ValidAsZeroBits;
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice};
+use cudarc::driver::sys::{CUevent_flags, CUresult};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
+};
 use half::f16;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -97,11 +104,17 @@ struct Ptrs {
     stem: Option<(DevPtr, DevPtr)>,
 }
 
-/// Pinned host buffers: the async input copies and the step report.
+/// Pinned host buffers: the async input copies and the step report, with our own events. cudarc
+/// records its pinned-buffer events only when a context runs several streams, and this backend
+/// uses one, so the waits are explicit here.
 struct Pinned {
     images: PinnedHostSlice<f32>,
     labels: PinnedHostSlice<f32>,
     report: PinnedHostSlice<u32>,
+    /// Recorded after the uploads of a batch: the host may refill the input buffers once it fires.
+    inputs_read: CudaEvent,
+    /// Recorded after the report copy: the report is valid once it fires.
+    report_written: CudaEvent,
 }
 
 /// Per-step values the launches need.
@@ -206,6 +219,12 @@ impl CudaTrainer {
         self.estimate
     }
 
+    /// Waits for every queued launch (a step returns before its backward and update finish when
+    /// the loss scale is fixed).
+    pub fn synchronize(&self) -> Result<()> {
+        self.be.synchronize()
+    }
+
     /// Device memory in use on the card now (all processes), from the driver.
     pub fn device_used_bytes(&self) -> Result<usize> {
         let (free, total) = self.be.ctx.mem_get_info()?;
@@ -290,6 +309,8 @@ impl CudaTrainer {
             );
         }
         let s = self.be.stream.clone();
+        // The previous batch's uploads must be done before its pinned buffers are overwritten.
+        self.pinned.inputs_read.synchronize()?;
         // A v4 batch of 128 is 137 MB of f32: copy it into pinned memory on every core.
         let dst = self.pinned.images.as_mut_slice()?;
         dst.par_chunks_mut(1 << 16)
@@ -304,28 +325,59 @@ impl CudaTrainer {
             dst.iter_mut().zip(labels).for_each(|(d, &l)| *d = l as f32);
             s.memcpy_htod(&self.pinned.labels, &mut self.dev.labels)?;
         }
+        self.pinned.inputs_read.record(&s)?;
         Ok(())
     }
 
-    /// Copies the step report to pinned memory and waits for it: (loss, overflow flag).
-    fn read_report(&mut self) -> Result<(f32, bool)> {
+    /// Queues the copy of the step report to pinned memory, in stream order.
+    fn queue_report(&mut self) -> Result<()> {
         let s = self.be.stream.clone();
         s.memcpy_dtoh(&self.dev.report, &mut self.pinned.report)?;
+        self.pinned.report_written.record(&s)?;
+        Ok(())
+    }
+
+    /// Waits for the last queued report copy (not for later work): (loss, overflow flag).
+    fn read_report(&self) -> Result<(f32, bool)> {
+        self.pinned.report_written.synchronize()?;
         let r = self.pinned.report.as_slice()?;
         Ok((f32::from_bits(r[REPORT_LOSS]), r[REPORT_OVERFLOW] != 0))
     }
 
-    fn run_program(&self, train: bool, args: StepArgs) -> Result<()> {
-        let program = if train {
-            &self.program.train
+    /// Queues every launch of the training step or inference pass. In a training step the report
+    /// is queued right after the loss when the scaler ignores overflow (the host then needs only
+    /// the loss, so `train_step` returns while the backward and update still run and the next
+    /// batch is staged meanwhile), and after the update under dynamic scaling (which needs the
+    /// overflow flag).
+    fn run_program(&mut self, train: bool, args: StepArgs) -> Result<()> {
+        let count = if train {
+            self.program.train.len()
         } else {
-            &self.program.infer
+            self.program.infer.len()
         };
-        for &launch in program {
+        for i in 0..count {
+            let launch = if train {
+                self.program.train[i]
+            } else {
+                self.program.infer[i]
+            };
             self.launch(launch, args)
                 .with_context(|| format!("{launch:?} of plan '{}'", self.plan.name))?;
+            let report_now = match launch {
+                Launch::Backward { step } => !args.dynamic && self.is_loss_step(step),
+                Launch::Update => args.dynamic,
+                _ => false,
+            };
+            if report_now {
+                self.queue_report()?;
+            }
         }
         Ok(())
+    }
+
+    fn is_loss_step(&self, step: usize) -> bool {
+        let node = self.bwd.steps[step].node;
+        matches!(self.plan.nodes[node].op, Op::SoftmaxCrossEntropy { .. })
     }
 
     fn launch(&self, launch: Launch, a: StepArgs) -> Result<()> {
@@ -837,11 +889,14 @@ impl Pinned {
         // SAFETY: the buffers are written by the host before any copy reads them. The input
         // buffers are write-combined (the host only writes them); the report is read by the host,
         // so it is plain page-locked memory.
+        let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC));
         unsafe {
             Ok(Pinned {
                 images: ctx.alloc_pinned(plan.tensor(plan.input).numel())?,
                 labels: ctx.alloc_pinned(plan.batch())?,
                 report: ctx.alloc_pinned_with_flags(REPORT_WORDS, 0)?,
+                inputs_read: event()?,
+                report_written: event()?,
             })
         }
     }
