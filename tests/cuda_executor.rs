@@ -263,3 +263,15 @@ fn whole_tiny_step_matches_the_cpu_on_a_gpu() {
         assert_eq!(c.status, Status::Pass, "{c:?}");
     }
 }
+
+#[test]
+fn the_standalone_relu_kernels_have_the_signatures_the_executor_launches() {
+    // The executor launches these two directly (no launcher in ops.rs): keep the argument lists in
+    // step with the CUDA source, since a mismatch would only show on a GPU.
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/batchnorm.cu"))
+        .unwrap();
+    assert!(src.contains("relu_fwd(const __half* x, u64 count, __half* y)"));
+    assert!(src.contains(
+        "relu_bwd(const __half* y, const __half* dy, u64 count, __half* dx, int accumulate)"
+    ));
+}
