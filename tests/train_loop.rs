@@ -44,6 +44,7 @@ fn tiny_config(data: PathBuf, out: PathBuf, epochs: usize) -> TrainConfig {
         batch_size: 8,
         image_size: 32,
         device: Device::Cpu,
+        amp: None,
         seed: 5,
         workers: 2,
         lr_init: 1e-3,

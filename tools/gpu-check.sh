@@ -48,13 +48,40 @@ step binary 30 "$BIN" --version
 
 # --- 2. kernels against the references -------------------------------------------------------------
 step compile 90 "$BIN" selftest --compile-only --arch sm_90a --json
-step selftest 180 "$BIN" selftest --device cuda --json
+step selftest 180 "$BIN" selftest --device cuda --skip-steps --json
+# Whole training steps (tiny, v4 batch 8) against the CPU backend, and the overflow skip.
+step whole-steps 240 "$BIN" selftest --device cuda --steps-only --json
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
 # bench (issue 6): every conv shape vs cuDNN (cudnnFind per shape and mode), FC vs cuBLAS, bandwidth
 # kernels; the --json report goes to bench-kernels.json (--out) so the console keeps the text rows.
 step bench-kernels 300 "$BIN" bench kernels --out "$OUT/bench-kernels.json"
 step bench-train 150 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 --json
+# A short real training run: O2 with dynamic loss scaling; the loss should fall. By default the
+# bundled Fashion-MNIST sample (about 300 steps of batch 16 at 75x75); with GPU_CHECK_PACKS=1 and
+# the Fashion-MNIST packs under bench/data, one epoch of the full set instead (longer).
+TRAIN_PACK=$(ls bench/data/*train*.pack 2>/dev/null | head -n1)
+TEST_PACK=$(ls bench/data/*t10k*.pack bench/data/*test*.pack 2>/dev/null | head -n1)
+if [ "${GPU_CHECK_PACKS:-0}" = 1 ] && [ -n "$TRAIN_PACK" ]; then
+  DATA_ARGS=(--data "$TRAIN_PACK" ${TEST_PACK:+--eval-data "$TEST_PACK"} --batch-size 64 --image-size 75 --epochs 1)
+else
+  DATA_ARGS=(--epochs 8)
+fi
+step train-o2 240 "$BIN" train --device cuda --amp O2 --loss-scale dynamic --log-every 10 \
+  "${DATA_ARGS[@]}" --out "$OUT/train-o2"
+# The same checkpoint on both backends (interchangeable checkpoints; the figures should agree to
+# fp16 accuracy), and predict on the GPU.
+CKPT=$(ls -t "$OUT"/train-o2/*.safetensors 2>/dev/null | head -n1)
+EVAL_DATA=data/fashion-mnist-mini/val
+[ "${GPU_CHECK_PACKS:-0}" = 1 ] && [ -n "$TEST_PACK" ] && EVAL_DATA=$TEST_PACK
+if [ -n "$CKPT" ]; then
+  step eval-cuda 90 "$BIN" eval --checkpoint "$CKPT" --data "$EVAL_DATA" --device cuda --json
+  step eval-cpu 180 "$BIN" eval --checkpoint "$CKPT" --data "$EVAL_DATA" --device cpu --json
+  IMG=$(find data/fashion-mnist-mini/val -type f \( -name '*.png' -o -name '*.jpg' \) | head -n1)
+  step predict-cuda 60 "$BIN" predict --checkpoint "$CKPT" --device cuda "$IMG"
+else
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' eval-cuda "SKIP (no checkpoint)" 0)")
+fi
 if [ -f tools/torch_baseline.py ]; then
   # bench (issue 6): timm inception_v4, AMP fp16 + GradScaler, channels_last, eager then torch.compile.
   step torch-baseline 300 python3 tools/torch_baseline.py --mode both --batch-size 128 --image-size 299 \

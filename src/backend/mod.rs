@@ -51,13 +51,83 @@ pub enum Device {
     Cuda,
 }
 
-/// Resolve `auto` and refuse what this build cannot run yet, with a clear message.
+/// Mixed-precision level, MindSpore's names: O0 fp32 everywhere, O2 fp16 activations and
+/// convolutions with fp32 BN statistics and master weights, O3 fp16 everywhere including BN.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+pub enum Amp {
+    #[value(name = "O0")]
+    O0,
+    #[value(name = "O2")]
+    O2,
+    #[value(name = "O3")]
+    O3,
+}
+
+impl Amp {
+    /// The level a device trains at when `--amp` is not given: O2 on CUDA, fp32 on the CPU.
+    pub fn default_for(device: Device) -> Amp {
+        match device {
+            Device::Cuda => Amp::O2,
+            Device::Cpu | Device::Auto => Amp::O0,
+        }
+    }
+}
+
+/// The training backend for a resolved device: the CPU reference (fp32 only) or the CUDA
+/// executor at `amp` (the device's default level when None).
+pub fn build(
+    device: Device,
+    amp: Option<Amp>,
+    plan: crate::plan::Plan,
+    model: ModelState,
+    optim: RmsProp,
+) -> Result<Box<dyn Backend>> {
+    let amp = amp.unwrap_or(Amp::default_for(device));
+    match device {
+        Device::Cuda => Ok(Box::new(cuda::CudaTrainer::new(plan, model, optim, amp)?)),
+        Device::Cpu | Device::Auto => {
+            if amp != Amp::O0 {
+                anyhow::bail!("--amp {amp:?} needs the CUDA backend; the CPU trains in fp32 (O0)");
+            }
+            Ok(Box::new(cpu_trainer::CpuTrainer::new(plan, model, optim)?))
+        }
+    }
+}
+
+/// Resolve `auto` (CUDA when a GPU is usable, else the CPU, saying so) and check that CUDA is
+/// usable when asked for, with a clear message instead of a panic when it is not.
 pub fn resolve_device(device: Device) -> Result<Device> {
     match device {
         Device::Cpu => Ok(Device::Cpu),
-        Device::Auto => Ok(Device::Cpu),
         Device::Cuda => {
-            anyhow::bail!("the CUDA training backend is not built yet: use --device cpu (or auto)")
+            cuda_probe()?;
+            Ok(Device::Cuda)
         }
+        Device::Auto => match cuda_probe() {
+            Ok(()) => {
+                eprintln!("device auto: using the GPU (cuda)");
+                Ok(Device::Cuda)
+            }
+            Err(e) => {
+                eprintln!("device auto: using the CPU ({e:#})");
+                Ok(Device::Cpu)
+            }
+        },
     }
+}
+
+/// Whether this machine can run the CUDA backend: the driver and NVRTC load and a GPU exists.
+pub fn cuda_probe() -> Result<()> {
+    cuda::libs::ensure_driver()?;
+    cuda::libs::ensure_nvrtc()?;
+    cudarc::driver::result::init()
+        .map_err(|e| anyhow::anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(|e| anyhow::anyhow!("cannot count CUDA devices: {e:?}"))?;
+    if count < 1 {
+        anyhow::bail!("the CUDA driver reports no GPU");
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! `inception-engine bench`: time full training steps (`bench train`) or kernels (`bench kernels`).
 
-use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::backend::cuda::CudaTrainer;
+use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Amp, Backend, Device};
 pub use crate::bench::KernelArgs;
 use crate::params::ModelState;
 use crate::plan::{self, PlanConfig};
@@ -63,9 +64,9 @@ pub struct TrainArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 1000)]
     pub num_classes: usize,
-    /// Mixed precision level (O0 on the CPU).
-    #[arg(long, default_value = "O0")]
-    pub amp: String,
+    /// Mixed precision level; default O2 on CUDA, O0 (the only level) on the CPU.
+    #[arg(long, value_enum)]
+    pub amp: Option<Amp>,
     /// Print the time per op kind (CPU).
     #[arg(long)]
     pub profile: bool,
@@ -83,13 +84,8 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn bench_train(a: TrainArgs) -> Result<()> {
-    if a.amp != "O0" {
-        bail!(
-            "--amp {} needs the CUDA backend; the CPU runs fp32 (O0)",
-            a.amp
-        );
-    }
     let device = resolve_device(a.device)?;
+    let amp = a.amp.unwrap_or(Amp::default_for(device));
     let cfg = PlanConfig {
         batch: a.batch_size,
         image_size: a.image_size,
@@ -106,10 +102,76 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     let labels: Vec<u32> = (0..a.batch_size)
         .map(|_| rng.random_range(0..a.num_classes as u32))
         .collect();
-    let mut trainer = CpuTrainer::new(plan, model, optim)?;
-    let backend: &mut dyn Backend = &mut trainer;
+    let batch = Batch {
+        images: &images,
+        labels: &labels,
+    };
+    match device {
+        Device::Cuda => {
+            let mut trainer = CudaTrainer::new(plan, model, optim, amp)?;
+            let times = time_steps(&a, &mut trainer, &batch, |_| {}, |t| t.synchronize())?;
+            // Everything is allocated up front, so memory in use after the timed steps is the
+            // peak (it includes the CUDA context, and any other process on the card).
+            let used = trainer.device_used_bytes()?;
+            let extra = json!({"device": "cuda", "amp": amp, "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used});
+            let note = format!(
+                "device memory {:.0} MiB in use ({:.0} MiB allocated by the step)",
+                used as f64 / 1048576.0,
+                trainer.memory().total() as f64 / 1048576.0
+            );
+            report(&a, &times, &note, extra);
+        }
+        Device::Cpu | Device::Auto => {
+            if amp != Amp::O0 {
+                bail!("--amp {amp:?} needs the CUDA backend; the CPU runs fp32 (O0)");
+            }
+            let mut trainer = CpuTrainer::new(plan, model, optim)?;
+            let profile = a.profile;
+            let times = time_steps(
+                &a,
+                &mut trainer,
+                &batch,
+                |t: &mut CpuTrainer| {
+                    if profile {
+                        t.executor_mut().enable_profile();
+                    }
+                },
+                |_| Ok(()),
+            )?;
+            if let Some(p) = trainer.executor_mut().profile() {
+                print_profile(p, a.steps, mean(&times));
+            }
+            let rss = peak_rss_bytes();
+            let extra = json!({"device": "cpu", "threads": rayon::current_num_threads(), "peak_rss_bytes": rss});
+            report(
+                &a,
+                &times,
+                &format!("peak resident memory {:.0} MiB", rss as f64 / 1048576.0),
+                extra,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One synthetic batch, reused by every step.
+struct Batch<'a> {
+    images: &'a [f32],
+    labels: &'a [u32],
+}
+
+/// Runs the warm-up steps, calls `before_timed`, then times the steps (milliseconds each).
+/// `finish` waits for work still queued (CUDA returns from a step before its backward ends); its
+/// time counts to the last step, so the mean is the true time per step.
+fn time_steps<B: Backend>(
+    a: &TrainArgs,
+    backend: &mut B,
+    batch: &Batch,
+    before_timed: impl FnOnce(&mut B),
+    finish: impl FnOnce(&mut B) -> Result<()>,
+) -> Result<Vec<f64>> {
     eprintln!(
-        "bench train: {} on {} ({device:?}), batch {}, {}x{}, {} warm-up + {} timed steps",
+        "bench train: {} on {}, batch {}, {}x{}, {} warm-up + {} timed steps",
         a.plan,
         backend.name(),
         a.batch_size,
@@ -120,31 +182,42 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     );
     let mut scaler = LossScaler::None;
     for s in 0..a.warmup {
-        backend.train_step(&images, &labels, s as u64, 1e-4, &mut scaler)?;
+        backend.train_step(batch.images, batch.labels, s as u64, 1e-4, &mut scaler)?;
     }
-    if a.profile {
-        trainer.executor_mut().enable_profile();
-    }
-    let backend: &mut dyn Backend = &mut trainer;
+    before_timed(backend);
     let mut times = Vec::with_capacity(a.steps);
     for s in 0..a.steps {
         let t = Instant::now();
-        let out = backend.train_step(&images, &labels, (a.warmup + s) as u64, 1e-4, &mut scaler)?;
+        let step = (a.warmup + s) as u64;
+        let out = backend.train_step(batch.images, batch.labels, step, 1e-4, &mut scaler)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         eprintln!("  step {}: {:.1} ms, loss {:.4}", s + 1, times[s], out.loss);
     }
-    let step_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
-    if let Some(p) = trainer.executor_mut().profile() {
-        print_profile(p, a.steps, step_ms);
+    let t = Instant::now();
+    finish(backend)?;
+    if let Some(last) = times.last_mut() {
+        *last += t.elapsed().as_secs_f64() * 1000.0;
     }
+    Ok(times)
+}
+
+fn mean(times: &[f64]) -> f64 {
+    times.iter().sum::<f64>() / times.len().max(1) as f64
+}
+
+/// Prints the throughput line and, with --json, a JSON object with `extra`'s fields merged in.
+fn report(a: &TrainArgs, times: &[f64], memory: &str, extra: serde_json::Value) {
+    let step_ms = mean(times);
     let best_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let ips = a.batch_size as f64 / (step_ms / 1000.0);
-    println!("{:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), peak resident memory {:.0} MiB", ips, peak_rss_bytes() as f64 / 1048576.0);
+    println!("{ips:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), {memory}");
     if a.json {
-        let out = json!({"plan": a.plan, "device": "cpu", "threads": rayon::current_num_threads(), "image_size": a.image_size, "batch_size": a.batch_size, "steps": a.steps, "step_ms": step_ms, "best_step_ms": best_ms, "images_per_sec": ips, "peak_rss_bytes": peak_rss_bytes()});
+        let mut out = json!({"plan": a.plan, "image_size": a.image_size, "batch_size": a.batch_size, "steps": a.steps, "step_ms": step_ms, "best_step_ms": best_ms, "images_per_sec": ips});
+        if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
+            o.extend(e);
+        }
         println!("{out}");
     }
-    Ok(())
 }
 
 /// Milliseconds per step by op kind and direction, largest first.

@@ -3,12 +3,14 @@
 //! - `--compile-only --arch sm_90a|sm_80 [--json]` compiles every kernel with NVRTC (no GPU needed)
 //!   and prints registers, spill bytes and shared memory; fails on a compile error or any spill.
 //! - `--device cuda [--json]` runs every kernel on the GPU at the plan's distinct shapes against
-//!   the oracles of src/backend/cuda/selftest.rs; fails on any mismatch or when there is no GPU.
+//!   the oracles of src/backend/cuda/selftest.rs, then whole training steps of `tiny` and `v4`
+//!   against the CPU backend (selftest_step.rs); fails on any mismatch or when there is no GPU.
 
 use anyhow::{bail, Result};
 
 use crate::backend::cuda::selftest::{CpuReference, SelfTest};
 use crate::backend::cuda::selftest_ref::OpsReference;
+use crate::backend::cuda::selftest_step;
 use crate::backend::cuda::{compile_all, CudaBackend, KernelInfo};
 use crate::plan::{self, PlanConfig};
 
@@ -38,6 +40,12 @@ pub struct Args {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Skip the whole-training-step checks (tiny and v4 against the CPU backend).
+    #[arg(long)]
+    pub skip_steps: bool,
+    /// Run only the whole-training-step checks.
+    #[arg(long, conflicts_with = "skip_steps")]
+    pub steps_only: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -105,7 +113,19 @@ fn device_cuda(args: &Args) -> Result<()> {
     let plan = plan::build(&args.plan, config)?;
     let reference = cpu_reference();
     let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
-    let outcome = test.run_plan(&plan);
+    let ops = if args.steps_only {
+        Ok(())
+    } else {
+        test.run_plan(&plan)
+    };
+    let outcome = ops.and_then(|()| {
+        // Persist the verified fast shapes first, so the whole-step trainers reuse them.
+        be.save_verified()?;
+        if !args.skip_steps {
+            test.checks.extend(selftest_step::run(args.seed)?);
+        }
+        Ok(())
+    });
     print!("{}", test.table());
     if args.json {
         let summary = serde_json::json!({

@@ -1,6 +1,6 @@
 //! Evaluation over every image of a dataset: loss, top-1 and top-5.
 
-use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::backend::{self, resolve_device, Backend, Device};
 use crate::checkpoint::Checkpoint;
 use crate::data::Loader;
 use crate::ops::softmax_ce;
@@ -81,10 +81,6 @@ pub fn inference_backend(
     let mut model = ModelState::zeros(&plan);
     ckpt.apply_to(&mut model, None)?;
     let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
-    let backend: Box<dyn Backend> = match resolve_device(device)? {
-        Device::Cpu | Device::Auto | Device::Cuda => {
-            Box::new(CpuTrainer::new(plan.clone(), model, optim)?)
-        }
-    };
+    let backend = backend::build(resolve_device(device)?, None, plan.clone(), model, optim)?;
     Ok((plan, backend))
 }

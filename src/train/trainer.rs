@@ -4,7 +4,7 @@
 use super::eval::{evaluate, EvalResult};
 use super::log::{Progress, RunLog};
 use super::{LossScaler, RmsProp, RmsPropConfig, Schedule};
-use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Backend, Device};
+use crate::backend::{self, resolve_device, Amp, Backend, Device};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing, RngState};
 use crate::data::{AugmentConfig, Dataset, Loader, LoaderConfig, MEAN, STD};
 use crate::params::{ModelState, ParamLayout};
@@ -30,6 +30,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub image_size: usize,
     pub device: Device,
+    /// Mixed precision; None: the device's default (O2 on CUDA, O0 on the CPU).
+    pub amp: Option<Amp>,
     pub seed: u64,
     pub workers: usize,
     pub lr_init: f32,
@@ -86,11 +88,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let (model, optim, mut run) = initial_state(cfg, &plan)?;
     let meta = CheckpointMeta::new(&plan, classes.clone(), preprocessing(cfg.image_size));
-    let mut backend: Box<dyn Backend> = match device {
-        Device::Cpu | Device::Auto | Device::Cuda => {
-            Box::new(CpuTrainer::new(plan.clone(), model, optim)?)
-        }
-    };
+    let mut backend = backend::build(device, cfg.amp, plan.clone(), model, optim)?;
     let mut log = RunLog::open(&cfg.out)?;
     eprintln!(
         "training {} on {} ({} images, {} classes) with {}: {} epochs of {} steps, batch {}, {}x{}, lr_max {:.3e}, loss scale {}",

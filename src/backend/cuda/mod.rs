@@ -15,17 +15,22 @@
 //!   for convs, `ldy`/`yoff` for BN and pools);
 //! - all work is queued on the backend's stream; nothing synchronises except `synchronize`.
 
+pub mod arena;
 pub mod context;
 pub mod conv;
+pub mod executor;
 pub mod libs;
 pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
 mod selftest_ops;
 pub mod selftest_ref;
+pub mod selftest_step;
 pub mod sources;
+pub mod step_plan;
 
 pub use context::{arch_for, CudaBackend, DevPtr};
 pub use conv::{ConvImpl, ConvMode, ConvOut, ConvShape, Tile};
+pub use executor::CudaTrainer;
 pub use nvrtc::{compile_all, Compiled, KernelInfo};
 pub use ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams};

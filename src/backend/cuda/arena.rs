@@ -1,0 +1,241 @@
+//! Host-side layout of the CUDA training step's device memory: element sizes per AMP level, the
+//! activation/gradient arena (the memory planner's offsets), the padded parameter slots and the
+//! memory estimate quoted when the device runs out. Nothing here touches a GPU, so it is tested on
+//! the CPU (tests/cuda_arena.rs).
+
+use super::conv::{wgrad_workspace_elems, ConvShape};
+use super::ops::bn_workspace;
+use crate::backend::Amp;
+use crate::params::ParamEntry;
+use crate::plan::backward::BackwardPlan;
+use crate::plan::memory::{plan_memory, MemoryPlan, ALIGN};
+use crate::plan::{Conv2d, Op, Plan, TensorId, TensorKind};
+
+/// Parameter slots start on multiples of this many elements (256 bytes in fp32, 128 in fp16), so
+/// every fp16 weight satisfies the tensor-core path's 16-byte rule and fp32 ones stay aligned.
+pub const SLOT_ALIGN: usize = 64;
+
+/// Channels the 3-channel stem is padded to, so its forward convolution can use tensor cores.
+pub const STEM_CHANNELS: usize = 8;
+
+/// Bytes per element of an arena tensor (forward ids, then gradient ids from `bwd.first_grad`).
+/// Labels and the loss are always fp32; BN saved statistics are fp32 except in O3.
+pub fn elem_bytes(plan: &Plan, amp: Amp, t: TensorId) -> usize {
+    let half = if amp == Amp::O0 { 4 } else { 2 };
+    if t >= plan.tensors.len() {
+        return half;
+    }
+    match plan.tensors[t].kind {
+        TensorKind::Label => 4,
+        TensorKind::Saved if amp != Amp::O3 => 4,
+        _ if t == plan.loss => 4,
+        _ => half,
+    }
+}
+
+/// The arena of one training step at an AMP level: the planner's offsets for these element sizes.
+pub fn arena_plan(plan: &Plan, bwd: &BackwardPlan, amp: Amp) -> MemoryPlan {
+    plan_memory(plan, bwd, |t| elem_bytes(plan, amp, t))
+}
+
+/// Byte offset of every arena tensor (None for parameters and state), indexed by tensor id.
+pub fn offsets(mem: &MemoryPlan, n_tensors: usize) -> Vec<Option<usize>> {
+    let mut out = vec![None; n_tensors];
+    for p in &mem.placements {
+        out[p.tensor] = Some(p.offset);
+    }
+    out
+}
+
+/// Where each entry of a flat host buffer (`Plan::params()` or `Plan::states()` order) lives on the
+/// device: the same order, each entry moved up to a multiple of [`SLOT_ALIGN`] elements. The gaps
+/// hold zeros, which the optimizer leaves at zero (zero gradient, zero weight).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSlots {
+    /// (host offset, device offset, length) per entry, in elements.
+    pub slots: Vec<(usize, usize, usize)>,
+    /// Tensor id of each slot.
+    pub tensors: Vec<TensorId>,
+    /// Device buffer length in elements.
+    pub len: usize,
+}
+
+impl ParamSlots {
+    pub fn new(entries: &[ParamEntry]) -> Self {
+        let mut dev = 0;
+        let mut slots = Vec::with_capacity(entries.len());
+        for e in entries {
+            slots.push((e.offset, dev, e.len));
+            dev = (dev + e.len).next_multiple_of(SLOT_ALIGN);
+        }
+        ParamSlots {
+            slots,
+            tensors: entries.iter().map(|e| e.tensor).collect(),
+            len: dev.max(SLOT_ALIGN),
+        }
+    }
+
+    /// Device element offset of a tensor's slot.
+    pub fn device_offset(&self, t: TensorId) -> Option<usize> {
+        let i = self.tensors.iter().position(|&x| x == t)?;
+        Some(self.slots[i].1)
+    }
+
+    /// The device image of a flat host buffer; gaps get `fill`.
+    pub fn scatter<T: Copy>(&self, host: &[T], fill: T) -> Vec<T> {
+        let mut out = vec![fill; self.len];
+        for &(h, d, n) in &self.slots {
+            out[d..d + n].copy_from_slice(&host[h..h + n]);
+        }
+        out
+    }
+
+    /// The flat host buffer back from its device image.
+    pub fn gather<T: Copy + Default>(&self, dev: &[T]) -> Vec<T> {
+        let host_len = self.slots.iter().map(|s| s.0 + s.2).max().unwrap_or(0);
+        let mut out = vec![T::default(); host_len];
+        for &(h, d, n) in &self.slots {
+            out[h..h + n].copy_from_slice(&dev[d..d + n]);
+        }
+        out
+    }
+}
+
+/// The fully connected layer seen as a 1x1 convolution over an n x 1 x 1 image, as linear.cu
+/// runs it; used to size its weight-gradient workspace.
+pub fn fc_as_conv(n: usize, in_features: usize, out_features: usize) -> ConvShape {
+    let conv = Conv2d {
+        cin: in_features,
+        cout: out_features,
+        kh: 1,
+        kw: 1,
+        stride: 1,
+        pad_top: 0,
+        pad_bottom: 0,
+        pad_left: 0,
+        pad_right: 0,
+    };
+    ConvShape {
+        conv,
+        n,
+        h: 1,
+        w: 1,
+    }
+}
+
+/// The convolution shape of a conv node (its input's n, h, w).
+pub fn conv_shape(plan: &Plan, node: usize) -> Option<ConvShape> {
+    let n = &plan.nodes[node];
+    let Op::Conv2d(conv) = n.op else {
+        return None;
+    };
+    let s = plan.shape(n.inputs[0]);
+    Some(ConvShape {
+        conv,
+        n: s[0],
+        h: s[1],
+        w: s[2],
+    })
+}
+
+/// fp32 scratch elements shared by every launch of a step (one launch at a time on one stream):
+/// the largest split-K weight-gradient or BN reduction workspace of the plan.
+pub fn workspace_elems(plan: &Plan, num_sms: u32) -> usize {
+    let per_node = plan.nodes.iter().enumerate().map(|(i, n)| match n.op {
+        Op::Conv2d(_) => wgrad_workspace_elems(&conv_shape(plan, i).unwrap(), num_sms),
+        Op::Linear {
+            in_features,
+            out_features,
+        } => wgrad_workspace_elems(
+            &fc_as_conv(plan.batch(), in_features, out_features),
+            num_sms,
+        ),
+        Op::BatchNorm { .. } => {
+            let s = plan.shape(n.inputs[0]);
+            let c = *s.last().unwrap();
+            bn_workspace(s.iter().product::<usize>() / c, c)
+        }
+        _ => 0,
+    });
+    per_node.max().unwrap_or(0).max(1)
+}
+
+/// What a training step needs on the device, in bytes, before anything is allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryEstimate {
+    /// Activations, saved statistics and gradients (the planner's peak).
+    pub arena: usize,
+    /// fp32 master weights, gradients, RMSProp ms and mom, the fp16 working copy and the decay
+    /// mask (one byte per element), over the padded slots.
+    pub params: usize,
+    /// BN running statistics.
+    pub states: usize,
+    /// Split-K / BN scratch.
+    pub workspace: usize,
+    /// The fp32 input batch, the padded stem tensors, per-sample losses and the step report.
+    pub staging: usize,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> usize {
+        self.arena + self.params + self.states + self.workspace + self.staging
+    }
+
+    /// One line for error messages and logs.
+    pub fn describe(&self) -> String {
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        format!(
+            "{:.0} MiB (activations and gradients {:.0}, parameters and optimizer {:.0}, BN state {:.1}, workspace {:.0}, staging {:.0})",
+            mib(self.total()),
+            mib(self.arena),
+            mib(self.params),
+            mib(self.states),
+            mib(self.workspace),
+            mib(self.staging)
+        )
+    }
+}
+
+/// Bytes per padded parameter element: master, gradient, ms, mom (fp32), working copy (fp16),
+/// decay mask (u8).
+pub const PARAM_ELEM_BYTES: usize = 4 * 4 + 2 + 1;
+
+/// The device memory a training step of `plan` needs at `amp` on a GPU with `num_sms` SMs.
+pub fn estimate(
+    plan: &Plan,
+    mem: &MemoryPlan,
+    params: &ParamSlots,
+    states: &ParamSlots,
+    num_sms: u32,
+) -> MemoryEstimate {
+    let input = plan.tensor(plan.input).numel();
+    let stem = stem_padded_elems(plan).map_or(0, |(x, w)| 2 * (x + w));
+    let align = |b: usize| b.next_multiple_of(ALIGN);
+    MemoryEstimate {
+        arena: mem.peak_bytes,
+        params: align(params.len * PARAM_ELEM_BYTES),
+        states: align(states.len * 4),
+        workspace: align(workspace_elems(plan, num_sms) * 4),
+        staging: align(input * 4) + align(stem) + align(plan.batch() * 8) + ALIGN,
+    }
+}
+
+/// The padded stem's fp16 element counts (input, weights) when the first convolution reads the
+/// image with a channel count the tensor-core path refuses.
+pub fn stem_padded_elems(plan: &Plan) -> Option<(usize, usize)> {
+    let i = stem_conv(plan)?;
+    let s = conv_shape(plan, i)?;
+    let c = s.conv;
+    Some((
+        s.n * s.h * s.w * STEM_CHANNELS,
+        c.cout * c.kh * c.kw * STEM_CHANNELS,
+    ))
+}
+
+/// The convolution reading the input image, when its channel count is not a multiple of 8.
+pub fn stem_conv(plan: &Plan) -> Option<usize> {
+    plan.nodes.iter().position(|n| {
+        matches!(n.op, Op::Conv2d(c) if c.cin % 8 != 0 && c.cin < STEM_CHANNELS)
+            && n.inputs[0] == plan.input
+    })
+}

@@ -1,0 +1,982 @@
+//! The CUDA training backend: a plan's step program over one preallocated device arena.
+//!
+//! Memory (all allocated in [`CudaTrainer::new`], nothing during a step):
+//! - the arena: activations, BN saved statistics and activation gradients at the memory planner's
+//!   offsets (fp16, statistics fp32; see [`arena::elem_bytes`]);
+//! - parameter buffers over padded slots ([`ParamSlots`]): fp32 master weights, the fp16 working
+//!   copy the convolutions and the FC layer read, fp32 gradients, RMSProp ms and mom, a per-element
+//!   weight-decay mask; BN running statistics in fp32;
+//! - one fp32 workspace shared by every split-K weight gradient and BN reduction;
+//! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
+//!   padded stem input and weights, per-sample losses and the step report (loss, overflow flag).
+//!
+//! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
+//! being queued. The training loop wants every step's loss, so a 16-byte report (loss, overflow
+//! flag) is copied to pinned memory in stream order and waited for once the whole step is queued:
+//! - with a fixed loss scale or none, the copy follows the fused softmax-CE, so `train_step`
+//!   returns while the backward and the update still run, and the next batch is copied to pinned
+//!   memory and its upload and launches are queued behind them: the GPU does not wait for the host;
+//! - with dynamic scaling the copy follows the update, because the next step's scale (a kernel
+//!   argument) depends on this step's overflow flag: the host mirrors [`LossScaler`] exactly as the
+//!   CPU backend does, while the skip itself is decided on the device (RMSProp reads the flag). The
+//!   GPU then idles for the host's launch time between steps; a device-resident scale (softmax-CE
+//!   and RMSProp reading it from memory) and CUDA graphs would remove that (follow-up).
+//!
+//! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::sys::{CUevent_flags, CUresult};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
+};
+use half::f16;
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+use super::arena::{self, MemoryEstimate, ParamSlots, STEM_CHANNELS};
+use super::conv::{ConvOut, ConvShape};
+use super::ops::{BnArgs, Labels, PoolShape, RmspropParams};
+use super::step_plan::{check_program, Launch, StepProgram};
+use super::{CudaBackend, DevPtr};
+use crate::backend::{Amp, Backend, StepOutcome};
+use crate::cuda_launch;
+use crate::params::{ModelState, ParamLayout};
+use crate::plan::backward::{derive, BackwardPlan};
+use crate::plan::memory::MemoryPlan;
+use crate::plan::{Conv2d, Op, Plan, TensorId};
+use crate::train::{LossScaler, RmsProp};
+
+/// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter.
+const REPORT_LOSS: usize = 0;
+const REPORT_OVERFLOW: usize = 1;
+const REPORT_COUNTER: usize = 2;
+const REPORT_WORDS: usize = 4;
+
+/// Refuses the precision levels the kernels cannot run, instead of faking them.
+pub fn check_amp(amp: Amp) -> Result<()> {
+    match amp {
+        Amp::O2 => Ok(()),
+        Amp::O0 => bail!(
+            "--amp O0 (fp32 everywhere) is not available on CUDA: the convolution, pooling and BN \
+             kernels take fp16 activations (with fp32 accumulation) and have no fp32 variant yet; \
+             use --amp O2 on CUDA, or --device cpu for fp32"
+        ),
+        Amp::O3 => bail!(
+            "--amp O3 (fp16 BN parameters and statistics) is not available on CUDA: the BN kernels \
+             keep gamma, beta and statistics in fp32; use --amp O2"
+        ),
+    }
+}
+
+/// Every device buffer of a training step.
+struct DeviceBuffers {
+    arena: CudaSlice<u8>,
+    master: CudaSlice<f32>,
+    w16: CudaSlice<f16>,
+    grads: CudaSlice<f32>,
+    ms: CudaSlice<f32>,
+    mom: CudaSlice<f32>,
+    decay: CudaSlice<u8>,
+    states: CudaSlice<f32>,
+    ws: CudaSlice<f32>,
+    images: CudaSlice<f32>,
+    labels: CudaSlice<f32>,
+    row_loss: CudaSlice<f32>,
+    report: CudaSlice<u32>,
+    stem: Option<(CudaSlice<f16>, CudaSlice<f16>)>,
+}
+
+/// Raw addresses of [`DeviceBuffers`], taken once: the launchers work on raw pointers.
+struct Ptrs {
+    arena: DevPtr,
+    master: DevPtr,
+    w16: DevPtr,
+    grads: DevPtr,
+    ms: DevPtr,
+    mom: DevPtr,
+    decay: DevPtr,
+    states: DevPtr,
+    ws: DevPtr,
+    images: DevPtr,
+    labels: DevPtr,
+    row_loss: DevPtr,
+    report: DevPtr,
+    stem: Option<(DevPtr, DevPtr)>,
+}
+
+/// Pinned host buffers: the async input copies and the step report, with our own events. cudarc
+/// records its pinned-buffer events only when a context runs several streams, and this backend
+/// uses one, so the waits are explicit here.
+struct Pinned {
+    images: PinnedHostSlice<f32>,
+    labels: PinnedHostSlice<f32>,
+    report: PinnedHostSlice<u32>,
+    /// Recorded after the uploads of a batch: the host may refill the input buffers once it fires.
+    inputs_read: CudaEvent,
+    /// Recorded after the report copy: the report is valid once it fires.
+    report_written: CudaEvent,
+}
+
+/// Per-step values the launches need.
+#[derive(Clone, Copy)]
+struct StepArgs {
+    train: bool,
+    step: u64,
+    lr: f32,
+    scale: f32,
+    dynamic: bool,
+}
+
+pub struct CudaTrainer {
+    be: CudaBackend,
+    plan: Plan,
+    bwd: BackwardPlan,
+    program: StepProgram,
+    amp: Amp,
+    layout: ParamLayout,
+    params: ParamSlots,
+    states: ParamSlots,
+    /// Device element offset of each parameter and state tensor.
+    slot_of: HashMap<TensorId, usize>,
+    /// Byte offset of each arena tensor.
+    offsets: Vec<Option<usize>>,
+    estimate: MemoryEstimate,
+    optim: RmsProp,
+    dev: DeviceBuffers,
+    ptr: Ptrs,
+    pinned: Pinned,
+    ws_elems: usize,
+    stem: Option<usize>,
+}
+
+impl CudaTrainer {
+    /// Builds the step program, allocates everything on GPU 0 and uploads the model and optimizer.
+    pub fn new(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
+        check_amp(amp)?;
+        let layout = ParamLayout::new(&plan);
+        if model.layout != layout || optim.len() != layout.param_len {
+            bail!("the model state does not fit the plan '{}'", plan.name);
+        }
+        let be = CudaBackend::new(0)?;
+        let bwd = derive(&plan);
+        let mem = arena::arena_plan(&plan, &bwd, amp);
+        let (params, states) = (
+            ParamSlots::new(&layout.params),
+            ParamSlots::new(&layout.states),
+        );
+        let estimate = arena::estimate(&plan, &mem, &params, &states, be.num_sms);
+        check_free_memory(&be, &plan, &estimate)?;
+        let stem = arena::stem_conv(&plan);
+        // Cheap, and it turns a program/planner mismatch into an error before anything launches.
+        let program = StepProgram::new(&plan, &bwd, stem);
+        check_program(&plan, &bwd, &program.train)?;
+        let ws_elems = arena::workspace_elems(&plan, be.num_sms);
+        let dev = DeviceBuffers::alloc(&be, &plan, &mem, &params, &states, ws_elems)
+            .map_err(|e| oom_error(e, &plan, &estimate))?;
+        let ptr = dev.ptrs(&be);
+        let pinned = Pinned::alloc(&be, &plan)?;
+        verify_fast_convs(&be, &plan, stem);
+        let slot_of = params
+            .tensors
+            .iter()
+            .zip(&params.slots)
+            .chain(states.tensors.iter().zip(&states.slots))
+            .map(|(&t, s)| (t, s.1))
+            .collect();
+        let mut trainer = CudaTrainer {
+            program,
+            offsets: arena::offsets(&mem, bwd.first_grad + bwd.grads.len()),
+            be,
+            plan,
+            bwd,
+            amp,
+            layout,
+            params,
+            states,
+            slot_of,
+            estimate,
+            optim,
+            dev,
+            ptr,
+            pinned,
+            ws_elems,
+            stem,
+        };
+        trainer.upload(&model)?;
+        Ok(trainer)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn amp(&self) -> Amp {
+        self.amp
+    }
+
+    /// The device memory the step allocated (estimate of everything but the CUDA context).
+    pub fn memory(&self) -> MemoryEstimate {
+        self.estimate
+    }
+
+    /// Waits for every queued launch (a step returns before its backward and update finish when
+    /// the loss scale is fixed).
+    pub fn synchronize(&self) -> Result<()> {
+        self.be.synchronize()
+    }
+
+    /// Device memory in use on the card now (all processes), from the driver.
+    pub fn device_used_bytes(&self) -> Result<usize> {
+        let (free, total) = self.be.ctx.mem_get_info()?;
+        Ok(total - free)
+    }
+
+    /// The last step's parameter gradients (still scaled by the loss scale), flat host order.
+    pub fn grads(&self) -> Result<Vec<f32>> {
+        Ok(self
+            .params
+            .gather(&self.be.stream.clone_dtoh(&self.dev.grads)?))
+    }
+
+    /// Runs only the forward launches of a training step (a diagnostic: the tensors the backward
+    /// will read are then intact in the arena, see [`Self::read_tensor`]).
+    pub fn forward_train(&mut self, images: &[f32], labels: &[u32], step: u64) -> Result<()> {
+        self.stage(images, Some(labels))?;
+        let args = StepArgs {
+            train: true,
+            step,
+            lr: 0.0,
+            scale: 1.0,
+            dynamic: false,
+        };
+        let forward = self
+            .program
+            .train
+            .iter()
+            .take_while(|l| !matches!(l, Launch::Backward { .. }));
+        for &launch in forward {
+            self.launch(launch, args)?;
+        }
+        self.be.synchronize()
+    }
+
+    /// An arena tensor copied back as f32 (valid only while the planner keeps it alive).
+    pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
+        let count = if id < self.bwd.first_grad {
+            self.plan.tensor(id).numel()
+        } else {
+            self.bwd.grad_tensor(id).numel()
+        };
+        if arena::elem_bytes(&self.plan, self.amp, id) == 2 {
+            return self.read_f16(id, count);
+        }
+        let off = self.offsets[id].context("tensor has an arena placement")?;
+        let bytes = self
+            .be
+            .stream
+            .clone_dtoh(&self.dev.arena.slice(off..off + 4 * count))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// Writes the fp32 masters, their fp16 copy, BN statistics, optimizer state and decay mask.
+    fn upload(&mut self, model: &ModelState) -> Result<()> {
+        let s = self.be.stream.clone();
+        let p = &self.params;
+        s.memcpy_htod(&p.scatter(&model.params, 0.0), &mut self.dev.master)?;
+        let half: Vec<f16> = model.params.iter().map(|&v| f16::from_f32(v)).collect();
+        s.memcpy_htod(&p.scatter(&half, f16::ZERO), &mut self.dev.w16)?;
+        s.memcpy_htod(&p.scatter(&self.optim.ms, 1.0), &mut self.dev.ms)?;
+        s.memcpy_htod(&p.scatter(&self.optim.mom, 0.0), &mut self.dev.mom)?;
+        let mut mask = vec![0u8; self.layout.param_len];
+        for (r, on) in &self.optim.decay {
+            mask[r.clone()].fill(*on as u8);
+        }
+        s.memcpy_htod(&p.scatter(&mask, 0), &mut self.dev.decay)?;
+        let st = self.states.scatter(&model.states, 0.0);
+        s.memcpy_htod(&st, &mut self.dev.states)?;
+        self.be.synchronize()
+    }
+
+    /// Copies a batch into pinned memory and queues its async upload to the staging buffers.
+    fn stage(&mut self, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
+        if images.len() != self.plan.tensor(self.plan.input).numel() {
+            bail!(
+                "image batch has the wrong size for plan '{}'",
+                self.plan.name
+            );
+        }
+        let s = self.be.stream.clone();
+        // The previous batch's uploads must be done before its pinned buffers are overwritten.
+        self.pinned.inputs_read.synchronize()?;
+        // A v4 batch of 128 is 137 MB of f32: copy it into pinned memory on every core.
+        let dst = self.pinned.images.as_mut_slice()?;
+        dst.par_chunks_mut(1 << 16)
+            .zip(images.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        s.memcpy_htod(&self.pinned.images, &mut self.dev.images)?;
+        if let Some(labels) = labels {
+            if labels.len() != self.plan.batch() {
+                bail!("label batch has the wrong size");
+            }
+            let dst = self.pinned.labels.as_mut_slice()?;
+            dst.iter_mut().zip(labels).for_each(|(d, &l)| *d = l as f32);
+            s.memcpy_htod(&self.pinned.labels, &mut self.dev.labels)?;
+        }
+        self.pinned.inputs_read.record(&s)?;
+        Ok(())
+    }
+
+    /// Queues the copy of the step report to pinned memory, in stream order.
+    fn queue_report(&mut self) -> Result<()> {
+        let s = self.be.stream.clone();
+        s.memcpy_dtoh(&self.dev.report, &mut self.pinned.report)?;
+        self.pinned.report_written.record(&s)?;
+        Ok(())
+    }
+
+    /// Waits for the last queued report copy (not for later work): (loss, overflow flag).
+    fn read_report(&self) -> Result<(f32, bool)> {
+        self.pinned.report_written.synchronize()?;
+        let r = self.pinned.report.as_slice()?;
+        Ok((f32::from_bits(r[REPORT_LOSS]), r[REPORT_OVERFLOW] != 0))
+    }
+
+    /// Queues every launch of the training step or inference pass. In a training step the report
+    /// is queued right after the loss when the scaler ignores overflow (the host then needs only
+    /// the loss, so `train_step` returns while the backward and update still run and the next
+    /// batch is staged meanwhile), and after the update under dynamic scaling (which needs the
+    /// overflow flag).
+    fn run_program(&mut self, train: bool, args: StepArgs) -> Result<()> {
+        let count = if train {
+            self.program.train.len()
+        } else {
+            self.program.infer.len()
+        };
+        for i in 0..count {
+            let launch = if train {
+                self.program.train[i]
+            } else {
+                self.program.infer[i]
+            };
+            self.launch(launch, args)
+                .with_context(|| format!("{launch:?} of plan '{}'", self.plan.name))?;
+            let report_now = match launch {
+                Launch::Backward { step } => !args.dynamic && self.is_loss_step(step),
+                Launch::Update => args.dynamic,
+                _ => false,
+            };
+            if report_now {
+                self.queue_report()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_loss_step(&self, step: usize) -> bool {
+        let node = self.bwd.steps[step].node;
+        matches!(self.plan.nodes[node].op, Op::SoftmaxCrossEntropy { .. })
+    }
+
+    fn launch(&self, launch: Launch, a: StepArgs) -> Result<()> {
+        match launch {
+            Launch::LoadInput => {
+                let n = self.plan.tensor(self.plan.input).numel();
+                self.be
+                    .cast_f32_to_f16(self.ptr.images, n, self.t(self.plan.input))
+            }
+            Launch::PadStem { node } => self.pad_stem(node),
+            Launch::Forward { node } => self.forward(node, a),
+            Launch::Backward { step } => self.backward(step, a),
+            Launch::OverflowCheck if a.dynamic => self.be.overflow_check(
+                self.ptr.grads,
+                self.params.len,
+                false,
+                self.ptr.report + 4 * REPORT_OVERFLOW as u64,
+            ),
+            Launch::OverflowCheck => Ok(()),
+            Launch::Update => self.update(a),
+        }
+    }
+
+    /// Address of an arena tensor (forward or gradient id).
+    fn t(&self, id: TensorId) -> DevPtr {
+        let off = self.offsets[id].expect("tensor has an arena placement");
+        self.ptr.arena + off as u64
+    }
+
+    fn slot(&self, id: TensorId) -> u64 {
+        self.slot_of[&id] as u64
+    }
+
+    fn w32(&self, id: TensorId) -> DevPtr {
+        self.ptr.master + 4 * self.slot(id)
+    }
+
+    fn w16(&self, id: TensorId) -> DevPtr {
+        self.ptr.w16 + 2 * self.slot(id)
+    }
+
+    fn grad(&self, id: TensorId) -> DevPtr {
+        self.ptr.grads + 4 * self.slot(id)
+    }
+
+    fn state(&self, id: TensorId) -> DevPtr {
+        self.ptr.states + 4 * self.slot(id)
+    }
+
+    fn pad_stem(&self, node: usize) -> Result<()> {
+        let (x, w) = self.ptr.stem.context("stem buffers are allocated")?;
+        let s = arena::conv_shape(&self.plan, node).context("the stem is a convolution")?;
+        let c = s.conv;
+        let rows = s.n * s.h * s.w;
+        let wx = self.w16(self.plan.nodes[node].params[0]);
+        self.be
+            .pad_channels(rows, c.cin, STEM_CHANNELS, self.t(self.plan.input), x)?;
+        self.be
+            .pad_channels(c.cout * c.kh * c.kw, c.cin, STEM_CHANNELS, wx, w)
+    }
+
+    fn forward(&self, i: usize, a: StepArgs) -> Result<()> {
+        let node = &self.plan.nodes[i];
+        let xs = self.plan.shape(node.inputs[0]);
+        let (x, y) = (self.t(node.inputs[0]), self.t(node.outputs[0]));
+        match &node.op {
+            Op::Conv2d(c) => self.conv_forward(i, *c, x, y),
+            Op::BatchNorm { .. } => self.bn_forward(i, a.train),
+            Op::Relu => self.relu_forward(self.plan.tensor(node.inputs[0]).numel(), x, y),
+            Op::MaxPool(p) | Op::AvgPool(p) => {
+                let s = pool_shape(*p, xs);
+                let max = matches!(node.op, Op::MaxPool(_));
+                self.be.pool_forward(&s, max, x, y, s.c, 0)
+            }
+            Op::GlobalAvgPool => self
+                .be
+                .global_avgpool_forward(xs[0], xs[1] * xs[2], xs[3], x, y),
+            Op::Concat => self.concat_forward(i),
+            Op::Dropout { p, seed } => {
+                let p = if a.train { *p } else { 0.0 };
+                let n = self.plan.tensor(node.inputs[0]).numel();
+                self.be.dropout_forward(n, p, *seed, a.step, x, y)
+            }
+            Op::Linear {
+                in_features,
+                out_features,
+            } => self.be.linear_forward(
+                xs[0],
+                *in_features,
+                *out_features,
+                x,
+                self.w16(node.params[0]),
+                self.w32(node.params[1]),
+                y,
+                None,
+            ),
+            Op::SoftmaxCrossEntropy { .. } => Ok(()),
+        }
+    }
+
+    fn conv_forward(&self, i: usize, c: Conv2d, x: DevPtr, y: DevPtr) -> Result<()> {
+        let node = &self.plan.nodes[i];
+        let s = arena::conv_shape(&self.plan, i).context("conv shape")?;
+        let out = ConvOut::dense(y, c.cout);
+        match (self.stem == Some(i), self.ptr.stem) {
+            (true, Some((xp, wp))) => {
+                let padded = ConvShape {
+                    conv: Conv2d {
+                        cin: STEM_CHANNELS,
+                        ..c
+                    },
+                    ..s
+                };
+                self.be.conv_fprop(&padded, xp, wp, out, None)
+            }
+            _ => self
+                .be
+                .conv_fprop(&s, x, self.w16(node.params[0]), out, None),
+        }
+        .map(|_| ())
+    }
+
+    fn bn_args(&self, i: usize) -> BnArgs {
+        let node = &self.plan.nodes[i];
+        let Op::BatchNorm { eps, momentum } = node.op else {
+            unreachable!("bn_args on a batchnorm node")
+        };
+        let xs = self.plan.shape(node.inputs[0]);
+        let c = *xs.last().unwrap();
+        BnArgs {
+            m: xs.iter().product::<usize>() / c,
+            c,
+            eps,
+            momentum,
+            relu: false,
+            gamma: self.w32(node.params[0]),
+            beta: self.w32(node.params[1]),
+            save_mean: node.saved.first().map_or(0, |&t| self.t(t)),
+            save_inv_std: node.saved.get(1).map_or(0, |&t| self.t(t)),
+            running_mean: self.state(node.state[0]),
+            running_var: self.state(node.state[1]),
+            ldy: c,
+            yoff: 0,
+        }
+    }
+
+    fn bn_forward(&self, i: usize, train: bool) -> Result<()> {
+        let node = &self.plan.nodes[i];
+        let (x, y) = (self.t(node.inputs[0]), self.t(node.outputs[0]));
+        let a = self.bn_args(i);
+        if train {
+            self.be.bn_forward_train(&a, x, y, self.ptr.ws)
+        } else {
+            self.be.bn_forward_infer(&a, x, y)
+        }
+    }
+
+    /// The plan keeps ReLU as its own node; fusing it into BN needs the planner to keep the BN
+    /// input gradient clear of the ReLU tensors (follow-up), so it runs standalone here.
+    fn relu_forward(&self, count: usize, x: DevPtr, y: DevPtr) -> Result<()> {
+        let n = count as u64;
+        cuda_launch!(self.be, "relu_fwd", self.be.grid_1d(n)?, x, n, y)
+    }
+
+    fn relu_backward(
+        &self,
+        count: usize,
+        y: DevPtr,
+        dy: DevPtr,
+        dx: DevPtr,
+        acc: bool,
+    ) -> Result<()> {
+        let (n, acc) = (count as u64, acc as i32);
+        cuda_launch!(self.be, "relu_bwd", self.be.grid_1d(n)?, y, dy, n, dx, acc)
+    }
+
+    /// Channel counts and offsets of a concat's inputs, and the output's channel count.
+    fn concat_layout(&self, i: usize) -> (Vec<(usize, usize)>, usize, usize) {
+        let node = &self.plan.nodes[i];
+        let ys = self.plan.shape(node.outputs[0]);
+        let rows = ys[..ys.len() - 1].iter().product();
+        let mut off = 0;
+        let parts = node
+            .inputs
+            .iter()
+            .map(|&t| {
+                let c = *self.plan.shape(t).last().unwrap();
+                off += c;
+                (c, off - c)
+            })
+            .collect();
+        (parts, rows, *ys.last().unwrap())
+    }
+
+    fn concat_forward(&self, i: usize) -> Result<()> {
+        let node = &self.plan.nodes[i];
+        let (parts, rows, ctot) = self.concat_layout(i);
+        let y = self.t(node.outputs[0]);
+        for (&x, (c, off)) in node.inputs.iter().zip(parts) {
+            self.be
+                .copy_channels(rows, c, self.t(x), c, 0, y, ctot, off, 0, false)?;
+        }
+        Ok(())
+    }
+
+    fn backward(&self, j: usize, a: StepArgs) -> Result<()> {
+        let step = &self.bwd.steps[j];
+        let node = &self.plan.nodes[step.node];
+        let xs = self.plan.shape(node.inputs[0]);
+        let x = self.t(node.inputs[0]);
+        let dy = step.grad_output.map_or(0, |g| self.t(g));
+        let dx = step.grad_inputs[0].map(|g| self.t(g));
+        let acc = step.accumulate[0];
+        match &node.op {
+            Op::Conv2d(c) => self.conv_backward(step.node, *c, x, dy, dx, acc),
+            Op::BatchNorm { .. } => {
+                let (g, b) = (self.grad(node.params[0]), self.grad(node.params[1]));
+                let dx = dx.context("batchnorm input always has a gradient")?;
+                let a = self.bn_args(step.node);
+                // Without the fused ReLU the kernel does not read y: pass x as a valid address.
+                self.be
+                    .bn_backward(&a, x, x, dy, g, b, dx, acc, self.ptr.ws)
+            }
+            Op::Relu => {
+                let n = self.plan.tensor(node.inputs[0]).numel();
+                let y = self.t(node.outputs[0]);
+                self.relu_backward(n, y, dy, dx.context("relu gradient")?, acc)
+            }
+            Op::MaxPool(p) | Op::AvgPool(p) => {
+                let s = pool_shape(*p, xs);
+                let max = matches!(node.op, Op::MaxPool(_));
+                let dx = dx.context("pool gradient")?;
+                self.be.pool_backward(&s, max, x, dy, s.c, 0, dx, acc)
+            }
+            Op::GlobalAvgPool => self.be.global_avgpool_backward(
+                xs[0],
+                xs[1] * xs[2],
+                xs[3],
+                dy,
+                dx.context("global pool gradient")?,
+                acc,
+            ),
+            Op::Concat => self.concat_backward(j),
+            Op::Dropout { p, seed } => {
+                let n = self.plan.tensor(node.inputs[0]).numel();
+                let dx = dx.context("dropout gradient")?;
+                self.be.dropout_backward(n, *p, *seed, a.step, dy, dx, acc)
+            }
+            Op::Linear { .. } => self.linear_backward(j, x, dy, dx, acc),
+            Op::SoftmaxCrossEntropy { smoothing } => {
+                let report = self.ptr.report;
+                self.be.softmax_ce(
+                    xs[0],
+                    xs[1],
+                    *smoothing,
+                    a.scale,
+                    x,
+                    Labels::F32(self.ptr.labels),
+                    self.ptr.row_loss,
+                    report + 4 * REPORT_LOSS as u64,
+                    report + 4 * REPORT_COUNTER as u64,
+                    dx.context("logits gradient")?,
+                )
+            }
+        }
+    }
+
+    fn conv_backward(
+        &self,
+        i: usize,
+        c: Conv2d,
+        x: DevPtr,
+        dy: DevPtr,
+        dx: Option<DevPtr>,
+        acc: bool,
+    ) -> Result<()> {
+        let s = arena::conv_shape(&self.plan, i).context("conv shape")?;
+        let wt = self.plan.nodes[i].params[0];
+        self.be.conv_wgrad(
+            &s,
+            x,
+            dy,
+            self.grad(wt),
+            false,
+            self.ptr.ws,
+            self.ws_elems,
+            None,
+        )?;
+        if let Some(dx) = dx {
+            let out = ConvOut {
+                accumulate: acc,
+                ..ConvOut::dense(dx, c.cin)
+            };
+            self.be.conv_dgrad(&s, dy, self.w16(wt), out, None)?;
+        }
+        Ok(())
+    }
+
+    fn linear_backward(
+        &self,
+        j: usize,
+        x: DevPtr,
+        dy: DevPtr,
+        dx: Option<DevPtr>,
+        acc: bool,
+    ) -> Result<()> {
+        let node = &self.plan.nodes[self.bwd.steps[j].node];
+        let Op::Linear {
+            in_features: fi,
+            out_features: fo,
+        } = node.op
+        else {
+            unreachable!("linear_backward on a linear node")
+        };
+        let n = self.plan.batch();
+        let (w, b) = (node.params[0], node.params[1]);
+        if let Some(dx) = dx {
+            self.be
+                .linear_backward_data(n, fi, fo, dy, self.w16(w), dx, acc, None)?;
+        }
+        let (dw, db) = (self.grad(w), self.grad(b));
+        self.be
+            .linear_backward_weight(n, fi, fo, x, dy, dw, db, self.ptr.ws, self.ws_elems, None)
+    }
+
+    fn concat_backward(&self, j: usize) -> Result<()> {
+        let step = &self.bwd.steps[j];
+        let (parts, rows, ctot) = self.concat_layout(step.node);
+        let dy = self.t(step.grad_output.context("concat output gradient")?);
+        for ((g, &acc), (c, off)) in step.grad_inputs.iter().zip(&step.accumulate).zip(parts) {
+            if let Some(g) = g {
+                self.be
+                    .copy_channels(rows, c, dy, ctot, off, self.t(*g), c, 0, 0, acc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn update(&self, a: StepArgs) -> Result<()> {
+        let cfg = self.optim.cfg;
+        let overflow = if a.dynamic {
+            self.ptr.report + 4 * REPORT_OVERFLOW as u64
+        } else {
+            0
+        };
+        let p = RmspropParams {
+            w: self.ptr.master,
+            w16: self.ptr.w16,
+            ms: self.ptr.ms,
+            mom: self.ptr.mom,
+            grad: self.ptr.grads,
+            decay: self.ptr.decay,
+            lr_dev: 0,
+            overflow,
+            count: self.params.len as u64,
+            lr: a.lr,
+            rho: cfg.rho,
+            momentum: cfg.momentum,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            inv_loss_scale: 1.0 / a.scale,
+        };
+        self.be.rmsprop(p, false)
+    }
+
+    /// Reads an fp16 arena tensor back as f32.
+    fn read_f16(&self, id: TensorId, count: usize) -> Result<Vec<f32>> {
+        let off = self.offsets[id].context("tensor has an arena placement")?;
+        let view = self.dev.arena.slice(off..off + 2 * count);
+        let bytes = self.be.stream.clone_dtoh(&view)?;
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect())
+    }
+}
+
+impl Backend for CudaTrainer {
+    fn name(&self) -> String {
+        format!(
+            "cuda ({}, {} SMs, amp {:?})",
+            self.be.arch, self.be.num_sms, self.amp
+        )
+    }
+
+    fn train_step(
+        &mut self,
+        images: &[f32],
+        labels: &[u32],
+        step: u64,
+        lr: f32,
+        scaler: &mut LossScaler,
+    ) -> Result<StepOutcome> {
+        self.stage(images, Some(labels))?;
+        let args = StepArgs {
+            train: true,
+            step,
+            lr,
+            scale: scaler.scale(),
+            dynamic: scaler.checks_overflow(),
+        };
+        let s = self.be.stream.clone();
+        s.memset_zeros(
+            &mut self
+                .dev
+                .report
+                .slice_mut(REPORT_OVERFLOW..REPORT_OVERFLOW + 1),
+        )?;
+        self.run_program(true, args)?;
+        let (loss, overflow) = self.read_report()?;
+        // The device skipped the update iff the flag is set under dynamic scaling; the host
+        // scaler takes the same decision, so both stay in step.
+        let decision = scaler.update(args.dynamic && overflow);
+        Ok(StepOutcome {
+            loss,
+            skipped: decision.skip,
+            scale_changed: decision.scale_changed,
+        })
+    }
+
+    fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>> {
+        self.stage(images, None)?;
+        let args = StepArgs {
+            train: false,
+            step: 0,
+            lr: 0.0,
+            scale: 1.0,
+            dynamic: false,
+        };
+        self.run_program(false, args)?;
+        let logits = self.plan.logits;
+        self.read_f16(logits, self.plan.tensor(logits).numel())
+    }
+
+    fn state(&mut self) -> Result<(ModelState, RmsProp)> {
+        let s = &self.be.stream;
+        let params = self.params.gather(&s.clone_dtoh(&self.dev.master)?);
+        let states = self.states.gather(&s.clone_dtoh(&self.dev.states)?);
+        let mut optim = self.optim.clone();
+        optim.ms = self.params.gather(&s.clone_dtoh(&self.dev.ms)?);
+        optim.mom = self.params.gather(&s.clone_dtoh(&self.dev.mom)?);
+        let model = ModelState {
+            layout: self.layout.clone(),
+            params,
+            states,
+        };
+        Ok((model, optim))
+    }
+}
+
+impl DeviceBuffers {
+    fn alloc(
+        be: &CudaBackend,
+        plan: &Plan,
+        mem: &MemoryPlan,
+        params: &ParamSlots,
+        states: &ParamSlots,
+        ws_elems: usize,
+    ) -> std::result::Result<Self, DriverError> {
+        let stem = match arena::stem_padded_elems(plan) {
+            Some((x, w)) => Some((zeros(be, x)?, zeros(be, w)?)),
+            None => None,
+        };
+        Ok(DeviceBuffers {
+            arena: zeros(be, mem.peak_bytes)?,
+            master: zeros(be, params.len)?,
+            w16: zeros(be, params.len)?,
+            grads: zeros(be, params.len)?,
+            ms: zeros(be, params.len)?,
+            mom: zeros(be, params.len)?,
+            decay: zeros(be, params.len)?,
+            states: zeros(be, states.len)?,
+            ws: zeros(be, ws_elems)?,
+            images: zeros(be, plan.tensor(plan.input).numel())?,
+            labels: zeros(be, plan.batch())?,
+            row_loss: zeros(be, plan.batch())?,
+            report: zeros(be, REPORT_WORDS)?,
+            stem,
+        })
+    }
+
+    fn ptrs(&self, be: &CudaBackend) -> Ptrs {
+        let s = &be.stream;
+        Ptrs {
+            arena: self.arena.device_ptr(s).0,
+            master: self.master.device_ptr(s).0,
+            w16: self.w16.device_ptr(s).0,
+            grads: self.grads.device_ptr(s).0,
+            ms: self.ms.device_ptr(s).0,
+            mom: self.mom.device_ptr(s).0,
+            decay: self.decay.device_ptr(s).0,
+            states: self.states.device_ptr(s).0,
+            ws: self.ws.device_ptr(s).0,
+            images: self.images.device_ptr(s).0,
+            labels: self.labels.device_ptr(s).0,
+            row_loss: self.row_loss.device_ptr(s).0,
+            report: self.report.device_ptr(s).0,
+            stem: self
+                .stem
+                .as_ref()
+                .map(|(x, w)| (x.device_ptr(s).0, w.device_ptr(s).0)),
+        }
+    }
+}
+
+impl Pinned {
+    fn alloc(be: &CudaBackend, plan: &Plan) -> Result<Self> {
+        let ctx = &be.ctx;
+        // SAFETY: the buffers are written by the host before any copy reads them. The input
+        // buffers are write-combined (the host only writes them); the report is read by the host,
+        // so it is plain page-locked memory.
+        let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC));
+        unsafe {
+            Ok(Pinned {
+                images: ctx.alloc_pinned(plan.tensor(plan.input).numel())?,
+                labels: ctx.alloc_pinned(plan.batch())?,
+                report: ctx.alloc_pinned_with_flags(REPORT_WORDS, 0)?,
+                inputs_read: event()?,
+                report_written: event()?,
+            })
+        }
+    }
+}
+
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    be: &CudaBackend,
+    len: usize,
+) -> std::result::Result<CudaSlice<T>, DriverError> {
+    be.stream.alloc_zeros::<T>(len.max(1))
+}
+
+fn pool_shape(pool: crate::plan::Pool, xs: &[usize]) -> PoolShape {
+    PoolShape {
+        pool,
+        n: xs[0],
+        h: xs[1],
+        w: xs[2],
+        c: xs[3],
+    }
+}
+
+/// Refuses up front when the card has less free memory than the estimate.
+fn check_free_memory(be: &CudaBackend, plan: &Plan, est: &MemoryEstimate) -> Result<()> {
+    let (free, total) = be.ctx.mem_get_info()?;
+    if est.total() > free {
+        bail!(
+            "not enough device memory for plan '{}' at batch {}: the step needs about {}, the GPU \
+             has {:.0} MiB free of {:.0} MiB; use a smaller --batch-size",
+            plan.name,
+            plan.batch(),
+            est.describe(),
+            free as f64 / (1 << 20) as f64,
+            total as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+/// An allocation failure, with the plan's estimate when the device ran out of memory.
+fn oom_error(e: DriverError, plan: &Plan, est: &MemoryEstimate) -> anyhow::Error {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        anyhow::anyhow!(
+            "out of device memory allocating plan '{}' at batch {}: the step needs about {}; use a \
+             smaller --batch-size",
+            plan.name,
+            plan.batch(),
+            est.describe()
+        )
+    } else {
+        anyhow::anyhow!("device allocation failed: {e:?}")
+    }
+}
+
+/// Checks the tensor-core kernels at this plan's conv shapes (and the padded stem) against the
+/// plain kernels, so the fast path runs only where it was verified on this card. A failure only
+/// keeps those shapes on the plain kernels.
+fn verify_fast_convs(be: &CudaBackend, plan: &Plan, stem: Option<usize>) {
+    let mut shapes = super::selftest::plan_conv_shapes(plan);
+    if let Some(s) = stem.and_then(|i| arena::conv_shape(plan, i)) {
+        shapes.push(ConvShape {
+            conv: Conv2d {
+                cin: STEM_CHANNELS,
+                ..s.conv
+            },
+            ..s
+        });
+    }
+    match super::selftest::verify_conv_shapes(be, &shapes) {
+        Ok(checks) => {
+            let failed = checks
+                .iter()
+                .filter(|c| c.status == super::selftest::Status::Fail)
+                .count();
+            if failed > 0 {
+                eprintln!("cuda: {failed} tensor-core conv checks failed; those shapes use the plain kernels");
+            }
+        }
+        Err(e) => eprintln!(
+            "cuda: conv verification did not run ({e:#}); unverified shapes use the plain kernels"
+        ),
+    }
+}

@@ -1,0 +1,327 @@
+//! Whole-step self-test: one full CUDA training step (O2) against the CPU backend from the same
+//! weights and batch, and a check that the dynamic loss scaler skips a step whose gradients
+//! overflow. Run by `selftest --device cuda` after the per-kernel checks.
+//!
+//! Both sides start from fp16-representable weights and images, so the comparison measures the
+//! step's fp16 activations and gradients, not the rounding of its inputs. Each figure is a relative
+//! L2 error per tensor (|gpu - cpu| / |cpu|); a category reports its worst tensor.
+
+use anyhow::Result;
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::executor::CudaTrainer;
+use super::selftest::{Check, Status};
+use crate::backend::cpu::{CpuExecutor, Mode};
+use crate::backend::cpu_trainer::CpuTrainer;
+use crate::backend::{Amp, Backend};
+use crate::params::{ModelState, ParamEntry};
+use crate::plan::backward::derive;
+use crate::plan::memory::lifetimes;
+use crate::plan::{self, PlanConfig, TensorId, TensorKind};
+use crate::train::{LossScaler, RmsProp, RmsPropConfig};
+
+/// Tolerances on the relative L2 error of a whole O2 step: the loss, and gradients / updates /
+/// BN statistics. First estimates from fp16 rounding (~5e-4 per op) compounded over v4's depth;
+/// a GPU visit may tighten them.
+pub const TOL_LOSS: f32 = 1e-2;
+pub const TOL_STEP: f32 = 5e-2;
+
+/// The learning rate and loss scale of the compared step: large enough that the update is
+/// visible against fp32 rounding of the weights.
+const LR: f32 = 0.01;
+const SCALE: f32 = 1024.0;
+
+/// One plan to step: name, batch, image size, classes.
+#[derive(Clone, Copy, Debug)]
+pub struct StepCase {
+    pub plan: &'static str,
+    pub batch: usize,
+    pub image_size: usize,
+    pub classes: usize,
+}
+
+/// The cases of the issue: `tiny`, and `v4` at batch 8 and 299x299.
+pub const CASES: [StepCase; 2] = [
+    StepCase {
+        plan: "tiny",
+        batch: 8,
+        image_size: 32,
+        classes: 10,
+    },
+    StepCase {
+        plan: "v4",
+        batch: 8,
+        image_size: 299,
+        classes: 1000,
+    },
+];
+
+/// Every whole-step check: each case against the CPU, then the overflow skip.
+pub fn run(seed: u64) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for case in CASES {
+        eprintln!(
+            "whole step: {} batch {} {}x{}",
+            case.plan, case.batch, case.image_size, case.image_size
+        );
+        checks.extend(run_case(case, seed)?);
+    }
+    checks.push(overflow_skip(CASES[0], seed)?);
+    Ok(checks)
+}
+
+/// A case's plan, fp16-representable initial model, optimizer and one random batch.
+struct Setup {
+    plan: plan::Plan,
+    model: ModelState,
+    optim: RmsProp,
+    images: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+fn setup(case: StepCase, seed: u64) -> Result<Setup> {
+    let config = PlanConfig {
+        batch: case.batch,
+        image_size: case.image_size,
+        num_classes: case.classes,
+        ..PlanConfig::default()
+    };
+    let plan = plan::build(case.plan, config)?;
+    let mut model = ModelState::init(&plan, seed);
+    round_f16(&mut model.params);
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xba7c);
+    let mut images: Vec<f32> = (0..plan.tensor(plan.input).numel())
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    round_f16(&mut images);
+    let labels = (0..case.batch)
+        .map(|_| rng.random_range(0..case.classes as u32))
+        .collect();
+    Ok(Setup {
+        plan,
+        model,
+        optim,
+        images,
+        labels,
+    })
+}
+
+fn round_f16(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+}
+
+/// What the CPU reference step produced.
+struct CpuStep {
+    loss: f32,
+    /// Gradients at the loss scale.
+    grads: Vec<f32>,
+    weights: Vec<f32>,
+    states: Vec<f32>,
+    /// Forward tensors the backward reads, as they were at the end of the forward pass.
+    forward: Vec<(TensorId, Vec<f32>)>,
+}
+
+/// Forward activations and saved statistics still alive when the backward starts: intact in the
+/// CUDA arena after the forward launches, and still held by the CPU executor.
+fn boundary_tensors(plan: &plan::Plan) -> Vec<TensorId> {
+    let bwd = derive(plan);
+    let f = plan.nodes.len();
+    let life = lifetimes(plan, &bwd);
+    (0..plan.tensors.len())
+        .filter(|&t| {
+            let kind = plan.tensors[t].kind;
+            let alive = life[t].is_some_and(|l| l.start + 2 <= f && l.end >= f);
+            alive && matches!(kind, TensorKind::Activation | TensorKind::Saved)
+        })
+        .collect()
+}
+
+fn cpu_step(s: &Setup) -> CpuStep {
+    let mut exec = CpuExecutor::new(s.plan.clone());
+    let mut states = s.model.states.clone();
+    let params = &s.model.params;
+    let loss = exec.forward(params, &mut states, &s.images, &s.labels, Mode::Train, 0);
+    let forward = boundary_tensors(&s.plan)
+        .into_iter()
+        .map(|t| (t, exec.buffer(t).to_vec()))
+        .collect();
+    let mut grads = vec![0.0; exec.param_len()];
+    exec.backward(params, &mut grads, SCALE);
+    let (mut weights, mut opt) = (params.clone(), s.optim.clone());
+    opt.step(&mut weights, &grads, LR, 1.0 / SCALE);
+    CpuStep {
+        loss,
+        grads,
+        weights,
+        states,
+        forward,
+    }
+}
+
+/// One case: loss, gradients, updates and BN statistics of a whole step against the CPU.
+pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
+    let s = setup(case, seed)?;
+    let cpu = cpu_step(&s);
+    let model = s.model.clone();
+    let fresh = fresh_checks(&s, &cpu, case)?;
+    let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
+    let mut scaler = LossScaler::Fixed(SCALE);
+    let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
+    let g_gpu = gpu.grads()?;
+    let (m_gpu, _) = gpu.state()?;
+    let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
+    let loss_err = (out.loss - cpu.loss).abs() / cpu.loss.abs().max(1e-6);
+    let layout = &model.layout;
+    let delta =
+        |w: &[f32]| -> Vec<f32> { w.iter().zip(&model.params).map(|(a, b)| a - b).collect() };
+    let mut checks = fresh;
+    checks.extend([
+        check(name("loss"), "loss".into(), loss_err, TOL_LOSS),
+        worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads),
+        worst(
+            name("weight updates"),
+            &layout.params,
+            &delta(&m_gpu.params),
+            &delta(&cpu.weights),
+        ),
+        worst(
+            name("BN running stats"),
+            &layout.states,
+            &m_gpu.states,
+            &cpu.states,
+        ),
+    ]);
+    Ok(checks)
+}
+
+/// Checks on a fresh trainer, before any step: the state read back is exactly what was loaded (so
+/// checkpoints move between backends unchanged), inference logits match the CPU's, and the
+/// training forward's tensors match (on this separate trainer, so the step check below sees its
+/// BN statistics updated once).
+fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Vec<Check>> {
+    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), Amp::O2)?;
+    let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
+    let (model, optim) = gpu.state()?;
+    let exact = model == s.model && optim == s.optim;
+    let round_trip = check(
+        name("state round trip"),
+        "exact".into(),
+        if exact { 0.0 } else { f32::INFINITY },
+        0.0,
+    );
+    let mut reference = CpuTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone())?;
+    let want = reference.infer(&s.images)?;
+    let logits = rel_l2(&gpu.infer(&s.images)?, &want);
+    let infer = check(name("inference logits"), "logits".into(), logits, TOL_STEP);
+    Ok(vec![
+        round_trip,
+        infer,
+        forward_check(&mut gpu, s, cpu, case)?,
+    ])
+}
+
+/// The forward pass alone: every tensor alive at the forward/backward boundary against the CPU. The first tensor
+/// over the tolerance, in forward order, names where a failing step starts to diverge.
+fn forward_check(gpu: &mut CudaTrainer, s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Check> {
+    gpu.forward_train(&s.images, &s.labels, 0)?;
+    let (mut worst, mut worst_name, mut first_bad) = (0f32, String::new(), None);
+    for (t, want) in &cpu.forward {
+        let err = rel_l2(&gpu.read_tensor(*t)?, want);
+        let name = &s.plan.tensors[*t].name;
+        if err > worst {
+            (worst, worst_name) = (err, name.clone());
+        }
+        if err > TOL_STEP && first_bad.is_none() {
+            first_bad = Some(name.clone());
+        }
+    }
+    let first = first_bad.map_or(String::new(), |n| format!(", first over tolerance: {n}"));
+    Ok(check(
+        format!("step {} b{}: forward tensors", case.plan, case.batch),
+        format!("worst: {worst_name}{first}"),
+        worst,
+        TOL_STEP,
+    ))
+}
+
+/// A step at a loss scale so large that the fp16 gradients overflow must be skipped: weights and
+/// optimizer state unchanged, the scale halved; the next step at the halved scale applies.
+fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
+    let s = setup(case, seed)?;
+    let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
+    let (before, opt_before) = gpu.state()?;
+    let huge = 1e30;
+    let mut scaler = LossScaler::Dynamic {
+        scale: huge,
+        growth_interval: 2000,
+        clean_steps: 0,
+    };
+    let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
+    let (after, opt_after) = gpu.state()?;
+    let kept = after.params == before.params && opt_after.ms == opt_before.ms;
+    let halved = scaler.scale() == huge * 0.5;
+    let ok = out.skipped && kept && halved;
+    let status = if ok { Status::Pass } else { Status::Fail };
+    if !ok {
+        eprintln!(
+            "overflow skip: skipped {}, weights kept {kept}, scale halved {halved}",
+            out.skipped
+        );
+    }
+    Ok(Check {
+        kernel: format!("step {}: dynamic scaler skips overflow", case.plan),
+        shape: format!("loss scale {huge:e}"),
+        oracle: "expected".into(),
+        status,
+        max_abs_err: 0.0,
+        rel_err: 0.0,
+    })
+}
+
+/// Relative L2 error of `got` against `want`; non-finite values count as infinite error.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        diff += ((g - w) as f64).powi(2);
+        norm += (*w as f64).powi(2);
+    }
+    let e = (diff.sqrt() / norm.sqrt().max(1e-12)) as f32;
+    if e.is_finite() && got.len() == want.len() {
+        e
+    } else {
+        f32::INFINITY
+    }
+}
+
+/// The worst per-tensor relative L2 error over `entries` of two flat buffers.
+fn worst(kernel: String, entries: &[ParamEntry], got: &[f32], want: &[f32]) -> Check {
+    let (err, name) = entries
+        .iter()
+        .map(|e| (rel_l2(&got[e.range()], &want[e.range()]), e.name.clone()))
+        .fold((0f32, String::new()), |a, b| {
+            if b.0 > a.0 || !b.0.is_finite() {
+                b
+            } else {
+                a
+            }
+        });
+    check(kernel, format!("worst: {name}"), err, TOL_STEP)
+}
+
+fn check(kernel: String, shape: String, err: f32, tol: f32) -> Check {
+    Check {
+        kernel,
+        shape,
+        oracle: "cpu".into(),
+        status: if err <= tol {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        max_abs_err: err,
+        rel_err: err,
+    }
+}
