@@ -29,22 +29,7 @@ impl ConvCase {
 
     /// Compact label: `HxWxCin -> Cout kKHxKW sS pT,B,L,R`.
     pub fn label(&self) -> String {
-        let s = &self.shape;
-        let c = &s.conv;
-        format!(
-            "{}x{}x{}->{} k{}x{} s{} p{},{},{},{}",
-            s.h,
-            s.w,
-            c.cin,
-            c.cout,
-            c.kh,
-            c.kw,
-            c.stride,
-            c.pad_top,
-            c.pad_bottom,
-            c.pad_left,
-            c.pad_right
-        )
+        self.shape.label()
     }
 }
 
@@ -134,23 +119,7 @@ impl Cases {
     /// The classifier as the 1x1 convolution over an n x 1 x 1 image that the linear launchers run.
     pub fn fc_shape(&self) -> ConvShape {
         let (n, cin, cout) = self.fc;
-        let conv = crate::plan::Conv2d {
-            cin,
-            cout,
-            kh: 1,
-            kw: 1,
-            stride: 1,
-            pad_top: 0,
-            pad_bottom: 0,
-            pad_left: 0,
-            pad_right: 0,
-        };
-        ConvShape {
-            conv,
-            n,
-            h: 1,
-            w: 1,
-        }
+        ConvShape::fc(n, cin, cout)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::backend::Amp;
 use crate::params::ParamEntry;
 use crate::plan::backward::BackwardPlan;
 use crate::plan::memory::{plan_memory, MemoryPlan, ALIGN};
-use crate::plan::{Conv2d, Op, Plan, TensorId, TensorKind};
+use crate::plan::{Op, Plan, TensorId, TensorKind};
 
 /// Parameter slots start on multiples of this many elements (256 bytes in fp32, 128 in fp16), so
 /// every fp16 weight satisfies the tensor-core path's 16-byte rule and fp32 ones stay aligned.
@@ -101,28 +101,6 @@ impl ParamSlots {
     }
 }
 
-/// The fully connected layer seen as a 1x1 convolution over an n x 1 x 1 image, as linear.cu
-/// runs it; used to size its weight-gradient workspace.
-pub fn fc_as_conv(n: usize, in_features: usize, out_features: usize) -> ConvShape {
-    let conv = Conv2d {
-        cin: in_features,
-        cout: out_features,
-        kh: 1,
-        kw: 1,
-        stride: 1,
-        pad_top: 0,
-        pad_bottom: 0,
-        pad_left: 0,
-        pad_right: 0,
-    };
-    ConvShape {
-        conv,
-        n,
-        h: 1,
-        w: 1,
-    }
-}
-
 /// The convolution shape of a conv node (its input's n, h, w).
 pub fn conv_shape(plan: &Plan, node: usize) -> Option<ConvShape> {
     let n = &plan.nodes[node];
@@ -147,7 +125,7 @@ pub fn workspace_elems(plan: &Plan, num_sms: u32) -> usize {
             in_features,
             out_features,
         } => wgrad_workspace_elems(
-            &fc_as_conv(plan.batch(), in_features, out_features),
+            &ConvShape::fc(plan.batch(), in_features, out_features),
             num_sms,
         ),
         Op::BatchNorm { .. } => {

@@ -100,6 +100,47 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// A fully connected layer as the 1x1 convolution over an `n x 1 x 1` image that the linear
+    /// launchers run (see linear.cu).
+    pub fn fc(n: usize, in_features: usize, out_features: usize) -> Self {
+        let conv = Conv2d {
+            cin: in_features,
+            cout: out_features,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad_top: 0,
+            pad_bottom: 0,
+            pad_left: 0,
+            pad_right: 0,
+        };
+        ConvShape {
+            conv,
+            n,
+            h: 1,
+            w: 1,
+        }
+    }
+
+    /// Compact label: `HxWxCin->Cout kKHxKW sS pT,B,L,R`.
+    pub fn label(&self) -> String {
+        let c = &self.conv;
+        format!(
+            "{}x{}x{}->{} k{}x{} s{} p{},{},{},{}",
+            self.h,
+            self.w,
+            c.cin,
+            c.cout,
+            c.kh,
+            c.kw,
+            c.stride,
+            c.pad_top,
+            c.pad_bottom,
+            c.pad_left,
+            c.pad_right
+        )
+    }
+
     pub fn oh(&self) -> usize {
         let c = &self.conv;
         (self.h + c.pad_top + c.pad_bottom - c.kh) / c.stride + 1

@@ -8,7 +8,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 use super::context::{CudaBackend, DevPtr, BLOCK};
 use super::conv::{ConvImpl, ConvOut, ConvShape};
 use crate::cuda_launch;
-use crate::plan::{Conv2d, Pool};
+use crate::plan::Pool;
 
 /// Rows handled by one block of the BN partial reductions (8 row groups x 64 rows each).
 const BN_ROWS_PER_BLOCK: u64 = 512;
@@ -493,27 +493,6 @@ impl CudaBackend {
         )
     }
 
-    /// The fully connected layer as a 1x1 convolution over an n x 1 x 1 image (see linear.cu).
-    fn fc_shape(n: usize, in_f: usize, out_f: usize) -> ConvShape {
-        let conv = Conv2d {
-            cin: in_f,
-            cout: out_f,
-            kh: 1,
-            kw: 1,
-            stride: 1,
-            pad_top: 0,
-            pad_bottom: 0,
-            pad_left: 0,
-            pad_right: 0,
-        };
-        ConvShape {
-            conv,
-            n,
-            h: 1,
-            w: 1,
-        }
-    }
-
     /// y = x W^T + b; x [n][in], W [out][in] fp16, b fp32.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward(
@@ -527,7 +506,7 @@ impl CudaBackend {
         y: DevPtr,
         imp: Option<ConvImpl>,
     ) -> Result<()> {
-        let s = Self::fc_shape(n, in_f, out_f);
+        let s = ConvShape::fc(n, in_f, out_f);
         self.conv_fprop(&s, x, w, ConvOut::dense(y, out_f), imp)?;
         let (ni, oi) = (n as i32, out_f as i32);
         cuda_launch!(
@@ -554,7 +533,7 @@ impl CudaBackend {
         accumulate: bool,
         imp: Option<ConvImpl>,
     ) -> Result<()> {
-        let s = Self::fc_shape(n, in_f, out_f);
+        let s = ConvShape::fc(n, in_f, out_f);
         let out = ConvOut {
             accumulate,
             ..ConvOut::dense(dx, in_f)
@@ -577,7 +556,7 @@ impl CudaBackend {
         ws_elems: usize,
         imp: Option<ConvImpl>,
     ) -> Result<()> {
-        let s = Self::fc_shape(n, in_f, out_f);
+        let s = ConvShape::fc(n, in_f, out_f);
         self.conv_wgrad(&s, x, dy, dw, false, ws, ws_elems, imp)?;
         let (ni, oi, acc) = (n as i32, out_f as i32, 0i32);
         cuda_launch!(
@@ -594,7 +573,7 @@ impl CudaBackend {
 
     /// Workspace (fp32 elements) of [`Self::linear_backward_weight`].
     pub fn linear_workspace(&self, n: usize, in_f: usize, out_f: usize) -> usize {
-        self.conv_wgrad_workspace(&Self::fc_shape(n, in_f, out_f))
+        self.conv_wgrad_workspace(&ConvShape::fc(n, in_f, out_f))
     }
 
     /// One fused RMSProp step over the flat parameter buffer; `grad_f16` picks the gradient type.

@@ -331,22 +331,7 @@ pub fn plan_conv_shapes(plan: &Plan) -> Vec<ConvShape> {
 }
 
 fn conv_label(s: &ConvShape) -> String {
-    let c = &s.conv;
-    format!(
-        "n{} {}x{}x{} -> {} k{}x{} s{} p{},{},{},{}",
-        s.n,
-        s.h,
-        s.w,
-        c.cin,
-        c.cout,
-        c.kh,
-        c.kw,
-        c.stride,
-        c.pad_top,
-        c.pad_bottom,
-        c.pad_left,
-        c.pad_right
-    )
+    format!("n{} {}", s.n, s.label())
 }
 
 impl SelfTest<'_> {
