@@ -302,25 +302,7 @@ pub fn plan_conv_shapes(plan: &Plan) -> Vec<ConvShape> {
             Op::Linear {
                 in_features,
                 out_features,
-            } => {
-                let conv = Conv2d {
-                    cin: *in_features,
-                    cout: *out_features,
-                    kh: 1,
-                    kw: 1,
-                    stride: 1,
-                    pad_top: 0,
-                    pad_bottom: 0,
-                    pad_left: 0,
-                    pad_right: 0,
-                };
-                ConvShape {
-                    conv,
-                    n: s[0],
-                    h: 1,
-                    w: 1,
-                }
-            }
+            } => ConvShape::fc(s[0], *in_features, *out_features),
             _ => continue,
         };
         if !out.contains(&shape) {
