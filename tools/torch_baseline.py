@@ -18,8 +18,9 @@ Differences from the engine that do not change throughput:
 - timm's head has no dropout by default; the engine's plan uses dropout 0.2 (one elementwise op).
 
 Runs on the GPU machine (Python 3.12, PyTorch 2.11, timm; no network: the model is built without
-pretrained weights). `--data DIR --epochs N` is reserved for a real-data run (ImageFolder) and is not
-implemented yet.
+pretrained weights). With `--data TRAIN --eval-data VAL --epochs N` it trains on real images instead
+(a file written by `inception-engine pack`, or an ImageFolder) with the engine's recipe and reports
+accuracy per epoch: see tools/torch_realdata.py.
 
     python3 tools/torch_baseline.py --mode both --batch-size 128 --image-size 299 --steps 30 --warmup 10
 """
@@ -44,8 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW (for comparison)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode: default, reduce-overhead or max-autotune")
-    p.add_argument("--data", default=None, help="ImageFolder root for a real-data run (not implemented yet)")
+    p.add_argument("--data", default=None, help="training images for a real-data run: a .pack file or an ImageFolder")
+    p.add_argument("--eval-data", default=None, help="evaluation images of the real-data run")
     p.add_argument("--epochs", type=int, default=1, help="epochs of the real-data run (with --data)")
+    p.add_argument("--lr-max", type=float, default=None, help="real-data run: peak lr (default 0.4*batch/1024)")
+    p.add_argument("--crop-min", type=float, default=0.08, help="real-data run: smallest crop area")
+    p.add_argument("--jitter", type=float, default=0.4, help="real-data run: colour jitter strength")
+    p.add_argument("--workers", type=int, default=16, help="real-data run: loader processes")
+    p.add_argument("--seed", type=int, default=1, help="real-data run: seed")
     p.add_argument("--json-out", default=None, help="also write the final JSON to this file")
     return p.parse_args(argv)
 
@@ -115,8 +122,10 @@ def run_mode(mode, args, torch, timm):
 def main(argv=None):
     args = parse_args(argv)
     if args.data is not None:
-        print("--data: the real-data mode is not implemented yet (synthetic data only)", file=sys.stderr)
-        return 2
+        import os
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import torch_realdata
+        return torch_realdata.run(args)
     import torch
     import timm
 
