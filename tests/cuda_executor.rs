@@ -6,7 +6,7 @@
 use inception_engine::backend::cuda::arena::{
     self, elem_bytes, ParamSlots, PARAM_ELEM_BYTES, SLOT_ALIGN,
 };
-use inception_engine::backend::cuda::executor::check_amp;
+use inception_engine::backend::cuda::executor::{check_amp, check_batch, check_state};
 use inception_engine::backend::cuda::step_plan::{check_program, Launch, StepProgram};
 use inception_engine::backend::cuda::CudaTrainer;
 use inception_engine::backend::{self, cuda_probe, resolve_device, Amp, Device};
@@ -178,6 +178,33 @@ fn step_program_check_rejects_broken_programs() {
 }
 
 #[test]
+fn step_program_check_rejects_a_misplaced_overflow_check_or_stem_padding() {
+    let (plan, bwd) = build("tiny", 2, 32);
+    let stem = arena::stem_conv(&plan);
+    let good = StepProgram::new(&plan, &bwd, stem).train;
+    check_program(&plan, &bwd, &good).unwrap();
+    let mut no_check = good.clone();
+    no_check.retain(|l| *l != Launch::OverflowCheck);
+    assert!(check_program(&plan, &bwd, &no_check).is_err());
+    let mut check_after_update = no_check.clone();
+    check_after_update.push(Launch::OverflowCheck);
+    assert!(check_program(&plan, &bwd, &check_after_update).is_err());
+    let node = stem.unwrap();
+    let mut late_pad = good.clone();
+    let p = late_pad
+        .iter()
+        .position(|l| *l == Launch::PadStem { node })
+        .unwrap();
+    let pad = late_pad.remove(p);
+    let f = late_pad
+        .iter()
+        .position(|l| *l == Launch::Forward { node })
+        .unwrap();
+    late_pad.insert(f + 1, pad);
+    assert!(check_program(&plan, &bwd, &late_pad).is_err());
+}
+
+#[test]
 fn memory_estimate_adds_up() {
     let (plan, bwd) = build("v4", 128, 299);
     let mem = arena::arena_plan(&plan, &bwd, Amp::O2);
@@ -274,4 +301,40 @@ fn the_standalone_relu_kernels_have_the_signatures_the_executor_launches() {
     assert!(src.contains(
         "relu_bwd(const __half* y, const __half* dy, u64 count, __half* dx, int accumulate)"
     ));
+}
+
+#[test]
+fn mismatched_model_or_optimizer_state_is_an_error_not_a_panic() {
+    let (plan, _) = build("tiny", 2, 32);
+    let layout = ParamLayout::new(&plan);
+    let model = ModelState::init(&plan, 1);
+    let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
+    check_state(&plan, &layout, &model, &optim).unwrap();
+    let mut short_mom = optim.clone();
+    short_mom.mom.pop();
+    assert!(check_state(&plan, &layout, &model, &short_mom).is_err());
+    let mut long_decay = optim.clone();
+    long_decay
+        .decay
+        .push((layout.param_len..layout.param_len + 4, true));
+    assert!(check_state(&plan, &layout, &model, &long_decay).is_err());
+    let mut short_params = model.clone();
+    short_params.params.pop();
+    assert!(check_state(&plan, &layout, &short_params, &optim).is_err());
+    let mut short_states = model;
+    short_states.states.pop();
+    assert!(check_state(&plan, &layout, &short_states, &optim).is_err());
+}
+
+#[test]
+fn batches_are_checked_before_staging() {
+    let (plan, _) = build("tiny", 2, 32);
+    let images = vec![0.0; plan.tensor(plan.input).numel()];
+    check_batch(&plan, &images, Some(&[0, 9])).unwrap();
+    check_batch(&plan, &images, None).unwrap();
+    assert!(check_batch(&plan, &images[1..], None).is_err());
+    assert!(check_batch(&plan, &images, Some(&[0])).is_err());
+    // 10 classes: label 10 would make softmax-CE train on garbage without an error.
+    let err = check_batch(&plan, &images, Some(&[0, 10])).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
 }

@@ -59,9 +59,17 @@ impl CudaBackend {
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let mut funcs = HashMap::new();
         for compiled in nvrtc::compile_all(&arch)? {
+            // The CUBINs come from NVRTC 13.0: a driver older than CUDA 13 refuses them with a
+            // bare driver error, so the message names the driver's version.
             let module = ctx
                 .load_module(Ptx::from_binary(compiled.cubin.clone()))
-                .with_context(|| format!("loading the CUBIN of {}", compiled.file))?;
+                .with_context(|| {
+                    format!(
+                        "loading the CUBIN of {} (NVRTC 13.0 output; the driver supports CUDA {})",
+                        compiled.file,
+                        driver_cuda_version()
+                    )
+                })?;
             for k in &compiled.kernels {
                 let f = module
                     .load_function(&k.name)
@@ -165,6 +173,18 @@ impl CudaBackend {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         })
+    }
+}
+
+/// The CUDA version the driver supports, e.g. "13.0" ("unknown" when the query fails).
+fn driver_cuda_version() -> String {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: cuDriverGetVersion writes one int; the driver library is loaded (ensure_driver).
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        format!("{}.{}", v / 1000, v % 1000 / 10)
+    } else {
+        "unknown".into()
     }
 }
 

@@ -154,9 +154,7 @@ impl CudaTrainer {
     pub fn new(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
         check_amp(amp)?;
         let layout = ParamLayout::new(&plan);
-        if model.layout != layout || optim.len() != layout.param_len {
-            bail!("the model state does not fit the plan '{}'", plan.name);
-        }
+        check_state(&plan, &layout, &model, &optim)?;
         let be = CudaBackend::new(0)?;
         let bwd = derive(&plan);
         let mem = arena::arena_plan(&plan, &bwd, amp);
@@ -233,6 +231,9 @@ impl CudaTrainer {
 
     /// The last step's parameter gradients (still scaled by the loss scale), flat host order.
     pub fn grads(&self) -> Result<Vec<f32>> {
+        // Explicit, rather than relying on a pageable copy blocking: the step may still be running
+        // (fixed scaling returns before its backward), and an async kernel error surfaces here.
+        self.be.synchronize()?;
         Ok(self
             .params
             .gather(&self.be.stream.clone_dtoh(&self.dev.grads)?))
@@ -262,6 +263,9 @@ impl CudaTrainer {
 
     /// An arena tensor copied back as f32 (valid only while the planner keeps it alive).
     pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
+        if id >= self.offsets.len() {
+            bail!("tensor {id} is not a tensor of plan '{}'", self.plan.name);
+        }
         let count = if id < self.bwd.first_grad {
             self.plan.tensor(id).numel()
         } else {
@@ -302,12 +306,10 @@ impl CudaTrainer {
 
     /// Copies a batch into pinned memory and queues its async upload to the staging buffers.
     fn stage(&mut self, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
-        if images.len() != self.plan.tensor(self.plan.input).numel() {
-            bail!(
-                "image batch has the wrong size for plan '{}'",
-                self.plan.name
-            );
-        }
+        // Everything is checked before a pinned buffer is touched: bailing out between refilling
+        // the images and recording `inputs_read` would leave an upload in flight that the next
+        // `stage` does not wait for before overwriting its source.
+        check_batch(&self.plan, images, labels)?;
         let s = self.be.stream.clone();
         // The previous batch's uploads must be done before its pinned buffers are overwritten.
         self.pinned.inputs_read.synchronize()?;
@@ -318,9 +320,6 @@ impl CudaTrainer {
             .for_each(|(d, s)| d.copy_from_slice(s));
         s.memcpy_htod(&self.pinned.images, &mut self.dev.images)?;
         if let Some(labels) = labels {
-            if labels.len() != self.plan.batch() {
-                bail!("label batch has the wrong size");
-            }
             let dst = self.pinned.labels.as_mut_slice()?;
             dst.iter_mut().zip(labels).for_each(|(d, &l)| *d = l as f32);
             s.memcpy_htod(&self.pinned.labels, &mut self.dev.labels)?;
@@ -813,6 +812,8 @@ impl Backend for CudaTrainer {
     }
 
     fn state(&mut self) -> Result<(ModelState, RmsProp)> {
+        // See `grads`: the last step's update may still be queued.
+        self.be.synchronize()?;
         let s = &self.be.stream;
         let params = self.params.gather(&s.clone_dtoh(&self.dev.master)?);
         let states = self.states.gather(&s.clone_dtoh(&self.dev.states)?);
@@ -826,6 +827,68 @@ impl Backend for CudaTrainer {
         };
         Ok((model, optim))
     }
+}
+
+impl Drop for CudaTrainer {
+    /// Waits for queued work before the buffers go: freeing pinned host memory that an async copy
+    /// still reads (after an error in the middle of queuing a step) is undefined behaviour, and
+    /// cudarc's own pinned-buffer events are not recorded with a single stream (see [`Pinned`]).
+    fn drop(&mut self) {
+        let _ = self.be.synchronize();
+    }
+}
+
+/// Checks that a model and optimizer state fit the plan's layout (every buffer the upload
+/// scatters), so a mismatch is an error rather than an out-of-range panic.
+pub fn check_state(
+    plan: &Plan,
+    layout: &ParamLayout,
+    model: &ModelState,
+    optim: &RmsProp,
+) -> Result<()> {
+    let n = layout.param_len;
+    let fits = model.layout == *layout
+        && model.params.len() == n
+        && model.states.len() == layout.state_len
+        && optim.ms.len() == n
+        && optim.mom.len() == n
+        && optim
+            .decay
+            .iter()
+            .all(|(r, _)| r.start <= r.end && r.end <= n);
+    if !fits {
+        bail!("the model state does not fit the plan '{}'", plan.name);
+    }
+    Ok(())
+}
+
+/// Checks a batch against the plan before it is staged: the image and label counts, and labels
+/// inside the class range (softmax-CE would silently train on an out-of-range label).
+pub fn check_batch(plan: &Plan, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
+    if images.len() != plan.tensor(plan.input).numel() {
+        bail!(
+            "image batch has {} values, plan '{}' takes {}",
+            images.len(),
+            plan.name,
+            plan.tensor(plan.input).numel()
+        );
+    }
+    let Some(labels) = labels else {
+        return Ok(());
+    };
+    if labels.len() != plan.batch() {
+        bail!(
+            "label batch has {} labels, plan '{}' takes {}",
+            labels.len(),
+            plan.name,
+            plan.batch()
+        );
+    }
+    let classes = *plan.shape(plan.logits).last().unwrap_or(&0);
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+        bail!("label {bad} is out of range for {classes} classes");
+    }
+    Ok(())
 }
 
 impl DeviceBuffers {

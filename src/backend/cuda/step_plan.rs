@@ -198,5 +198,25 @@ fn check_coverage(plan: &Plan, bwd: &BackwardPlan, program: &[Launch]) -> Result
     if update.is_none() || update < last_bwd {
         bail!("the update must run once, after every backward step");
     }
+    // The update skips itself on the device overflow flag: a check after it (or none) would let
+    // an overflowed step through on the device while the host scaler counts it as skipped.
+    let checks: Vec<usize> = positions(program, |l| l == Launch::OverflowCheck);
+    if checks.len() != 1 || Some(checks[0]) < last_bwd || Some(checks[0]) > update {
+        bail!("the overflow check must run once, between the last backward step and the update");
+    }
+    // The stem forward reads the padded copies, which only PadStem writes (outside the arena, so
+    // the written-before-read check cannot see them).
+    for (i, &l) in program.iter().enumerate() {
+        if let Launch::PadStem { node } = l {
+            let fwd = positions(program, |x| x == Launch::Forward { node });
+            if fwd.iter().any(|&f| f < i) {
+                bail!("the stem padding of node {node} must precede its forward");
+            }
+        }
+    }
     Ok(())
+}
+
+fn positions(program: &[Launch], f: impl Fn(Launch) -> bool) -> Vec<usize> {
+    (0..program.len()).filter(|&i| f(program[i])).collect()
 }
