@@ -18,7 +18,7 @@ extern "C" __global__ void overflow_check_f16(const __half* g, u64 count, int* f
     }
 }
 
-// Mirrored by `RmspropParams` in src/backend/cuda/optim.rs.
+// Mirrored by `RmspropParams` in src/backend/cuda/ops.rs.
 struct RmspropParams {
     float* w;             // fp32 master weights
     __half* w16;          // fp16 working copy (may be null)

@@ -5,7 +5,7 @@
 // pooling branch can write straight into its concat slice.
 #include "common.cuh"
 
-// Mirrored by `PoolParams` in src/backend/cuda/pool.rs.
+// Mirrored by `PoolParams` in src/backend/cuda/ops.rs.
 struct PoolParams {
     const __half* x;
     const __half* dy;

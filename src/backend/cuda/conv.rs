@@ -317,18 +317,26 @@ fn plain_wgrad_splits(s: &ConvShape, num_sms: u32) -> usize {
 /// The tensor-core kernels read operands with 16-byte cp.async and write pairs of halves: a
 /// misaligned tensor would fault (and poison the CUDA context), so it is refused up front. Arena
 /// tensors must therefore start on 16-byte boundaries.
+/// The epilogue stores `__half2` at `out + m * ldc + c_offset + n` (n even), so `ldc` and
+/// `c_offset` must be even as well: `tc_supported(.., None)` in the launchers does not see them,
+/// and a caller forcing `ConvImpl::Tc` onto an odd concat slice would otherwise fault.
 fn check_tc_alignment(p: &ConvParams) -> Result<()> {
     let misaligned = [p.x, p.w, p.dy, p.ws]
         .iter()
         .any(|&a| !a.is_multiple_of(16))
-        || !p.out.is_multiple_of(4);
+        || !p.out.is_multiple_of(4)
+        || p.ldc % 2 != 0
+        || p.c_offset % 2 != 0;
     if misaligned {
         bail!(
-            "tensor-core conv needs 16-byte aligned operands (x {:#x}, w {:#x}, dy {:#x}, out {:#x})",
+            "tensor-core conv needs 16-byte aligned operands and an even output stride/offset \
+             (x {:#x}, w {:#x}, dy {:#x}, out {:#x}, ldc {}, c_offset {})",
             p.x,
             p.w,
             p.dy,
-            p.out
+            p.out,
+            p.ldc,
+            p.c_offset
         );
     }
     Ok(())

@@ -483,7 +483,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let (ni, ki) = (n as i32, k as i32);
-        let (name, lab) = match labels {
+        let (name, lab): (&str, DevPtr) = match labels {
             Labels::I32(p) => ("softmax_ce_i32", p),
             Labels::F32(p) => ("softmax_ce_f32", p),
         };
