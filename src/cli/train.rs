@@ -138,7 +138,7 @@ pub fn config_from(a: &Args) -> Result<TrainConfig> {
             .out
             .clone()
             .unwrap_or_else(|| PathBuf::from(if demo { "runs/demo" } else { "runs/train" })),
-        epochs: a.epochs.unwrap_or(if demo { 3 } else { 250 }),
+        epochs: a.epochs.unwrap_or(if demo { 8 } else { 250 }),
         batch_size: batch,
         image_size: a.image_size.unwrap_or(if demo { 75 } else { 299 }),
         device: a.device,
