@@ -70,10 +70,6 @@ impl CpuExecutor {
         &self.plan
     }
 
-    pub fn backward_plan(&self) -> &BackwardPlan {
-        &self.bwd
-    }
-
     /// Number of trainable scalars (the length of the flat parameter and gradient buffers).
     pub fn param_len(&self) -> usize {
         self.params.values().map(|v| v.1).sum()

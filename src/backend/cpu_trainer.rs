@@ -35,16 +35,8 @@ impl CpuTrainer {
         })
     }
 
-    pub fn plan(&self) -> &Plan {
-        self.exec.plan()
-    }
-
     pub fn executor_mut(&mut self) -> &mut CpuExecutor {
         &mut self.exec
-    }
-
-    pub fn model(&self) -> &ModelState {
-        &self.model
     }
 }
 
