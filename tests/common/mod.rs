@@ -29,7 +29,8 @@ pub fn project(y: &[f32], r: &[f32]) -> f64 {
     y.iter().zip(r).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
 
-/// Compare an analytic gradient of `loss(x)` against central differences at `coords` (all if None).
+/// Compare an analytic gradient of `loss(x)` against central differences at every coordinate (400
+/// spread over `x` when it is larger).
 /// Panics with the worst coordinate when the relative error exceeds `tol`.
 pub fn check_grad(
     name: &str,
