@@ -31,7 +31,7 @@ pub fn project(y: &[f32], r: &[f32]) -> f64 {
 
 /// Compare an analytic gradient of `loss(x)` against central differences at every coordinate (400
 /// spread over `x` when it is larger).
-/// Panics with the worst coordinate when the relative error exceeds `tol`.
+/// Panics naming the first coordinate whose error, relative to the largest gradient, exceeds `tol`.
 pub fn check_grad(
     name: &str,
     x: &[f32],
