@@ -7,13 +7,16 @@ use inception_engine::backend::cuda::arena::{
     self, elem_bytes, ParamSlots, PARAM_ELEM_BYTES, SLOT_ALIGN,
 };
 use inception_engine::backend::cuda::executor::{check_amp, check_batch, check_state};
-use inception_engine::backend::cuda::step_plan::{check_program, Launch, StepProgram};
+use inception_engine::backend::cuda::fusion::{channels, Fusion};
+use inception_engine::backend::cuda::step_plan::{
+    accesses, check_program, program_lifetimes, Launch, StepProgram,
+};
 use inception_engine::backend::cuda::CudaTrainer;
 use inception_engine::backend::{self, cuda_probe, resolve_device, Amp, Device};
 use inception_engine::params::ModelState;
 use inception_engine::params::ParamLayout;
 use inception_engine::plan::backward::{derive, BackwardPlan};
-use inception_engine::plan::memory::{lifetimes, MemoryPlan, ALIGN};
+use inception_engine::plan::memory::{MemoryPlan, ALIGN};
 use inception_engine::plan::{self, Op, Plan, PlanConfig, TensorKind};
 use inception_engine::train::{RmsProp, RmsPropConfig};
 
@@ -31,6 +34,23 @@ fn build(name: &str, batch: usize, size: usize) -> (Plan, BackwardPlan) {
 
 fn plans() -> Vec<(Plan, BackwardPlan)> {
     vec![build("tiny", 8, 32), build("v4", 8, 299)]
+}
+
+/// The device program and arena of a plan with the executor's fusion, or with none.
+fn device(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fused: bool,
+    amp: Amp,
+) -> (Fusion, StepProgram, MemoryPlan) {
+    let fusion = if fused {
+        Fusion::new(plan, bwd)
+    } else {
+        Fusion::none(plan, bwd)
+    };
+    let program = StepProgram::new(plan, bwd, &fusion, arena::stem_conv(plan));
+    let mem = arena::arena_plan(plan, bwd, &fusion, &program.train, amp);
+    (fusion, program, mem)
 }
 
 /// Tensors alive at the same time never share bytes; every offset is 256-aligned and in the arena.
@@ -60,10 +80,12 @@ fn assert_no_overlap(mem: &MemoryPlan) {
 fn arena_fits_every_tensor_without_live_overlap_at_each_amp_level() {
     for (plan, bwd) in plans() {
         for amp in [Amp::O0, Amp::O2, Amp::O3] {
-            let mem = arena::arena_plan(&plan, &bwd, amp);
-            let placed = lifetimes(&plan, &bwd).iter().flatten().count();
-            assert_eq!(mem.placements.len(), placed, "{} {amp:?}", plan.name);
-            assert_no_overlap(&mem);
+            for fused in [false, true] {
+                let (fusion, program, mem) = device(&plan, &bwd, fused, amp);
+                let life = program_lifetimes(&plan, &bwd, &fusion, &program.train);
+                assert_eq!(mem.placements.len(), life.iter().flatten().count());
+                assert_no_overlap(&mem);
+            }
         }
     }
 }
@@ -86,25 +108,151 @@ fn element_sizes_follow_the_amp_level() {
         assert_eq!(elem_bytes(&plan, amp, plan.labels), 4);
         assert_eq!(elem_bytes(&plan, amp, plan.loss), 4);
     }
-    let bytes = |amp| arena::arena_plan(&plan, &bwd, amp).total_bytes;
+    let bytes = |amp| device(&plan, &bwd, true, amp).2.total_bytes;
     assert!(bytes(Amp::O2) < bytes(Amp::O0));
 }
 
 #[test]
-fn concat_inputs_and_output_are_separate_while_both_alive() {
-    // Concatenation copies branches into the block output (no aliasing yet): the planner must
-    // keep each branch and the output apart while the copy runs.
+fn v4_fuses_every_bn_relu_and_concatenates_without_copies() {
     let (plan, bwd) = build("v4", 8, 299);
-    let mem = arena::arena_plan(&plan, &bwd, Amp::O2);
-    let place = |t| mem.placements.iter().find(|p| p.tensor == t).unwrap();
-    for node in plan.nodes.iter().filter(|n| n.op == Op::Concat) {
-        let y = place(node.outputs[0]);
-        for &x in &node.inputs {
-            let x = place(x);
-            let disjoint = x.offset + x.bytes <= y.offset || y.offset + y.bytes <= x.offset;
-            assert!(disjoint, "{}: branch overlaps the output", node.name);
+    let fusion = Fusion::new(&plan, &bwd);
+    for (i, node) in plan.nodes.iter().enumerate() {
+        match node.op {
+            Op::BatchNorm { .. } => assert!(fusion.relu_after[i].is_some(), "{}", node.name),
+            Op::Relu => assert!(fusion.absorbed[i], "{}", node.name),
+            Op::Concat => {
+                assert!(!fusion.concat_copies(&plan, &bwd, i), "{}", node.name);
+                let (y, gy) = (node.outputs[0], bwd.grad_of[node.outputs[0]].unwrap());
+                let mut channel = 0;
+                for &x in &node.inputs {
+                    // Each branch and its gradient are their channels of the block output.
+                    let (v, g) = (
+                        fusion.view[x].unwrap(),
+                        fusion.view[bwd.grad_of[x].unwrap()].unwrap(),
+                    );
+                    assert_eq!(
+                        (v.root, v.channel, v.ld),
+                        (y, channel, channels(&plan, &bwd, y))
+                    );
+                    assert_eq!((g.root, g.channel, g.ld), (gy, channel, v.ld));
+                    channel += channels(&plan, &bwd, x);
+                }
+            }
+            _ => {}
         }
     }
+    let program = StepProgram::new(&plan, &bwd, &fusion, arena::stem_conv(&plan));
+    let fused_away = |l: &Launch| match *l {
+        Launch::Forward { node } => matches!(plan.nodes[node].op, Op::Relu | Op::Concat),
+        Launch::Backward { step } => {
+            matches!(plan.nodes[bwd.steps[step].node].op, Op::Relu | Op::Concat)
+        }
+        _ => false,
+    };
+    assert!(!program.train.iter().any(fused_away));
+    // Fewer tensors and no copies: the fused arena is smaller.
+    let peak = |fused| device(&plan, &bwd, fused, Amp::O2).2.peak_bytes;
+    let (plain, fused) = (peak(false), peak(true));
+    eprintln!(
+        "v4 b8 O2 arena: {:.1} MiB unfused, {:.1} MiB fused",
+        plain as f64 / 1048576.0,
+        fused as f64 / 1048576.0
+    );
+    assert!(fused * 10 < plain * 9, "{fused} vs {plain}");
+}
+
+/// Replays a training program on a model of the arena. Every write stamps the 2-byte units it
+/// covers with the writer's root tensor; every read checks that each unit it covers still carries
+/// its own root's stamp. A placement overlap, a lifetime that ends too early, a tensor read before
+/// it is written, or a concatenation whose slices leave channels unwritten fails here.
+fn replay(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fusion: &Fusion,
+    program: &[Launch],
+    mem: &MemoryPlan,
+    amp: Amp,
+) -> Result<(), String> {
+    let offsets = arena::offsets(plan, mem, fusion, amp);
+    let mut stamp = vec![usize::MAX; mem.peak_bytes / 2 + 1];
+    let units = |t: usize| -> Vec<usize> {
+        let (elem, c, ld) = (
+            elem_bytes(plan, amp, t),
+            channels(plan, &bwd, t),
+            fusion.ld(plan, bwd, t),
+        );
+        let count = if t < bwd.first_grad {
+            plan.tensors[t].numel()
+        } else {
+            bwd.grad_tensor(t).numel()
+        };
+        let off = offsets[t].unwrap_or_else(|| panic!("tensor {t} has no storage"));
+        (0..count)
+            .flat_map(|i| {
+                let byte = off + (i / c * ld + i % c) * elem;
+                (byte / 2..(byte + elem) / 2).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for (time, &launch) in program.iter().enumerate() {
+        let (reads, writes) = accesses(plan, bwd, fusion, launch, true);
+        for t in reads {
+            let root = fusion.root(t);
+            if let Some(u) = units(t).into_iter().find(|&u| stamp[u] != root) {
+                return Err(format!(
+                    "{launch:?} (time {time}) reads tensor {t} at unit {u}, stamped {}",
+                    stamp[u] as isize
+                ));
+            }
+        }
+        for t in writes {
+            let root = fusion.root(t);
+            units(t).into_iter().for_each(|u| stamp[u] = root);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn replaying_the_program_on_the_arena_finds_every_read_intact() {
+    let cases = [build("tiny", 2, 32), build("v4", 1, 75)];
+    for (plan, bwd) in &cases {
+        for (fused, amp) in [
+            (true, Amp::O2),
+            (false, Amp::O2),
+            (true, Amp::O0),
+            (true, Amp::O3),
+        ] {
+            let (fusion, program, mem) = device(plan, bwd, fused, amp);
+            replay(plan, bwd, &fusion, &program.train, &mem, amp)
+                .unwrap_or_else(|e| panic!("{} fused={fused} {amp:?}: {e}", plan.name));
+        }
+    }
+}
+
+#[test]
+fn replay_catches_two_live_tensors_sharing_memory() {
+    // Move the first block output onto the input image, which the first convolution's backward
+    // still reads at the end of the step: the replay must notice the overwritten image.
+    let (plan, bwd) = build("tiny", 2, 32);
+    let (fusion, program, mut mem) = device(&plan, &bwd, true, Amp::O2);
+    replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2).unwrap();
+    let cat = plan
+        .nodes
+        .iter()
+        .find(|n| n.op == Op::Concat)
+        .unwrap()
+        .outputs[0];
+    let input = mem
+        .placements
+        .iter()
+        .find(|p| p.tensor == plan.input)
+        .unwrap()
+        .offset;
+    let moved = mem.placements.iter_mut().find(|p| p.tensor == cat).unwrap();
+    moved.offset = input;
+    mem.peak_bytes = mem.peak_bytes.max(input + moved.bytes);
+    assert!(replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2).is_err());
 }
 
 #[test]
@@ -136,59 +284,80 @@ fn step_program_covers_every_node_and_step_once_in_a_valid_order() {
     for (plan, bwd) in plans() {
         let stem = arena::stem_conv(&plan);
         assert_eq!(stem, Some(0), "{}: the 3-channel stem is padded", plan.name);
-        let program = StepProgram::new(&plan, &bwd, stem);
-        check_program(&plan, &bwd, &program.train).unwrap();
-        let loss_fwd = program.infer.iter().any(|l| {
-            matches!(l, Launch::Forward { node } if matches!(plan.nodes[*node].op, Op::SoftmaxCrossEntropy { .. }))
-        });
-        assert!(!loss_fwd, "inference computes no loss");
-        assert_eq!(program.infer.len(), plan.nodes.len() + 1);
+        for fused in [false, true] {
+            let (fusion, program, _) = device(&plan, &bwd, fused, Amp::O2);
+            check_program(&plan, &bwd, &fusion, &program.train).unwrap();
+            let loss_fwd = program.infer.iter().any(|l| {
+                matches!(l, Launch::Forward { node } if matches!(plan.nodes[*node].op, Op::SoftmaxCrossEntropy { .. }))
+            });
+            assert!(!loss_fwd, "inference computes no loss");
+            // Load, pad, and every node but the loss and those fused away.
+            let gone = |op: &Op| fused && matches!(op, Op::Relu | Op::Concat);
+            let kept = plan.nodes.iter().filter(|n| !gone(&n.op)).count();
+            assert_eq!(program.infer.len(), kept + 1);
+        }
     }
 }
 
 #[test]
 fn step_program_check_rejects_broken_programs() {
     let (plan, bwd) = build("tiny", 2, 32);
-    let good = StepProgram::new(&plan, &bwd, None).train;
+    let fusion = Fusion::new(&plan, &bwd);
+    let good = StepProgram::new(&plan, &bwd, &fusion, None).train;
+    check_program(&plan, &bwd, &fusion, &good).unwrap();
+    let bad = |program: &[Launch]| check_program(&plan, &bwd, &fusion, program).is_err();
     let mut missing = good.clone();
     missing.retain(|l| *l != Launch::Forward { node: 3 });
-    assert!(check_program(&plan, &bwd, &missing).is_err());
+    assert!(bad(&missing));
     let mut twice = good.clone();
     twice.insert(5, Launch::Backward { step: 0 });
-    assert!(check_program(&plan, &bwd, &twice).is_err());
+    assert!(bad(&twice));
+    let pos = |l: Launch| good.iter().position(|&x| x == l).unwrap();
     let mut swapped = good.clone();
-    let (a, b) = (
-        good.iter()
-            .position(|l| *l == Launch::Forward { node: 0 })
-            .unwrap(),
-        good.iter()
-            .position(|l| *l == Launch::Forward { node: 1 })
-            .unwrap(),
+    swapped.swap(
+        pos(Launch::Forward { node: 0 }),
+        pos(Launch::Forward { node: 1 }),
     );
-    swapped.swap(a, b);
-    assert!(check_program(&plan, &bwd, &swapped).is_err());
-    let mut late_update = good;
-    let u = late_update
-        .iter()
-        .position(|l| *l == Launch::Update)
-        .unwrap();
-    let upd = late_update.remove(u);
+    assert!(bad(&swapped));
+    let mut late_update = good.clone();
+    let upd = late_update.remove(pos(Launch::Update));
     late_update.insert(1, upd);
-    assert!(check_program(&plan, &bwd, &late_update).is_err());
+    assert!(bad(&late_update));
+    // A ReLU the BN absorbed must not run again (its input is never materialised).
+    let relu = plan.nodes.iter().position(|n| n.op == Op::Relu).unwrap();
+    let mut unfused = good.clone();
+    unfused.insert(
+        pos(Launch::Forward { node: relu - 1 }) + 1,
+        Launch::Forward { node: relu },
+    );
+    assert!(bad(&unfused));
+    // The unfused program reads tensors the fused layout never stores.
+    let plain = StepProgram::new(&plan, &bwd, &Fusion::none(&plan, &bwd), None).train;
+    assert!(bad(&plain));
 }
 
 #[test]
-fn step_program_check_rejects_a_misplaced_overflow_check_or_stem_padding() {
+fn step_program_check_rejects_a_misplaced_tail_or_stem_padding() {
     let (plan, bwd) = build("tiny", 2, 32);
     let stem = arena::stem_conv(&plan);
-    let good = StepProgram::new(&plan, &bwd, stem).train;
-    check_program(&plan, &bwd, &good).unwrap();
+    let fusion = Fusion::new(&plan, &bwd);
+    let good = StepProgram::new(&plan, &bwd, &fusion, stem).train;
+    check_program(&plan, &bwd, &fusion, &good).unwrap();
+    let bad = |program: &[Launch]| check_program(&plan, &bwd, &fusion, program).is_err();
     let mut no_check = good.clone();
     no_check.retain(|l| *l != Launch::OverflowCheck);
-    assert!(check_program(&plan, &bwd, &no_check).is_err());
+    assert!(bad(&no_check));
     let mut check_after_update = no_check.clone();
     check_after_update.push(Launch::OverflowCheck);
-    assert!(check_program(&plan, &bwd, &check_after_update).is_err());
+    assert!(bad(&check_after_update));
+    let mut scale_first = good.clone();
+    scale_first.retain(|l| *l != Launch::ScaleUpdate);
+    let u = scale_first
+        .iter()
+        .position(|l| *l == Launch::Update)
+        .unwrap();
+    scale_first.insert(u, Launch::ScaleUpdate);
+    assert!(bad(&scale_first));
     let node = stem.unwrap();
     let mut late_pad = good.clone();
     let p = late_pad
@@ -201,13 +370,13 @@ fn step_program_check_rejects_a_misplaced_overflow_check_or_stem_padding() {
         .position(|l| *l == Launch::Forward { node })
         .unwrap();
     late_pad.insert(f + 1, pad);
-    assert!(check_program(&plan, &bwd, &late_pad).is_err());
+    assert!(bad(&late_pad));
 }
 
 #[test]
 fn memory_estimate_adds_up() {
     let (plan, bwd) = build("v4", 128, 299);
-    let mem = arena::arena_plan(&plan, &bwd, Amp::O2);
+    let (_, _, mem) = device(&plan, &bwd, true, Amp::O2);
     let layout = ParamLayout::new(&plan);
     let (p, s) = (
         ParamSlots::new(&layout.params),

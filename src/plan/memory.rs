@@ -102,7 +102,6 @@ pub fn plan_memory(
     bwd: &BackwardPlan,
     elem_bytes: impl Fn(TensorId) -> usize,
 ) -> MemoryPlan {
-    let life = lifetimes(plan, bwd);
     let numel = |id: TensorId| -> usize {
         if id < bwd.first_grad {
             plan.tensors[id].numel()
@@ -110,11 +109,17 @@ pub fn plan_memory(
             bwd.grad_tensor(id).numel()
         }
     };
+    place(&lifetimes(plan, bwd), |t| numel(t) * elem_bytes(t))
+}
+
+/// Place every tensor that has a lifetime, `bytes(t)` long, so that tensors alive at the same
+/// time never overlap.
+pub fn place(life: &[Option<Interval>], bytes: impl Fn(TensorId) -> usize) -> MemoryPlan {
     let mut order: Vec<TensorId> = (0..life.len()).filter(|&t| life[t].is_some()).collect();
-    order.sort_by_key(|&t| (std::cmp::Reverse(numel(t) * elem_bytes(t)), t));
+    order.sort_by_key(|&t| (std::cmp::Reverse(bytes(t)), t));
     let mut placed: Vec<Placement> = Vec::with_capacity(order.len());
     for t in order {
-        let bytes = numel(t) * elem_bytes(t);
+        let bytes = bytes(t);
         let l = life[t].unwrap();
         let offset = lowest_fit(&placed, l, bytes);
         placed.push(Placement {

@@ -4,11 +4,13 @@
 //! the CPU (tests/cuda_arena.rs).
 
 use super::conv::{wgrad_workspace_elems, ConvShape};
+use super::fusion::Fusion;
 use super::ops::bn_workspace;
+use super::step_plan::{program_lifetimes, Launch};
 use crate::backend::Amp;
 use crate::params::ParamEntry;
 use crate::plan::backward::BackwardPlan;
-use crate::plan::memory::{plan_memory, MemoryPlan, ALIGN};
+use crate::plan::memory::{place, MemoryPlan, ALIGN};
 use crate::plan::{Op, Plan, TensorId, TensorKind};
 
 /// Parameter slots start on multiples of this many elements (256 bytes in fp32, 128 in fp16), so
@@ -33,16 +35,40 @@ pub fn elem_bytes(plan: &Plan, amp: Amp, t: TensorId) -> usize {
     }
 }
 
-/// The arena of one training step at an AMP level: the planner's offsets for these element sizes.
-pub fn arena_plan(plan: &Plan, bwd: &BackwardPlan, amp: Amp) -> MemoryPlan {
-    plan_memory(plan, bwd, |t| elem_bytes(plan, amp, t))
+/// Elements of a forward or gradient tensor.
+fn numel(plan: &Plan, bwd: &BackwardPlan, t: TensorId) -> usize {
+    if t < bwd.first_grad {
+        plan.tensors[t].numel()
+    } else {
+        bwd.grad_tensor(t).numel()
+    }
 }
 
-/// Byte offset of every arena tensor (None for parameters and state), indexed by tensor id.
-pub fn offsets(mem: &MemoryPlan, n_tensors: usize) -> Vec<Option<usize>> {
-    let mut out = vec![None; n_tensors];
+/// The arena of one training step at an AMP level: every tensor with storage of its own placed
+/// over the lifetimes of the fused program (slices live inside their roots).
+pub fn arena_plan(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fusion: &Fusion,
+    program: &[Launch],
+    amp: Amp,
+) -> MemoryPlan {
+    let life = program_lifetimes(plan, bwd, fusion, program);
+    place(&life, |t| numel(plan, bwd, t) * elem_bytes(plan, amp, t))
+}
+
+/// Byte offset of every arena tensor, indexed by tensor id: its placement, or for a slice its
+/// root's placement plus the slice's first channel. None for parameters, state and tensors that
+/// are never materialised.
+pub fn offsets(plan: &Plan, mem: &MemoryPlan, fusion: &Fusion, amp: Amp) -> Vec<Option<usize>> {
+    let mut out = vec![None; fusion.view.len()];
     for p in &mem.placements {
         out[p.tensor] = Some(p.offset);
+    }
+    for (t, v) in fusion.view.iter().enumerate() {
+        if let Some(v) = v {
+            out[t] = out[v.root].map(|o| o + v.channel * elem_bytes(plan, amp, t));
+        }
     }
     out
 }

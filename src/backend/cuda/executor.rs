@@ -35,6 +35,7 @@ use std::collections::HashMap;
 
 use super::arena::{self, MemoryEstimate, ParamSlots, STEM_CHANNELS};
 use super::conv::{ConvOut, ConvShape};
+use super::fusion::{self, Fusion};
 use super::ops::{BnArgs, Labels, PoolShape, RmspropParams};
 use super::step_plan::{check_program, Launch, StepProgram};
 use super::{CudaBackend, DevPtr};
@@ -132,6 +133,8 @@ pub struct CudaTrainer {
     plan: Plan,
     bwd: BackwardPlan,
     program: StepProgram,
+    /// BN+ReLU fusion and the concat slices the program and arena were built with.
+    fusion: Fusion,
     amp: Amp,
     layout: ParamLayout,
     params: ParamSlots,
@@ -157,17 +160,18 @@ impl CudaTrainer {
         check_state(&plan, &layout, &model, &optim)?;
         let be = CudaBackend::new(0)?;
         let bwd = derive(&plan);
-        let mem = arena::arena_plan(&plan, &bwd, amp);
+        let fusion = Fusion::new(&plan, &bwd);
+        let stem = arena::stem_conv(&plan);
+        // Cheap, and it turns a program/plan mismatch into an error before anything launches.
+        let program = StepProgram::new(&plan, &bwd, &fusion, stem);
+        check_program(&plan, &bwd, &fusion, &program.train)?;
+        let mem = arena::arena_plan(&plan, &bwd, &fusion, &program.train, amp);
         let (params, states) = (
             ParamSlots::new(&layout.params),
             ParamSlots::new(&layout.states),
         );
         let estimate = arena::estimate(&plan, &mem, &params, &states, be.num_sms);
         check_free_memory(&be, &plan, &estimate)?;
-        let stem = arena::stem_conv(&plan);
-        // Cheap, and it turns a program/planner mismatch into an error before anything launches.
-        let program = StepProgram::new(&plan, &bwd, stem);
-        check_program(&plan, &bwd, &program.train)?;
         let ws_elems = arena::workspace_elems(&plan, be.num_sms);
         let dev = DeviceBuffers::alloc(&be, &plan, &mem, &params, &states, ws_elems)
             .map_err(|e| oom_error(e, &plan, &estimate))?;
@@ -183,7 +187,8 @@ impl CudaTrainer {
             .collect();
         let mut trainer = CudaTrainer {
             program,
-            offsets: arena::offsets(&mem, bwd.first_grad + bwd.grads.len()),
+            offsets: arena::offsets(&plan, &mem, &fusion, amp),
+            fusion,
             be,
             plan,
             bwd,
@@ -261,28 +266,44 @@ impl CudaTrainer {
         self.be.synchronize()
     }
 
-    /// An arena tensor copied back as f32 (valid only while the planner keeps it alive).
+    /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
+    /// absorbs, and that output's gradient).
+    pub fn stores(&self, id: TensorId) -> bool {
+        id < self.offsets.len() && !self.fusion.elided[id]
+    }
+
+    /// An arena tensor copied back as f32 (valid only while the planner keeps it alive). A slice
+    /// is gathered from its root's rows.
     pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
         if id >= self.offsets.len() {
             bail!("tensor {id} is not a tensor of plan '{}'", self.plan.name);
         }
+        if self.fusion.elided[id] {
+            bail!("tensor {id} is fused away on the device (a BN output its ReLU absorbs)");
+        }
+        let off = self.offsets[id].context("tensor has an arena placement")?;
+        let elem = arena::elem_bytes(&self.plan, self.amp, id);
+        let (c, ld) = (fusion::channels(&self.plan, &self.bwd, id), self.ld(id));
         let count = if id < self.bwd.first_grad {
             self.plan.tensor(id).numel()
         } else {
             self.bwd.grad_tensor(id).numel()
         };
-        if arena::elem_bytes(&self.plan, self.amp, id) == 2 {
-            return self.read_f16(id, count);
-        }
-        let off = self.offsets[id].context("tensor has an arena placement")?;
+        let rows = count / c;
+        // The span from the first element of the first row to the last of the last row.
+        let span = elem * ((rows - 1) * ld + c);
         let bytes = self
             .be
             .stream
-            .clone_dtoh(&self.dev.arena.slice(off..off + 4 * count))?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+            .clone_dtoh(&self.dev.arena.slice(off..off + span))?;
+        let value = |i: usize| -> f32 {
+            let b = &bytes[i * elem..(i + 1) * elem];
+            match elem {
+                2 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            }
+        };
+        Ok((0..count).map(|i| value(i / c * ld + i % c)).collect())
     }
 
     /// Writes the fp32 masters, their fp16 copy, BN statistics, optimizer state and decay mask.
@@ -397,13 +418,20 @@ impl CudaTrainer {
             ),
             Launch::OverflowCheck => Ok(()),
             Launch::Update => self.update(a),
+            Launch::ScaleUpdate => Ok(()),
         }
     }
 
-    /// Address of an arena tensor (forward or gradient id).
+    /// Address of an arena tensor (forward or gradient id); a slice's address is its first
+    /// channel in its root.
     fn t(&self, id: TensorId) -> DevPtr {
         let off = self.offsets[id].expect("tensor has an arena placement");
         self.ptr.arena + off as u64
+    }
+
+    /// Row stride of an arena tensor in elements (a slice's is its root's channel count).
+    fn ld(&self, id: TensorId) -> usize {
+        self.fusion.ld(&self.plan, &self.bwd, id)
     }
 
     fn slot(&self, id: TensorId) -> u64 {
@@ -449,7 +477,8 @@ impl CudaTrainer {
             Op::MaxPool(p) | Op::AvgPool(p) => {
                 let s = pool_shape(*p, xs);
                 let max = matches!(node.op, Op::MaxPool(_));
-                self.be.pool_forward(&s, max, x, y, s.c, 0)
+                self.be
+                    .pool_forward(&s, max, x, y, self.ld(node.outputs[0]), 0)
             }
             Op::GlobalAvgPool => self
                 .be
@@ -511,21 +540,23 @@ impl CudaTrainer {
             c,
             eps,
             momentum,
-            relu: false,
+            relu: self.fusion.relu_after[i].is_some(),
             gamma: self.w32(node.params[0]),
             beta: self.w32(node.params[1]),
             save_mean: node.saved.first().map_or(0, |&t| self.t(t)),
             save_inv_std: node.saved.get(1).map_or(0, |&t| self.t(t)),
             running_mean: self.state(node.state[0]),
             running_var: self.state(node.state[1]),
-            ldy: c,
+            ldy: self.ld(self.fusion.effective_output(&self.plan, i)),
             yoff: 0,
         }
     }
 
+    /// y = BN(x), straight into the absorbed ReLU's output (clipped) when there is one.
     fn bn_forward(&self, i: usize, train: bool) -> Result<()> {
         let node = &self.plan.nodes[i];
-        let (x, y) = (self.t(node.inputs[0]), self.t(node.outputs[0]));
+        let y = self.t(self.fusion.effective_output(&self.plan, i));
+        let x = self.t(node.inputs[0]);
         let a = self.bn_args(i);
         if train {
             self.be.bn_forward_train(&a, x, y, self.ptr.ws)
@@ -534,8 +565,7 @@ impl CudaTrainer {
         }
     }
 
-    /// The plan keeps ReLU as its own node; fusing it into BN needs the planner to keep the BN
-    /// input gradient clear of the ReLU tensors (follow-up), so it runs standalone here.
+    /// A ReLU that no BN absorbed (never in v4 or tiny).
     fn relu_forward(&self, count: usize, x: DevPtr, y: DevPtr) -> Result<()> {
         let n = count as u64;
         cuda_launch!(self.be, "relu_fwd", self.be.grid_1d(n)?, x, n, y)
@@ -553,8 +583,8 @@ impl CudaTrainer {
         cuda_launch!(self.be, "relu_bwd", self.be.grid_1d(n)?, y, dy, n, dx, acc)
     }
 
-    /// Channel counts and offsets of a concat's inputs, and the output's channel count.
-    fn concat_layout(&self, i: usize) -> (Vec<(usize, usize)>, usize, usize) {
+    /// Channel counts and offsets of a concat's inputs, and the output's row count.
+    fn concat_layout(&self, i: usize) -> (Vec<(usize, usize)>, usize) {
         let node = &self.plan.nodes[i];
         let ys = self.plan.shape(node.outputs[0]);
         let rows = ys[..ys.len() - 1].iter().product();
@@ -568,16 +598,19 @@ impl CudaTrainer {
                 (c, off - c)
             })
             .collect();
-        (parts, rows, *ys.last().unwrap())
+        (parts, rows)
     }
 
+    /// Copies the inputs that are not already slices of the output into their channels.
     fn concat_forward(&self, i: usize) -> Result<()> {
         let node = &self.plan.nodes[i];
-        let (parts, rows, ctot) = self.concat_layout(i);
-        let y = self.t(node.outputs[0]);
+        let (parts, rows) = self.concat_layout(i);
+        let (y, ld) = (self.t(node.outputs[0]), self.ld(node.outputs[0]));
         for (&x, (c, off)) in node.inputs.iter().zip(parts) {
-            self.be
-                .copy_channels(rows, c, self.t(x), c, 0, y, ctot, off, 0, false)?;
+            if self.fusion.view[x].is_none() {
+                self.be
+                    .copy_channels(rows, c, self.t(x), c, 0, y, ld, off, 0, false)?;
+            }
         }
         Ok(())
     }
@@ -587,19 +620,16 @@ impl CudaTrainer {
         let node = &self.plan.nodes[step.node];
         let xs = self.plan.shape(node.inputs[0]);
         let x = self.t(node.inputs[0]);
-        let dy = step.grad_output.map_or(0, |g| self.t(g));
+        // A fused BN's own output gradient is never materialised (`bn_backward` reads its ReLU's).
+        let dy = step
+            .grad_output
+            .filter(|&g| !self.fusion.elided[g])
+            .map_or(0, |g| self.t(g));
         let dx = step.grad_inputs[0].map(|g| self.t(g));
         let acc = step.accumulate[0];
         match &node.op {
             Op::Conv2d(c) => self.conv_backward(step.node, *c, x, dy, dx, acc),
-            Op::BatchNorm { .. } => {
-                let (g, b) = (self.grad(node.params[0]), self.grad(node.params[1]));
-                let dx = dx.context("batchnorm input always has a gradient")?;
-                let a = self.bn_args(step.node);
-                // Without the fused ReLU the kernel does not read y: pass x as a valid address.
-                self.be
-                    .bn_backward(&a, x, x, dy, g, b, dx, acc, self.ptr.ws)
-            }
+            Op::BatchNorm { .. } => self.bn_backward(j, x, dx, acc),
             Op::Relu => {
                 let n = self.plan.tensor(node.inputs[0]).numel();
                 let y = self.t(node.outputs[0]);
@@ -609,7 +639,8 @@ impl CudaTrainer {
                 let s = pool_shape(*p, xs);
                 let max = matches!(node.op, Op::MaxPool(_));
                 let dx = dx.context("pool gradient")?;
-                self.be.pool_backward(&s, max, x, dy, s.c, 0, dx, acc)
+                let ld = step.grad_output.map_or(s.c, |g| self.ld(g));
+                self.be.pool_backward(&s, max, x, dy, ld, 0, dx, acc)
             }
             Op::GlobalAvgPool => self.be.global_avgpool_backward(
                 xs[0],
@@ -642,6 +673,25 @@ impl CudaTrainer {
                 )
             }
         }
+    }
+
+    /// BN backward; with an absorbed ReLU it reads the ReLU's output and that output's gradient
+    /// (both at the stride `bn_args` gives) and masks the gradient where the ReLU clipped.
+    fn bn_backward(&self, j: usize, x: DevPtr, dx: Option<DevPtr>, acc: bool) -> Result<()> {
+        let i = self.bwd.steps[j].node;
+        let node = &self.plan.nodes[i];
+        let out = self.fusion.effective_output(&self.plan, i);
+        let gout = self.bwd.grad_of[out].context("batchnorm output gradient")?;
+        let a = self.bn_args(i);
+        if self.ld(gout) != a.ldy {
+            bail!("{}: output and output gradient strides differ", node.name);
+        }
+        // Without a fused ReLU the kernel does not read y: pass x as a valid address.
+        let y = if a.relu { self.t(out) } else { x };
+        let (g, b) = (self.grad(node.params[0]), self.grad(node.params[1]));
+        let dx = dx.context("batchnorm input always has a gradient")?;
+        self.be
+            .bn_backward(&a, x, y, self.t(gout), g, b, dx, acc, self.ptr.ws)
     }
 
     fn conv_backward(
@@ -702,14 +752,16 @@ impl CudaTrainer {
             .linear_backward_weight(n, fi, fo, x, dy, dw, db, self.ptr.ws, self.ws_elems, None)
     }
 
+    /// Copies the output gradient's channels into the input gradients that are not slices of it.
     fn concat_backward(&self, j: usize) -> Result<()> {
         let step = &self.bwd.steps[j];
-        let (parts, rows, ctot) = self.concat_layout(step.node);
-        let dy = self.t(step.grad_output.context("concat output gradient")?);
+        let (parts, rows) = self.concat_layout(step.node);
+        let gy = step.grad_output.context("concat output gradient")?;
+        let (dy, ld) = (self.t(gy), self.ld(gy));
         for ((g, &acc), (c, off)) in step.grad_inputs.iter().zip(&step.accumulate).zip(parts) {
-            if let Some(g) = g {
+            if let Some(g) = g.filter(|&g| self.fusion.view[g].is_none()) {
                 self.be
-                    .copy_channels(rows, c, dy, ctot, off, self.t(*g), c, 0, 0, acc)?;
+                    .copy_channels(rows, c, dy, ld, off, self.t(g), c, 0, 0, acc)?;
             }
         }
         Ok(())
@@ -740,17 +792,6 @@ impl CudaTrainer {
             inv_loss_scale: 1.0 / a.scale,
         };
         self.be.rmsprop(p, false)
-    }
-
-    /// Reads an fp16 arena tensor back as f32.
-    fn read_f16(&self, id: TensorId, count: usize) -> Result<Vec<f32>> {
-        let off = self.offsets[id].context("tensor has an arena placement")?;
-        let view = self.dev.arena.slice(off..off + 2 * count);
-        let bytes = self.be.stream.clone_dtoh(&view)?;
-        Ok(bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect())
     }
 }
 
@@ -808,7 +849,7 @@ impl Backend for CudaTrainer {
         };
         self.run_program(false, args)?;
         let logits = self.plan.logits;
-        self.read_f16(logits, self.plan.tensor(logits).numel())
+        self.read_tensor(logits)
     }
 
     fn state(&mut self) -> Result<(ModelState, RmsProp)> {

@@ -19,6 +19,7 @@ pub mod arena;
 pub mod context;
 pub mod conv;
 pub mod executor;
+pub mod fusion;
 pub mod libs;
 pub mod nvrtc;
 pub mod ops;

@@ -1,26 +1,26 @@
 //! The device step program: the ordered list of launches a CUDA training step (or inference pass)
-//! makes, derived from the plan once. One launch per forward node and per backward step, so every
-//! launch runs at its own time in the memory planner's timeline and reads and writes only tensors
-//! the planner keeps alive then; [`check_program`] proves that on the host (tests/cuda_step.rs).
+//! makes, derived from the plan once. Each launch runs at its own time (its position in the
+//! training program); the arena's lifetimes are computed from what the launches read and write
+//! ([`program_lifetimes`]), and [`check_program`] proves on the host that the program covers the
+//! plan and reads nothing before it is written (tests/cuda_executor.rs).
 //!
-//! Two departures from "one node, one launch", both because of the fused kernels:
+//! Departures from "one node, one launch":
 //! - the loss node has no forward launch: softmax_ce computes the loss and the logits' gradient in
-//!   one kernel, run as the loss's backward step (time `nodes.len()`), whose gradient it writes;
-//! - concatenation copies each branch into its channel slice (`copy_channels`) and copies the
-//!   gradient slices back; writing branches straight into their slice needs the planner to alias
-//!   them, which is a follow-up (see docs/ARCHITECTURE.md).
+//!   one kernel, run as the loss's backward step, which writes that gradient;
+//! - a batchnorm absorbs the ReLU after it, forward and backward, and concatenations whose inputs
+//!   are all channel slices of their output launch nothing (see [`Fusion`]).
 
+use super::fusion::Fusion;
 use crate::plan::backward::{backward_reads, BackwardPlan};
-use crate::plan::memory::lifetimes;
+use crate::plan::memory::Interval;
 use crate::plan::{Op, Plan, TensorId};
 use anyhow::{bail, Result};
 
 /// One launch (or small group of launches) of the step program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Launch {
-    /// Copy the staged fp32 batch into the input tensor as fp16. The labels stay in their staging
-    /// buffer: the plan's label tensor lives only from the loss node on, so writing it at time 0
-    /// could clobber an earlier tensor sharing its memory.
+    /// Copy the staged fp32 batch into the input tensor (as fp16 below O0). The labels stay in
+    /// their staging buffer: the plan's label tensor is never placed in the arena.
     LoadInput,
     /// Pad the 3-channel stem's input and fp16 weights to 8 channels (tensor-core friendly).
     PadStem { node: usize },
@@ -32,6 +32,8 @@ pub enum Launch {
     OverflowCheck,
     /// The fused RMSProp update over the flat buffers (skips itself when the flag is set).
     Update,
+    /// The device loss scaler's update from the overflow flag (dynamic scaling only).
+    ScaleUpdate,
 }
 
 /// The launches of a training step and of an inference pass.
@@ -42,11 +44,13 @@ pub struct StepProgram {
 }
 
 impl StepProgram {
-    /// Derive the program: load, (pad), forward nodes but the loss, backward steps, update.
-    pub fn new(plan: &Plan, bwd: &BackwardPlan, stem: Option<usize>) -> Self {
+    /// Derive the program: load, (pad), forward nodes but the loss and those fused away, backward
+    /// steps but those fused away, overflow check, update, scaler update.
+    pub fn new(plan: &Plan, bwd: &BackwardPlan, fusion: &Fusion, stem: Option<usize>) -> Self {
         let mut forward = vec![Launch::LoadInput];
         for (i, node) in plan.nodes.iter().enumerate() {
-            if matches!(node.op, Op::SoftmaxCrossEntropy { .. }) {
+            if matches!(node.op, Op::SoftmaxCrossEntropy { .. }) || !launches(plan, bwd, fusion, i)
+            {
                 continue;
             }
             if stem == Some(i) {
@@ -55,8 +59,12 @@ impl StepProgram {
             forward.push(Launch::Forward { node: i });
         }
         let mut train = forward.clone();
-        train.extend((0..bwd.steps.len()).map(|step| Launch::Backward { step }));
-        train.extend([Launch::OverflowCheck, Launch::Update]);
+        train.extend(
+            (0..bwd.steps.len())
+                .filter(|&j| launches(plan, bwd, fusion, bwd.steps[j].node))
+                .map(|step| Launch::Backward { step }),
+        );
+        train.extend([Launch::OverflowCheck, Launch::Update, Launch::ScaleUpdate]);
         StepProgram {
             train,
             infer: forward,
@@ -64,11 +72,22 @@ impl StepProgram {
     }
 }
 
-/// Arena tensors a launch reads and writes, as (reads, writes); parameters and state are outside
-/// the arena and not listed. `train` selects the training forward (BN writes saved statistics).
+/// Whether a node has launches of its own (absorbed ReLUs and copy-free concats have none).
+fn launches(plan: &Plan, bwd: &BackwardPlan, fusion: &Fusion, node: usize) -> bool {
+    match plan.nodes[node].op {
+        Op::Relu => !fusion.absorbed[node],
+        Op::Concat => fusion.concat_copies(plan, bwd, node),
+        _ => true,
+    }
+}
+
+/// Arena tensors a launch reads and writes, as (reads, writes), before mapping slices to their
+/// roots; parameters and state are outside the arena and not listed. `train` selects the training
+/// forward (BN writes saved statistics).
 pub fn accesses(
     plan: &Plan,
     bwd: &BackwardPlan,
+    fusion: &Fusion,
     launch: Launch,
     train: bool,
 ) -> (Vec<TensorId>, Vec<TensorId>) {
@@ -77,20 +96,26 @@ pub fn accesses(
         Launch::PadStem { .. } => (vec![plan.input], vec![]),
         Launch::Forward { node } => {
             let n = &plan.nodes[node];
-            let mut writes = n.outputs.clone();
+            let mut writes = vec![fusion.effective_output(plan, node)];
             if train {
                 writes.extend(&n.saved);
             }
-            (n.inputs.clone(), writes)
+            let mut reads = n.inputs.clone();
+            if n.op == Op::Concat {
+                // Slices are already in place: only the other inputs are copied.
+                reads.retain(|&x| fusion.view[x].is_none());
+            }
+            (reads, writes)
         }
-        Launch::Backward { step } => backward_accesses(plan, bwd, step),
-        Launch::OverflowCheck | Launch::Update => (vec![], vec![]),
+        Launch::Backward { step } => backward_accesses(plan, bwd, fusion, step),
+        Launch::OverflowCheck | Launch::Update | Launch::ScaleUpdate => (vec![], vec![]),
     }
 }
 
 fn backward_accesses(
     plan: &Plan,
     bwd: &BackwardPlan,
+    fusion: &Fusion,
     step: usize,
 ) -> (Vec<TensorId>, Vec<TensorId>) {
     let s = &bwd.steps[step];
@@ -104,68 +129,149 @@ fn backward_accesses(
         let reads = node.inputs.iter().copied().filter(|&t| t != plan.labels);
         return (reads.collect(), writes.collect());
     }
+    // An absorbing BN's backward reads its ReLU's output and that output's gradient.
+    let out = fusion.effective_output(plan, s.node);
+    let grad_out = bwd.grad_of[out].filter(|_| s.grad_output.is_some());
     let (reads_in, reads_out, reads_saved) = backward_reads(&node.op);
-    let mut reads: Vec<TensorId> = s.grad_output.into_iter().collect();
-    for (flag, list) in [
-        (reads_in, &node.inputs),
-        (reads_out, &node.outputs),
-        (reads_saved, &node.saved),
-    ] {
-        if flag {
-            reads.extend(list);
-        }
+    let mut reads: Vec<TensorId> = grad_out.into_iter().collect();
+    if reads_in {
+        reads.extend(&node.inputs);
     }
-    // An accumulated gradient is read as well as written.
-    for (g, &acc) in s.grad_inputs.iter().zip(&s.accumulate) {
-        if let (Some(g), true) = (g, acc) {
-            reads.push(*g);
-        }
+    if reads_out || fusion.relu_after[s.node].is_some() {
+        reads.push(out);
     }
-    (reads, s.grad_inputs.iter().flatten().copied().collect())
+    if reads_saved {
+        reads.extend(&node.saved);
+    }
+    let mut writes = Vec::new();
+    for ((g, &acc), &x) in s.grad_inputs.iter().zip(&s.accumulate).zip(&node.inputs) {
+        let Some(g) = *g else { continue };
+        if node.op == Op::Concat && fusion.view[x].is_some() {
+            continue; // the slice of the output gradient already is this gradient
+        }
+        // An accumulated gradient is read as well as written.
+        if acc {
+            reads.push(g);
+        }
+        writes.push(g);
+    }
+    (reads, writes)
 }
 
-/// The planner time of a launch: forward node i runs at i, backward step j at `nodes.len() + j`.
-pub fn launch_time(plan: &Plan, launch: Launch) -> Option<usize> {
-    match launch {
-        Launch::LoadInput => Some(0),
-        Launch::PadStem { node } | Launch::Forward { node } => Some(node),
-        Launch::Backward { step } => Some(plan.nodes.len() + step),
-        Launch::OverflowCheck | Launch::Update => None,
-    }
+/// Whether launch reads or writes `t` with a row stride other than its own channel count. Only
+/// the kernels that take a stride may touch a slice: BN (its output, and in backward the output
+/// and its gradient), the window pools (output, output gradient) and the concat copies.
+fn takes_stride(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fusion: &Fusion,
+    launch: Launch,
+    t: TensorId,
+) -> bool {
+    let node = match launch {
+        Launch::Forward { node } => node,
+        Launch::Backward { step } => bwd.steps[step].node,
+        _ => return false,
+    };
+    let strided_op = matches!(
+        plan.nodes[node].op,
+        Op::BatchNorm { .. } | Op::MaxPool(_) | Op::AvgPool(_) | Op::Concat
+    );
+    let out = fusion.effective_output(plan, node);
+    strided_op && (t == out || bwd.grad_of[out] == Some(t))
 }
 
-/// Checks a training program against the plan: every forward node and backward step is covered
-/// exactly once, every arena tensor is written before it is read, and every tensor a launch touches
-/// is alive (in the planner's lifetimes) at that launch's time, so no launch can clobber a tensor
-/// that shares its memory.
-pub fn check_program(plan: &Plan, bwd: &BackwardPlan, program: &[Launch]) -> Result<()> {
-    check_coverage(plan, bwd, program)?;
-    let life = lifetimes(plan, bwd);
-    let mut written = vec![false; life.len()];
+/// Lifetimes of the arena's storage over the training program: each launch runs at its position,
+/// and an access to a slice is an access to its root. Slices and never-materialised tensors get
+/// no interval of their own; the input and logits are kept to the end (read by the host).
+pub fn program_lifetimes(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fusion: &Fusion,
+    program: &[Launch],
+) -> Vec<Option<Interval>> {
+    let mut life: Vec<Option<Interval>> = vec![None; fusion.view.len()];
+    let mut touch = |t: TensorId, time: usize| {
+        let e = life[fusion.root(t)].get_or_insert(Interval {
+            start: time,
+            end: time,
+        });
+        e.start = e.start.min(time);
+        e.end = e.end.max(time);
+    };
+    for (time, &launch) in program.iter().enumerate() {
+        let (reads, writes) = accesses(plan, bwd, fusion, launch, true);
+        for t in reads.into_iter().chain(writes) {
+            touch(t, time);
+        }
+    }
+    let last = program.len();
+    for t in [plan.input, plan.logits] {
+        touch(t, last);
+    }
+    life
+}
+
+/// Checks a training program against the plan: every forward node and backward step that has
+/// launches runs exactly once (and fused ones never), no launch touches a never-materialised
+/// tensor, only stride-taking kernels touch slices, every arena tensor is written before it is
+/// read, and the overflow check, update and scaler update run in that order after the backward.
+/// The arena's lifetimes come from the same accesses ([`program_lifetimes`]), so placement then
+/// keeps every tensor intact from its first write to its last read.
+pub fn check_program(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fusion: &Fusion,
+    program: &[Launch],
+) -> Result<()> {
+    check_coverage(plan, bwd, fusion, program)?;
+    let mut written = vec![false; fusion.view.len()];
     for &launch in program {
-        let (reads, writes) = accesses(plan, bwd, launch, true);
+        let (reads, writes) = accesses(plan, bwd, fusion, launch, true);
+        for &t in reads.iter().chain(&writes) {
+            if fusion.elided[t] {
+                bail!("{launch:?} touches tensor {t}, which the fusion never materialises");
+            }
+            if fusion.view[t].is_some() && !takes_stride(plan, bwd, fusion, launch, t) {
+                bail!(
+                    "{launch:?} touches the channel slice {t} with a kernel that takes no stride"
+                );
+            }
+        }
         for &t in &reads {
             if !written[t] {
                 bail!("{launch:?} reads tensor {t} before any launch writes it");
             }
         }
-        let time = launch_time(plan, launch);
-        for &t in reads.iter().chain(&writes) {
-            let (Some(time), Some(l)) = (time, life[t]) else {
-                continue;
-            };
-            if time < l.start || time > l.end {
-                bail!("{launch:?} at time {time} touches tensor {t} outside its lifetime {l:?}");
-            }
-        }
         for t in writes {
             written[t] = true;
         }
+        propagate_written(plan, bwd, fusion, &mut written);
     }
     Ok(())
 }
 
-fn check_coverage(plan: &Plan, bwd: &BackwardPlan, program: &[Launch]) -> Result<()> {
+/// A concatenation's output is complete once all its inputs are written (slices or copies), and
+/// a slice of a gradient is written once the whole gradient is.
+fn propagate_written(plan: &Plan, bwd: &BackwardPlan, fusion: &Fusion, written: &mut [bool]) {
+    for node in plan.nodes.iter().filter(|n| n.op == Op::Concat) {
+        if node.inputs.iter().all(|&x| written[x]) {
+            written[node.outputs[0]] = true;
+        }
+    }
+    for t in bwd.first_grad..written.len() {
+        if fusion.view[t].is_some_and(|v| written[v.root]) {
+            written[t] = true;
+        }
+    }
+}
+
+fn check_coverage(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fusion: &Fusion,
+    program: &[Launch],
+) -> Result<()> {
     let mut fwd = vec![0usize; plan.nodes.len()];
     let mut back = vec![0usize; bwd.steps.len()];
     for &launch in program {
@@ -181,29 +287,19 @@ fn check_coverage(plan: &Plan, bwd: &BackwardPlan, program: &[Launch]) -> Result
             _ => {}
         }
     }
-    if let Some(i) = fwd.iter().position(|&c| c != 1) {
+    let want = |node: usize| launches(plan, bwd, fusion, node) as usize;
+    if let Some(i) = (0..fwd.len()).find(|&i| fwd[i] != want(i)) {
         bail!(
-            "forward node {i} ({}) runs {} times",
+            "forward node {i} ({}) runs {} times, expected {}",
             plan.nodes[i].name,
-            fwd[i]
+            fwd[i],
+            want(i)
         );
     }
-    if let Some(j) = back.iter().position(|&c| c != 1) {
+    if let Some(j) = (0..back.len()).find(|&j| back[j] != want(bwd.steps[j].node)) {
         bail!("backward step {j} runs {} times", back[j]);
     }
-    let update = program.iter().position(|&l| l == Launch::Update);
-    let last_bwd = program
-        .iter()
-        .rposition(|l| matches!(l, Launch::Backward { .. }));
-    if update.is_none() || update < last_bwd {
-        bail!("the update must run once, after every backward step");
-    }
-    // The update skips itself on the device overflow flag: a check after it (or none) would let
-    // an overflowed step through on the device while the host scaler counts it as skipped.
-    let checks: Vec<usize> = positions(program, |l| l == Launch::OverflowCheck);
-    if checks.len() != 1 || Some(checks[0]) < last_bwd || Some(checks[0]) > update {
-        bail!("the overflow check must run once, between the last backward step and the update");
-    }
+    check_tail(program)?;
     // The stem forward reads the padded copies, which only PadStem writes (outside the arena, so
     // the written-before-read check cannot see them).
     for (i, &l) in program.iter().enumerate() {
@@ -213,6 +309,32 @@ fn check_coverage(plan: &Plan, bwd: &BackwardPlan, program: &[Launch]) -> Result
                 bail!("the stem padding of node {node} must precede its forward");
             }
         }
+    }
+    Ok(())
+}
+
+/// The overflow check, the update and the scaler update run once each, in that order, after the
+/// last backward step: the update skips itself on the device overflow flag and the scaler reads
+/// the same flag, so a check anywhere else would let an overflowed step through.
+fn check_tail(program: &[Launch]) -> Result<()> {
+    let last_bwd = program
+        .iter()
+        .rposition(|l| matches!(l, Launch::Backward { .. }));
+    let once = |l: Launch| -> Result<usize> {
+        match positions(program, |x| x == l)[..] {
+            [p] => Ok(p),
+            _ => bail!("{l:?} must run exactly once"),
+        }
+    };
+    let (check, update, scale) = (
+        once(Launch::OverflowCheck)?,
+        once(Launch::Update)?,
+        once(Launch::ScaleUpdate)?,
+    );
+    if Some(check) < last_bwd || check > update || update > scale {
+        bail!(
+            "the overflow check, update and scaler update must follow the backward, in that order"
+        );
     }
     Ok(())
 }
