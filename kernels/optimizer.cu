@@ -30,6 +30,7 @@ struct RmspropParams {
     const int* overflow;  // skip the whole update when *overflow != 0 (null: never skip)
     u64 count;
     float lr, rho, momentum, eps, weight_decay, inv_loss_scale;
+    const float* loss_scale;  // device-resident loss scale (null: use inv_loss_scale)
 };
 
 // MindSpore/TF RMSProp with coupled L2:
@@ -39,10 +40,11 @@ template <class G>
 __device__ __forceinline__ void rmsprop(const RmspropParams& p) {
     if (p.overflow && *p.overflow) return;
     float lr = p.lr_dev ? *p.lr_dev : p.lr;
+    float inv_scale = p.loss_scale ? 1.0f / *p.loss_scale : p.inv_loss_scale;
     const G* grad = (const G*)p.grad;
     GRID_STRIDE(i, p.count) {
         float w = p.w[i];
-        float g = (float)grad[i] * p.inv_loss_scale;
+        float g = (float)grad[i] * inv_scale;
         if (!p.decay || p.decay[i]) g += p.weight_decay * w;
         float ms = p.rho * p.ms[i] + (1.0f - p.rho) * g * g;
         float mom = p.momentum * p.mom[i] + lr * g * rsqrtf(ms + p.eps);
@@ -80,4 +82,26 @@ extern "C" __global__ void copy_channels(const __half* src, int src_ld, int src_
             *d = __float2half_rn(0.0f);
         }
     }
+}
+
+// The dynamic loss scaler, kept on the device so no step waits for the host; mirrors
+// LossScaler::update (src/train/loss_scale.rs) operation for operation, so the host copy that
+// replays the overflow flags a step later stays bit-identical. On overflow: halve the scale (not
+// below 1) and restart the clean count; else count the clean step and double the scale after
+// `growth_interval` of them, if the doubled scale is finite. One thread.
+extern "C" __global__ void loss_scale_update(const int* overflow, float* scale, u32* clean, u32 growth_interval) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    float s = *scale;
+    if (*overflow) {
+        *scale = fmaxf(s * 0.5f, 1.0f);
+        *clean = 0;
+        return;
+    }
+    u32 c = *clean + 1;
+    if (c >= growth_interval) {
+        c = 0;
+        float grown = s * 2.0f;
+        if (isfinite(grown)) *scale = grown;
+    }
+    *clean = c;
 }

@@ -1,7 +1,8 @@
 // Softmax cross-entropy with label smoothing, forward and backward in one kernel; one block per
 // sample. With q = (1 - eps) * onehot(label) + eps / K:
 //   loss_i = logsumexp(z_i) - sum_k q_k z_ik,   dz_ik = (softmax(z_i)_k - q_k) / N * grad_scale
-// grad_scale is the loss scale of mixed precision (1 otherwise). The batch mean is taken by the
+// grad_scale is the loss scale of mixed precision (1 otherwise); when scale_dev is not null the
+// scale is read from there instead (the device-resident dynamic scaler). The batch mean is taken by the
 // last block to finish (a ticket counter), summing per-sample losses in index order, so the loss
 // is deterministic and the whole step is still one launch. `counter` must start at 0; the last
 // block resets it.
@@ -9,8 +10,9 @@
 
 template <class L>
 __device__ __forceinline__ void softmax_ce(const __half* logits, const L* labels, int n, int k, float eps,
-                                           float grad_scale, float* row_loss, float* loss, u32* counter,
-                                           __half* dlogits) {
+                                           float grad_scale, const float* scale_dev, float* row_loss,
+                                           float* loss, u32* counter, __half* dlogits) {
+    if (scale_dev) grad_scale = *scale_dev;
     __shared__ float scratch[32];
     __shared__ bool last;
     int row = blockIdx.x;
@@ -52,14 +54,14 @@ __device__ __forceinline__ void softmax_ce(const __half* logits, const L* labels
 }
 
 extern "C" __global__ void softmax_ce_i32(const __half* logits, const int* labels, int n, int k, float eps,
-                                          float grad_scale, float* row_loss, float* loss, u32* counter,
-                                          __half* dlogits) {
-    softmax_ce<int>(logits, labels, n, k, eps, grad_scale, row_loss, loss, counter, dlogits);
+                                          float grad_scale, const float* scale_dev, float* row_loss,
+                                          float* loss, u32* counter, __half* dlogits) {
+    softmax_ce<int>(logits, labels, n, k, eps, grad_scale, scale_dev, row_loss, loss, counter, dlogits);
 }
 
 // Labels stored as f32 (the plan keeps every tensor f32 on the host side).
 extern "C" __global__ void softmax_ce_f32(const __half* logits, const float* labels, int n, int k, float eps,
-                                          float grad_scale, float* row_loss, float* loss, u32* counter,
-                                          __half* dlogits) {
-    softmax_ce<float>(logits, labels, n, k, eps, grad_scale, row_loss, loss, counter, dlogits);
+                                          float grad_scale, const float* scale_dev, float* row_loss,
+                                          float* loss, u32* counter, __half* dlogits) {
+    softmax_ce<float>(logits, labels, n, k, eps, grad_scale, scale_dev, row_loss, loss, counter, dlogits);
 }

@@ -178,7 +178,7 @@ fn replay(
     let units = |t: usize| -> Vec<usize> {
         let (elem, c, ld) = (
             elem_bytes(plan, amp, t),
-            channels(plan, &bwd, t),
+            channels(plan, bwd, t),
             fusion.ld(plan, bwd, t),
         );
         let count = if t < bwd.first_grad {

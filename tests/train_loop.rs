@@ -54,7 +54,7 @@ fn tiny_config(data: PathBuf, out: PathBuf, epochs: usize) -> TrainConfig {
         rmsprop: RmsPropConfig::default(),
         label_smoothing: 0.1,
         dropout: 0.2,
-        loss_scaler: LossScaler::None,
+        loss_scaler: Some(LossScaler::None),
         augment: AugmentConfig {
             scale: (0.5, 1.0),
             ..Default::default()
@@ -164,7 +164,7 @@ fn config_file_flags_are_overridden_by_the_command_line() {
     assert_eq!(cfg.batch_size, 4);
     assert_eq!(cfg.lr_max, 0.01);
     assert!(cfg.rmsprop.decay_all);
-    assert!(matches!(cfg.loss_scaler, LossScaler::Dynamic { .. }));
+    assert!(matches!(cfg.loss_scaler, Some(LossScaler::Dynamic { .. })));
     std::fs::write(&path, "epochs = [1, 2]\n").unwrap();
     let argv: Vec<String> = [
         "inception-engine",

@@ -52,7 +52,7 @@ impl Backend for CpuTrainer {
         step: u64,
         lr: f32,
         scaler: &mut LossScaler,
-    ) -> Result<StepOutcome> {
+    ) -> Result<Vec<StepOutcome>> {
         // The scale these gradients carry; `update` may change the scaler for the next step.
         let scale = scaler.scale();
         let loss = self.exec.forward(
@@ -71,11 +71,12 @@ impl Backend for CpuTrainer {
             self.optim
                 .step(&mut self.model.params, &self.grads, lr, 1.0 / scale);
         }
-        Ok(StepOutcome {
+        Ok(vec![StepOutcome {
+            step,
             loss,
             skipped: decision.skip,
             scale_changed: decision.scale_changed,
-        })
+        }])
     }
 
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>> {

@@ -12,6 +12,8 @@ use anyhow::Result;
 /// What one training step did.
 #[derive(Clone, Copy, Debug)]
 pub struct StepOutcome {
+    /// The step (as passed to [`Backend::train_step`]) this outcome is about.
+    pub step: u64,
     /// Mean loss of the batch (unscaled).
     pub loss: f32,
     /// The step was skipped because the gradients overflowed.
@@ -24,7 +26,11 @@ pub struct StepOutcome {
 pub trait Backend {
     /// Short name for logs, e.g. "cpu".
     fn name(&self) -> String;
-    /// Forward, backward, loss-scale check and optimizer update on one batch.
+    /// Forward, backward, loss-scale check and optimizer update on one batch. Returns the
+    /// outcomes settled by this call, in step order: this step's on the CPU and under a fixed
+    /// scale; under dynamic scaling the CUDA backend keeps the scaler on the device and reports a
+    /// step one call later (so the GPU never waits for the host), updating `scaler` to match as
+    /// it does. [`Backend::settle`] collects what is still pending.
     fn train_step(
         &mut self,
         images: &[f32],
@@ -32,7 +38,12 @@ pub trait Backend {
         step: u64,
         lr: f32,
         scaler: &mut LossScaler,
-    ) -> Result<StepOutcome>;
+    ) -> Result<Vec<StepOutcome>>;
+    /// The outcomes of steps not reported yet; afterwards `scaler` holds the state after the last
+    /// step. Call it before saving the scaler, evaluating, or stopping.
+    fn settle(&mut self, _scaler: &mut LossScaler) -> Result<Vec<StepOutcome>> {
+        Ok(Vec::new())
+    }
     /// Inference forward on one batch: the logits `[batch, classes]`.
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>>;
     /// The current weights, BN statistics and optimizer state, copied to the host.

@@ -20,6 +20,7 @@ use super::cases::{BnCase, Cases, ConvCase, PoolCase, RMSPROP_BYTES_PER_PARAM};
 use super::cudnn::{Dnn, DnnConv};
 use crate::backend::cuda::{
     bn_workspace, BnArgs, ConvMode, ConvOut, ConvShape, CudaBackend, DevPtr, Labels, RmspropParams,
+    ScaleArg,
 };
 
 /// Untimed launches before measuring.
@@ -644,7 +645,7 @@ impl Gpu {
                 n,
                 k,
                 0.1,
-                1.0,
+                ScaleArg::Value(1.0),
                 logits.ptr,
                 Labels::I32(lab.ptr),
                 row_loss.ptr,

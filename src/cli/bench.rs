@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// Mixed precision level; default O2 on CUDA, O0 (the only level) on the CPU.
     #[arg(long, value_enum)]
     pub amp: Option<Amp>,
+    /// Loss scale: "auto" (none in O0, dynamic in O2/O3, as `train`), "none", "dynamic" or a
+    /// number.
+    #[arg(long, default_value = "auto")]
+    pub loss_scale: String,
     /// Print the time per op kind (CPU).
     #[arg(long)]
     pub profile: bool,
@@ -86,6 +90,7 @@ pub fn run(args: Args) -> Result<()> {
 fn bench_train(a: TrainArgs) -> Result<()> {
     let device = resolve_device(a.device)?;
     let amp = a.amp.unwrap_or(Amp::default_for(device));
+    let scaler = super::train::parse_loss_scale(&a.loss_scale)?.unwrap_or(LossScaler::for_amp(amp));
     let cfg = PlanConfig {
         batch: a.batch_size,
         image_size: a.image_size,
@@ -109,7 +114,14 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     match device {
         Device::Cuda => {
             let mut trainer = CudaTrainer::new(plan, model, optim, amp)?;
-            let times = time_steps(&a, &mut trainer, &batch, |_| {}, |t| t.synchronize())?;
+            let times = time_steps(
+                &a,
+                &mut trainer,
+                &batch,
+                scaler,
+                |_| {},
+                |t| t.synchronize(),
+            )?;
             // Everything is allocated up front, so memory in use after the timed steps is the
             // peak (it includes the CUDA context, and any other process on the card).
             let used = trainer.device_used_bytes()?;
@@ -131,6 +143,7 @@ fn bench_train(a: TrainArgs) -> Result<()> {
                 &a,
                 &mut trainer,
                 &batch,
+                scaler,
                 |t: &mut CpuTrainer| {
                     if profile {
                         t.executor_mut().enable_profile();
@@ -167,20 +180,22 @@ fn time_steps<B: Backend>(
     a: &TrainArgs,
     backend: &mut B,
     batch: &Batch,
+    scaler: LossScaler,
     before_timed: impl FnOnce(&mut B),
     finish: impl FnOnce(&mut B) -> Result<()>,
 ) -> Result<Vec<f64>> {
     eprintln!(
-        "bench train: {} on {}, batch {}, {}x{}, {} warm-up + {} timed steps",
+        "bench train: {} on {}, loss scale {:?}, batch {}, {}x{}, {} warm-up + {} timed steps",
         a.plan,
         backend.name(),
+        scaler,
         a.batch_size,
         a.image_size,
         a.image_size,
         a.warmup,
         a.steps
     );
-    let mut scaler = LossScaler::None;
+    let mut scaler = scaler;
     for s in 0..a.warmup {
         backend.train_step(batch.images, batch.labels, s as u64, 1e-4, &mut scaler)?;
     }
@@ -189,11 +204,15 @@ fn time_steps<B: Backend>(
     for s in 0..a.steps {
         let t = Instant::now();
         let step = (a.warmup + s) as u64;
-        let out = backend.train_step(batch.images, batch.labels, step, 1e-4, &mut scaler)?;
+        let settled = backend.train_step(batch.images, batch.labels, step, 1e-4, &mut scaler)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
-        eprintln!("  step {}: {:.1} ms, loss {:.4}", s + 1, times[s], out.loss);
+        let loss = settled
+            .last()
+            .map_or(String::new(), |o| format!(", loss {:.4}", o.loss));
+        eprintln!("  step {}: {:.1} ms{loss}", s + 1, times[s]);
     }
     let t = Instant::now();
+    backend.settle(&mut scaler)?;
     finish(backend)?;
     if let Some(last) = times.last_mut() {
         *last += t.elapsed().as_secs_f64() * 1000.0;

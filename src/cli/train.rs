@@ -59,8 +59,9 @@ pub struct Args {
     pub label_smoothing: f32,
     #[arg(long, default_value_t = 0.2)]
     pub dropout: f32,
-    /// Loss scale: "none", "dynamic" or a fixed number.
-    #[arg(long, default_value = "none")]
+    /// Loss scale: "none", "dynamic", a fixed number, or "auto" (none in fp32 / O0, dynamic in
+    /// O2 and O3).
+    #[arg(long, default_value = "auto")]
     pub loss_scale: String,
     /// Mixed precision level: O0 (fp32, the only level on the CPU), O2 (fp16 activations and
     /// convolutions, fp32 BN and master weights; the CUDA default) or O3. Default: per device.
@@ -184,13 +185,15 @@ pub fn config_from(a: &Args) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
-pub fn parse_loss_scale(s: &str) -> Result<LossScaler> {
+/// `--loss-scale`: None for "auto" (decided by the precision level once the device is known).
+pub fn parse_loss_scale(s: &str) -> Result<Option<LossScaler>> {
     match s {
-        "none" => Ok(LossScaler::None),
-        "dynamic" => Ok(LossScaler::dynamic()),
+        "auto" => Ok(None),
+        "none" => Ok(Some(LossScaler::None)),
+        "dynamic" => Ok(Some(LossScaler::dynamic())),
         v => match v.parse::<f32>() {
-            Ok(x) if x >= 1.0 && x.is_finite() => Ok(LossScaler::Fixed(x)),
-            _ => bail!("--loss-scale must be none, dynamic or a number >= 1, not '{v}'"),
+            Ok(x) if x >= 1.0 && x.is_finite() => Ok(Some(LossScaler::Fixed(x))),
+            _ => bail!("--loss-scale must be auto, none, dynamic or a number >= 1, not '{v}'"),
         },
     }
 }

@@ -4,7 +4,7 @@
 use super::eval::{evaluate, EvalResult};
 use super::log::{Progress, RunLog};
 use super::{LossScaler, RmsProp, RmsPropConfig, Schedule};
-use crate::backend::{self, resolve_device, Amp, Backend, Device};
+use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing, RngState};
 use crate::data::{AugmentConfig, Dataset, Loader, LoaderConfig, MEAN, STD};
 use crate::params::{ModelState, ParamLayout};
@@ -41,7 +41,8 @@ pub struct TrainConfig {
     pub rmsprop: RmsPropConfig,
     pub label_smoothing: f32,
     pub dropout: f32,
-    pub loss_scaler: LossScaler,
+    /// None: the default for the precision ([`LossScaler::for_amp`]).
+    pub loss_scaler: Option<LossScaler>,
     pub augment: AugmentConfig,
     pub save_every_epochs: usize,
     pub keep_max: usize,
@@ -86,7 +87,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         steps_per_epoch,
         epochs: cfg.epochs,
     };
-    let (model, optim, mut run) = initial_state(cfg, &plan)?;
+    let amp = cfg.amp.unwrap_or(Amp::default_for(device));
+    let scaler = cfg.loss_scaler.unwrap_or(LossScaler::for_amp(amp));
+    let (model, optim, mut run) = initial_state(cfg, &plan, scaler)?;
     let meta = CheckpointMeta::new(&plan, classes.clone(), preprocessing(cfg.image_size));
     let mut backend = backend::build(device, cfg.amp, plan.clone(), model, optim)?;
     let mut log = RunLog::open(&cfg.out)?;
@@ -189,7 +192,11 @@ fn open_eval_set(path: &Path, classes: &[String]) -> Result<Dataset> {
 }
 
 /// Fresh weights, or everything a checkpoint holds when resuming.
-fn initial_state(cfg: &TrainConfig, plan: &Plan) -> Result<(ModelState, RmsProp, RunState)> {
+fn initial_state(
+    cfg: &TrainConfig,
+    plan: &Plan,
+    scaler: LossScaler,
+) -> Result<(ModelState, RmsProp, RunState)> {
     let mut model = ModelState::init(plan, cfg.seed);
     let mut optim = RmsProp::new(cfg.rmsprop, &ParamLayout::new(plan));
     let Some(path) = &cfg.resume else {
@@ -199,7 +206,7 @@ fn initial_state(cfg: &TrainConfig, plan: &Plan) -> Result<(ModelState, RmsProp,
             RunState {
                 step: 0,
                 epoch: 0,
-                scaler: cfg.loss_scaler,
+                scaler,
             },
         ));
     };
@@ -235,6 +242,56 @@ fn initial_state(cfg: &TrainConfig, plan: &Plan) -> Result<(ModelState, RmsProp,
     ))
 }
 
+/// The losses of an epoch's settled steps, with the checks each outcome gets.
+struct Tally {
+    sum: f64,
+    count: usize,
+    last_loss: f32,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            sum: 0.0,
+            count: 0,
+            last_loss: f32::NAN,
+        }
+    }
+}
+
+impl Tally {
+    /// Logs a scale change, stops on a non-finite loss that was not skipped, and counts the loss
+    /// of every applied step.
+    fn record(
+        &mut self,
+        out: StepOutcome,
+        log: &mut RunLog,
+        epoch: usize,
+        last_ckpt: Option<&Path>,
+    ) -> Result<()> {
+        let step = out.step + 1;
+        if let Some((old, new)) = out.scale_changed {
+            eprintln!("step {step}: loss scale {old} -> {new}");
+            log.metrics(json!({"event": "loss_scale", "step": step, "from": old, "to": new}))?;
+        }
+        if !out.loss.is_finite() && !out.skipped {
+            let kept = last_ckpt
+                .map(|p| format!("; the last good checkpoint is {}", p.display()))
+                .unwrap_or_default();
+            bail!(
+                "the loss became {} at step {step} (epoch {epoch}): stopping{kept}",
+                out.loss
+            );
+        }
+        if !out.skipped {
+            self.sum += out.loss as f64;
+            self.count += 1;
+            self.last_loss = out.loss;
+        }
+        Ok(())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_epoch(
     cfg: &TrainConfig,
@@ -253,43 +310,38 @@ fn run_epoch(
         cfg.log_every as u64,
     );
     let start = Instant::now();
-    let (mut sum, mut count, mut last_loss) = (0.0f64, 0usize, f32::NAN);
+    let mut tally = Tally::default();
     let mut batches = loader.epoch(epoch - 1);
     for (i, batch) in (&mut batches).enumerate() {
         let lr = schedule.lr(run.step);
-        let out =
+        let outcomes =
             backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
         run.step += 1;
-        if let Some((old, new)) = out.scale_changed {
-            eprintln!("step {}: loss scale {old} -> {new}", run.step);
-            log.metrics(json!({"event": "loss_scale", "step": run.step, "from": old, "to": new}))?;
-        }
-        if !out.loss.is_finite() && !out.skipped {
-            let kept = last_ckpt
-                .map(|p| format!("; the last good checkpoint is {}", p.display()))
-                .unwrap_or_default();
-            bail!(
-                "the loss became {} at step {} (epoch {epoch}): stopping{kept}",
-                out.loss,
-                run.step
-            );
-        }
-        if !out.skipped {
-            sum += out.loss as f64;
-            count += 1;
-            last_loss = out.loss;
+        for out in outcomes {
+            tally.record(out, log, epoch, last_ckpt)?;
         }
         let ips = ((i + 1) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
+        // Before the first outcome settles (dynamic scaling on CUDA) there is no loss to show.
+        let loss = match tally.count {
+            0 => "-".to_string(),
+            _ => format!("{:.4}", tally.last_loss),
+        };
         progress.update(
             i as u64 + 1,
-            format!("loss {:.4} lr {lr:.3e} {ips:.1} img/s", out.loss),
+            format!("loss {loss} lr {lr:.3e} {ips:.1} img/s"),
         );
         if (i + 1) % cfg.log_every == 0 {
-            log.metrics(json!({"event": "step", "epoch": epoch, "step": run.step, "loss": out.loss, "lr": lr, "loss_scale": run.scaler.scale(), "images_per_sec": ips}))?;
+            log.metrics(json!({"event": "step", "epoch": epoch, "step": run.step, "loss": tally.last_loss, "lr": lr, "loss_scale": run.scaler.scale(), "images_per_sec": ips}))?;
         }
+    }
+    // The last step's outcome may still be on the device (dynamic scaling on CUDA); the scaler
+    // must be settled before the checkpoint saves it.
+    for out in backend.settle(&mut run.scaler)? {
+        tally.record(out, log, epoch, last_ckpt)?;
     }
     progress.finish();
     let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+    let (sum, count, last_loss) = (tally.sum, tally.count, tally.last_loss);
     let mean = sum / count.max(1) as f64;
     log.line(&format!(
         "epoch: {epoch} step: {}, loss is {last_loss:.4}",

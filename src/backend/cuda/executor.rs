@@ -11,16 +11,18 @@
 //!   padded stem input and weights, per-sample losses and the step report (loss, overflow flag).
 //!
 //! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
-//! being queued. The training loop wants every step's loss, so a 16-byte report (loss, overflow
-//! flag) is copied to pinned memory in stream order and waited for once the whole step is queued:
-//! - with a fixed loss scale or none, the copy follows the fused softmax-CE, so `train_step`
-//!   returns while the backward and the update still run, and the next batch is copied to pinned
-//!   memory and its upload and launches are queued behind them: the GPU does not wait for the host;
-//! - with dynamic scaling the copy follows the update, because the next step's scale (a kernel
-//!   argument) depends on this step's overflow flag: the host mirrors [`LossScaler`] exactly as the
-//!   CPU backend does, while the skip itself is decided on the device (RMSProp reads the flag). The
-//!   GPU then idles for the host's launch time between steps; a device-resident scale (softmax-CE
-//!   and RMSProp reading it from memory) and CUDA graphs would remove that (follow-up).
+//! being queued. A 32-byte step report (loss, overflow flag, loss scale, clean-step count) is
+//! copied to pinned memory in stream order:
+//! - with a fixed loss scale or none, the copy follows the fused softmax-CE, and `train_step`
+//!   waits only for it: it returns while the backward and the update still run, and the next batch
+//!   is staged and queued behind them;
+//! - with dynamic scaling the scaler lives on the device: softmax-CE and RMSProp read the scale
+//!   from memory, RMSProp skips itself on the overflow flag and `loss_scale_update` halves or grows
+//!   the scale. The report copy follows that update, and the host reads it one step later, after
+//!   queueing the next step, so the GPU never waits for the host. `train_step` then returns the
+//!   previous step's outcome, and the host's [`LossScaler`] replays the device's decisions from
+//!   the reported flags (and must agree with the reported scale); [`Backend::settle`] collects the
+//!   last step.
 //!
 //! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
 
@@ -36,7 +38,7 @@ use std::collections::HashMap;
 use super::arena::{self, MemoryEstimate, ParamSlots, STEM_CHANNELS};
 use super::conv::{ConvOut, ConvShape};
 use super::fusion::{self, Fusion};
-use super::ops::{BnArgs, Labels, PoolShape, RmspropParams};
+use super::ops::{BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
 use super::step_plan::{check_program, Launch, StepProgram};
 use super::{CudaBackend, DevPtr};
 use crate::backend::{Amp, Backend, StepOutcome};
@@ -47,11 +49,14 @@ use crate::plan::memory::MemoryPlan;
 use crate::plan::{Conv2d, Op, Plan, TensorId};
 use crate::train::{LossScaler, RmsProp};
 
-/// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter.
+/// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter, and the
+/// device loss scaler's state (scale as f32 bits, clean steps).
 const REPORT_LOSS: usize = 0;
 const REPORT_OVERFLOW: usize = 1;
 const REPORT_COUNTER: usize = 2;
-const REPORT_WORDS: usize = 4;
+const REPORT_SCALE: usize = 3;
+const REPORT_CLEAN: usize = 4;
+const REPORT_WORDS: usize = 8;
 
 /// Refuses the precision levels the kernels cannot run, instead of faking them.
 pub fn check_amp(amp: Amp) -> Result<()> {
@@ -111,11 +116,11 @@ struct Ptrs {
 struct Pinned {
     images: PinnedHostSlice<f32>,
     labels: PinnedHostSlice<f32>,
-    report: PinnedHostSlice<u32>,
+    /// Two report slots, each with the event recorded after its copy (valid once it fires):
+    /// under dynamic scaling step k's report is read while step k + 1 runs.
+    reports: [(PinnedHostSlice<u32>, CudaEvent); 2],
     /// Recorded after the uploads of a batch: the host may refill the input buffers once it fires.
     inputs_read: CudaEvent,
-    /// Recorded after the report copy: the report is valid once it fires.
-    report_written: CudaEvent,
 }
 
 /// Per-step values the launches need.
@@ -124,8 +129,32 @@ struct StepArgs {
     train: bool,
     step: u64,
     lr: f32,
-    scale: f32,
-    dynamic: bool,
+    /// The loss scale: a value, or the device scaler's (dynamic scaling).
+    scale: ScaleArg,
+    /// Dynamic scaling: the scaler's growth interval (the device checks overflow and updates it).
+    growth: Option<u32>,
+    /// The report slot this step's report goes to.
+    slot: usize,
+}
+
+impl StepArgs {
+    fn infer() -> Self {
+        StepArgs {
+            train: false,
+            step: 0,
+            lr: 0.0,
+            scale: ScaleArg::Value(1.0),
+            growth: None,
+            slot: 0,
+        }
+    }
+}
+
+/// A dynamic-scaling step whose report has not been read yet.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    step: u64,
+    slot: usize,
 }
 
 pub struct CudaTrainer {
@@ -150,6 +179,7 @@ pub struct CudaTrainer {
     pinned: Pinned,
     ws_elems: usize,
     stem: Option<usize>,
+    pending: Option<Pending>,
 }
 
 impl CudaTrainer {
@@ -204,6 +234,7 @@ impl CudaTrainer {
             pinned,
             ws_elems,
             stem,
+            pending: None,
         };
         trainer.upload(&model)?;
         Ok(trainer)
@@ -251,9 +282,7 @@ impl CudaTrainer {
         let args = StepArgs {
             train: true,
             step,
-            lr: 0.0,
-            scale: 1.0,
-            dynamic: false,
+            ..StepArgs::infer()
         };
         let forward = self
             .program
@@ -349,26 +378,79 @@ impl CudaTrainer {
         Ok(())
     }
 
-    /// Queues the copy of the step report to pinned memory, in stream order.
-    fn queue_report(&mut self) -> Result<()> {
+    /// Queues the copy of the step report to pinned slot `slot`, in stream order.
+    fn queue_report(&mut self, slot: usize) -> Result<()> {
         let s = self.be.stream.clone();
-        s.memcpy_dtoh(&self.dev.report, &mut self.pinned.report)?;
-        self.pinned.report_written.record(&s)?;
+        let (host, written) = &mut self.pinned.reports[slot];
+        s.memcpy_dtoh(&self.dev.report, host)?;
+        written.record(&s)?;
         Ok(())
     }
 
-    /// Waits for the last queued report copy (not for later work): (loss, overflow flag).
-    fn read_report(&self) -> Result<(f32, bool)> {
-        self.pinned.report_written.synchronize()?;
-        let r = self.pinned.report.as_slice()?;
-        Ok((f32::from_bits(r[REPORT_LOSS]), r[REPORT_OVERFLOW] != 0))
+    /// Waits for the last report copied to `slot` (not for later work).
+    fn read_report(&self, slot: usize) -> Result<Report> {
+        let (host, written) = &self.pinned.reports[slot];
+        written.synchronize()?;
+        let r = host.as_slice()?;
+        Ok(Report {
+            loss: f32::from_bits(r[REPORT_LOSS]),
+            overflow: r[REPORT_OVERFLOW] != 0,
+            scale: f32::from_bits(r[REPORT_SCALE]),
+            clean: r[REPORT_CLEAN],
+        })
+    }
+
+    /// Starts the device scaler from the host's state (nothing may be in flight: the device
+    /// would otherwise continue from its own, newer state).
+    fn upload_scaler(&mut self, scaler: &LossScaler) -> Result<()> {
+        let LossScaler::Dynamic {
+            scale, clean_steps, ..
+        } = *scaler
+        else {
+            return Ok(());
+        };
+        let words = [scale.to_bits(), clean_steps];
+        let mut dst = self.dev.report.slice_mut(REPORT_SCALE..REPORT_CLEAN + 1);
+        self.be.stream.memcpy_htod(&words, &mut dst)?;
+        Ok(())
+    }
+
+    /// Reads the report of the pending dynamic-scaling step, replays its overflow flag on the host
+    /// scaler and checks that the host lands where the device did.
+    fn settle_pending(&mut self, scaler: &mut LossScaler) -> Result<Option<StepOutcome>> {
+        let Some(p) = self.pending.take() else {
+            return Ok(None);
+        };
+        let r = self.read_report(p.slot)?;
+        let decision = scaler.update(r.overflow);
+        let host = match *scaler {
+            LossScaler::Dynamic {
+                scale, clean_steps, ..
+            } => (scale, clean_steps),
+            _ => bail!("the loss scaler changed kind while a dynamic-scaling step was in flight"),
+        };
+        if host != (r.scale, r.clean) {
+            bail!(
+                "after step {} the device loss scaler holds scale {} (clean steps {}) but the host \
+                 holds {} ({})",
+                p.step,
+                r.scale,
+                r.clean,
+                host.0,
+                host.1
+            );
+        }
+        Ok(Some(StepOutcome {
+            step: p.step,
+            loss: r.loss,
+            skipped: decision.skip,
+            scale_changed: decision.scale_changed,
+        }))
     }
 
     /// Queues every launch of the training step or inference pass. In a training step the report
-    /// is queued right after the loss when the scaler ignores overflow (the host then needs only
-    /// the loss, so `train_step` returns while the backward and update still run and the next
-    /// batch is staged meanwhile), and after the update under dynamic scaling (which needs the
-    /// overflow flag).
+    /// is queued right after the loss when the scale is fixed (the host needs only the loss), and
+    /// after the scaler update under dynamic scaling.
     fn run_program(&mut self, train: bool, args: StepArgs) -> Result<()> {
         let count = if train {
             self.program.train.len()
@@ -384,12 +466,12 @@ impl CudaTrainer {
             self.launch(launch, args)
                 .with_context(|| format!("{launch:?} of plan '{}'", self.plan.name))?;
             let report_now = match launch {
-                Launch::Backward { step } => !args.dynamic && self.is_loss_step(step),
-                Launch::Update => args.dynamic,
+                Launch::Backward { step } => args.growth.is_none() && self.is_loss_step(step),
+                Launch::ScaleUpdate => args.growth.is_some(),
                 _ => false,
             };
             if report_now {
-                self.queue_report()?;
+                self.queue_report(args.slot)?;
             }
         }
         Ok(())
@@ -410,16 +492,28 @@ impl CudaTrainer {
             Launch::PadStem { node } => self.pad_stem(node),
             Launch::Forward { node } => self.forward(node, a),
             Launch::Backward { step } => self.backward(step, a),
-            Launch::OverflowCheck if a.dynamic => self.be.overflow_check(
+            Launch::OverflowCheck if a.growth.is_some() => self.be.overflow_check(
                 self.ptr.grads,
                 self.params.len,
                 false,
-                self.ptr.report + 4 * REPORT_OVERFLOW as u64,
+                self.report_word(REPORT_OVERFLOW),
             ),
-            Launch::OverflowCheck => Ok(()),
             Launch::Update => self.update(a),
-            Launch::ScaleUpdate => Ok(()),
+            Launch::ScaleUpdate => match a.growth {
+                Some(growth) => self.be.loss_scale_update(
+                    self.report_word(REPORT_OVERFLOW),
+                    self.report_word(REPORT_SCALE),
+                    self.report_word(REPORT_CLEAN),
+                    growth,
+                ),
+                None => Ok(()),
+            },
+            Launch::OverflowCheck => Ok(()),
         }
+    }
+
+    fn report_word(&self, word: usize) -> DevPtr {
+        self.ptr.report + 4 * word as u64
     }
 
     /// Address of an arena tensor (forward or gradient id); a slice's address is its first
@@ -657,21 +751,18 @@ impl CudaTrainer {
                 self.be.dropout_backward(n, *p, *seed, a.step, dy, dx, acc)
             }
             Op::Linear { .. } => self.linear_backward(j, x, dy, dx, acc),
-            Op::SoftmaxCrossEntropy { smoothing } => {
-                let report = self.ptr.report;
-                self.be.softmax_ce(
-                    xs[0],
-                    xs[1],
-                    *smoothing,
-                    a.scale,
-                    x,
-                    Labels::F32(self.ptr.labels),
-                    self.ptr.row_loss,
-                    report + 4 * REPORT_LOSS as u64,
-                    report + 4 * REPORT_COUNTER as u64,
-                    dx.context("logits gradient")?,
-                )
-            }
+            Op::SoftmaxCrossEntropy { smoothing } => self.be.softmax_ce(
+                xs[0],
+                xs[1],
+                *smoothing,
+                a.scale,
+                x,
+                Labels::F32(self.ptr.labels),
+                self.ptr.row_loss,
+                self.report_word(REPORT_LOSS),
+                self.report_word(REPORT_COUNTER),
+                dx.context("logits gradient")?,
+            ),
         }
     }
 
@@ -769,10 +860,10 @@ impl CudaTrainer {
 
     fn update(&self, a: StepArgs) -> Result<()> {
         let cfg = self.optim.cfg;
-        let overflow = if a.dynamic {
-            self.ptr.report + 4 * REPORT_OVERFLOW as u64
-        } else {
-            0
+        let overflow = a.growth.map_or(0, |_| self.report_word(REPORT_OVERFLOW));
+        let (inv_loss_scale, loss_scale) = match a.scale {
+            ScaleArg::Value(v) => (1.0 / v, 0),
+            ScaleArg::Device(p) => (1.0, p),
         };
         let p = RmspropParams {
             w: self.ptr.master,
@@ -789,10 +880,19 @@ impl CudaTrainer {
             momentum: cfg.momentum,
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
-            inv_loss_scale: 1.0 / a.scale,
+            inv_loss_scale,
+            loss_scale,
         };
         self.be.rmsprop(p, false)
     }
+}
+
+/// What a step report says.
+struct Report {
+    loss: f32,
+    overflow: bool,
+    scale: f32,
+    clean: u32,
 }
 
 impl Backend for CudaTrainer {
@@ -810,14 +910,32 @@ impl Backend for CudaTrainer {
         step: u64,
         lr: f32,
         scaler: &mut LossScaler,
-    ) -> Result<StepOutcome> {
+    ) -> Result<Vec<StepOutcome>> {
         self.stage(images, Some(labels))?;
+        let dynamic = match *scaler {
+            LossScaler::Dynamic {
+                growth_interval, ..
+            } => Some(growth_interval),
+            _ => None,
+        };
+        let mut settled = Vec::new();
+        if dynamic.is_none() {
+            settled.extend(self.settle_pending(scaler)?);
+        } else if self.pending.is_none() {
+            self.upload_scaler(scaler)?;
+        }
+        // The other slot than the pending step's, whose report is still to be read.
+        let slot = self.pending.map_or(0, |p| 1 - p.slot);
         let args = StepArgs {
             train: true,
             step,
             lr,
-            scale: scaler.scale(),
-            dynamic: scaler.checks_overflow(),
+            scale: match dynamic {
+                Some(_) => ScaleArg::Device(self.report_word(REPORT_SCALE)),
+                None => ScaleArg::Value(scaler.scale()),
+            },
+            growth: dynamic,
+            slot,
         };
         let s = self.be.stream.clone();
         s.memset_zeros(
@@ -827,29 +945,30 @@ impl Backend for CudaTrainer {
                 .slice_mut(REPORT_OVERFLOW..REPORT_OVERFLOW + 1),
         )?;
         self.run_program(true, args)?;
-        let (loss, overflow) = self.read_report()?;
-        // The device skipped the update iff the flag is set under dynamic scaling; the host
-        // scaler takes the same decision, so both stay in step.
-        let decision = scaler.update(args.dynamic && overflow);
-        Ok(StepOutcome {
-            loss,
-            skipped: decision.skip,
-            scale_changed: decision.scale_changed,
-        })
+        if dynamic.is_some() {
+            // Read the previous step's report while this one runs.
+            settled.extend(self.settle_pending(scaler)?);
+            self.pending = Some(Pending { step, slot });
+        } else {
+            let r = self.read_report(slot)?;
+            settled.push(StepOutcome {
+                step,
+                loss: r.loss,
+                skipped: false,
+                scale_changed: None,
+            });
+        }
+        Ok(settled)
+    }
+
+    fn settle(&mut self, scaler: &mut LossScaler) -> Result<Vec<StepOutcome>> {
+        Ok(self.settle_pending(scaler)?.into_iter().collect())
     }
 
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         self.stage(images, None)?;
-        let args = StepArgs {
-            train: false,
-            step: 0,
-            lr: 0.0,
-            scale: 1.0,
-            dynamic: false,
-        };
-        self.run_program(false, args)?;
-        let logits = self.plan.logits;
-        self.read_tensor(logits)
+        self.run_program(false, StepArgs::infer())?;
+        self.read_tensor(self.plan.logits)
     }
 
     fn state(&mut self) -> Result<(ModelState, RmsProp)> {
@@ -994,13 +1113,18 @@ impl Pinned {
         // buffers are write-combined (the host only writes them); the report is read by the host,
         // so it is plain page-locked memory.
         let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC));
+        let report = || -> Result<_> {
+            Ok((
+                unsafe { ctx.alloc_pinned_with_flags(REPORT_WORDS, 0)? },
+                event()?,
+            ))
+        };
         unsafe {
             Ok(Pinned {
                 images: ctx.alloc_pinned(plan.tensor(plan.input).numel())?,
                 labels: ctx.alloc_pinned(plan.batch())?,
-                report: ctx.alloc_pinned_with_flags(REPORT_WORDS, 0)?,
+                reports: [report()?, report()?],
                 inputs_read: event()?,
-                report_written: event()?,
             })
         }
     }

@@ -34,4 +34,4 @@ pub use context::{arch_for, CudaBackend, DevPtr};
 pub use conv::{ConvImpl, ConvMode, ConvOut, ConvShape, Tile};
 pub use executor::CudaTrainer;
 pub use nvrtc::{compile_all, Compiled, KernelInfo};
-pub use ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams};
+pub use ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};

@@ -127,10 +127,30 @@ pub struct RmspropParams {
     pub eps: f32,
     pub weight_decay: f32,
     pub inv_loss_scale: f32,
+    /// Device address of the loss scale (0: use `inv_loss_scale`).
+    pub loss_scale: u64,
 }
 // SAFETY: plain repr(C) data laid out like the CUDA struct.
 unsafe impl DeviceRepr for RmspropParams {}
-const _: () = assert!(std::mem::size_of::<RmspropParams>() == 96);
+const _: () = assert!(std::mem::size_of::<RmspropParams>() == 104);
+
+/// The loss scale a kernel applies: a value known when the launch is queued, or the address of
+/// the device-resident dynamic scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScaleArg {
+    Value(f32),
+    Device(DevPtr),
+}
+
+impl ScaleArg {
+    /// (value, address) as the kernels take them: the address wins when it is not 0.
+    fn split(self) -> (f32, DevPtr) {
+        match self {
+            ScaleArg::Value(v) => (v, 0),
+            ScaleArg::Device(p) => (1.0, p),
+        }
+    }
+}
 
 impl CudaBackend {
     fn bn_grid(&self, m: usize, c: usize) -> LaunchConfig {
@@ -469,7 +489,7 @@ impl CudaBackend {
         n: usize,
         k: usize,
         smoothing: f32,
-        grad_scale: f32,
+        scale: ScaleArg,
         logits: DevPtr,
         labels: Labels,
         row_loss: DevPtr,
@@ -483,13 +503,14 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let (ni, ki) = (n as i32, k as i32);
+        let (grad_scale, scale_dev): (f32, DevPtr) = scale.split();
         let (name, lab): (&str, DevPtr) = match labels {
             Labels::I32(p) => ("softmax_ce_i32", p),
             Labels::F32(p) => ("softmax_ce_f32", p),
         };
         cuda_launch!(
-            self, name, cfg, logits, lab, ni, ki, smoothing, grad_scale, row_loss, loss, counter,
-            dlogits
+            self, name, cfg, logits, lab, ni, ki, smoothing, grad_scale, scale_dev, row_loss, loss,
+            counter, dlogits
         )
     }
 
@@ -601,6 +622,31 @@ impl CudaBackend {
             "overflow_check_f32"
         };
         cuda_launch!(self, name, self.grid_1d(n)?, grads, n, flag)
+    }
+
+    /// The device loss scaler's step (see `loss_scale_update` in kernels/optimizer.cu): reads
+    /// the overflow flag, updates the fp32 scale and the u32 clean-step count in place.
+    pub fn loss_scale_update(
+        &self,
+        flag: DevPtr,
+        scale: DevPtr,
+        clean: DevPtr,
+        growth_interval: u32,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cuda_launch!(
+            self,
+            "loss_scale_update",
+            cfg,
+            flag,
+            scale,
+            clean,
+            growth_interval
+        )
     }
 
     pub fn cast_f32_to_f16(&self, src: DevPtr, count: usize, dst: DevPtr) -> Result<()> {

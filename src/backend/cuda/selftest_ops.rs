@@ -7,7 +7,7 @@ use half::f16;
 use rand::Rng;
 
 use super::conv::{self, ConvImpl, ConvMode, ConvOut, ConvShape};
-use super::ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams};
+use super::ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
 use super::selftest::{BnCase, RmspropHyper, SelfTest, TOL, TOL_REDUCTION};
 use crate::plan::{Op, Plan};
 
@@ -289,7 +289,7 @@ impl SelfTest<'_> {
                 n,
                 k,
                 smoothing,
-                grad_scale,
+                ScaleArg::Value(grad_scale),
                 lb.ptr,
                 lab,
                 rows.ptr,
@@ -360,6 +360,7 @@ impl SelfTest<'_> {
             eps: h.eps,
             weight_decay: h.weight_decay,
             inv_loss_scale: h.inv_loss_scale,
+            loss_scale: 0,
         };
         self.be.overflow_check(gb.ptr, count, false, flag.ptr)?;
         let finite_flag = self.be.stream.clone_dtoh(&flag.dev)?[0];

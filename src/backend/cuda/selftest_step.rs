@@ -6,7 +6,7 @@
 //! step's fp16 activations and gradients, not the rounding of its inputs. Each figure is a relative
 //! L2 error per tensor (|gpu - cpu| / |cpu|); a category reports its worst tensor.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -169,7 +169,10 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let fresh = fresh_checks(&s, &cpu, case)?;
     let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
     let mut scaler = LossScaler::Fixed(SCALE);
-    let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
+    let out = gpu
+        .train_step(&s.images, &s.labels, 0, LR, &mut scaler)?
+        .pop()
+        .context("a fixed-scale step reports at once")?;
     let g_gpu = gpu.grads()?;
     let (m_gpu, _) = gpu.state()?;
     let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
@@ -253,9 +256,12 @@ fn forward_check(gpu: &mut CudaTrainer, s: &Setup, cpu: &CpuStep, case: StepCase
     ))
 }
 
-/// A step at a loss scale so large that the fp16 gradients overflow must be skipped: weights and
-/// optimizer state unchanged, the scale halved; the next step at a sane scale applies (the device
-/// flag is reset between steps, and host and device agree on the skip).
+/// The device-resident dynamic scaler. A step at a loss scale so large that the fp16 gradients
+/// overflow must be skipped: weights and optimizer state unchanged, the scale halved. Then two
+/// steps at a sane scale with a growth interval of 1, the second queued while the first is still
+/// unreported: both apply, and the scale doubles twice. Every settled report is also checked
+/// inside the trainer: the host scaler replaying the device's overflow flags must land on the
+/// scale and clean count the device reports.
 fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
     let s = setup(case, seed)?;
     let (images, labels) = (s.images.clone(), s.labels.clone());
@@ -267,33 +273,41 @@ fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
         growth_interval: 2000,
         clean_steps: 0,
     };
-    let out = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
+    let mut outcomes = gpu.train_step(&images, &labels, 0, LR, &mut scaler)?;
+    let deferred = outcomes.is_empty();
+    outcomes.extend(gpu.settle(&mut scaler)?);
     let (after, opt_after) = gpu.state()?;
+    let skipped = matches!(outcomes[..], [o] if o.skipped && o.step == 0);
     let kept = after.params == before.params && opt_after.ms == opt_before.ms;
     let halved = scaler.scale() == huge * 0.5;
     let mut sane = LossScaler::Dynamic {
         scale: SCALE,
-        growth_interval: 2000,
+        growth_interval: 1,
         clean_steps: 0,
     };
-    let next = gpu.train_step(&images, &labels, 1, LR, &mut sane)?;
+    let mut next = gpu.train_step(&images, &labels, 1, LR, &mut sane)?;
+    next.extend(gpu.train_step(&images, &labels, 2, LR, &mut sane)?);
+    next.extend(gpu.settle(&mut sane)?);
     let (applied_model, _) = gpu.state()?;
-    let applied = !next.skipped
+    let applied = next.len() == 2
+        && next.iter().all(|o| !o.skipped && o.loss.is_finite())
         && applied_model.params != after.params
         && applied_model.params.iter().all(|w| w.is_finite());
-    let ok = out.skipped && kept && halved && applied;
-    let status = if ok { Status::Pass } else { Status::Fail };
+    let grown = sane.scale() == SCALE * 4.0;
+    let ok = deferred && skipped && kept && halved && applied && grown;
     if !ok {
         eprintln!(
-            "overflow skip: skipped {}, weights kept {kept}, scale halved {halved}, next clean step applied {applied}",
-            out.skipped
+            "device scaler: report deferred {deferred}, overflow skipped {skipped}, weights kept {kept}, scale halved {halved}, clean steps applied {applied}, scale grown {grown}"
         );
     }
     Ok(Check {
-        kernel: format!("step {}: dynamic scaler skips overflow", case.plan),
-        shape: format!("loss scale {huge:e}"),
+        kernel: format!(
+            "step {}: device loss scaler skips overflow and grows",
+            case.plan
+        ),
+        shape: format!("loss scale {huge:e}, then {SCALE} growing every step"),
         oracle: "expected".into(),
-        status,
+        status: if ok { Status::Pass } else { Status::Fail },
         max_abs_err: 0.0,
         rel_err: 0.0,
     })
