@@ -49,7 +49,7 @@ fn device(
         Fusion::none(plan, bwd)
     };
     let program = StepProgram::new(plan, bwd, &fusion, arena::stem_conv(plan));
-    let mem = arena::arena_plan(plan, bwd, &fusion, &program.train, amp);
+    let mem = arena::arena_plan(plan, bwd, &fusion, &program.train, amp, true);
     (fusion, program, mem)
 }
 
@@ -82,7 +82,7 @@ fn arena_fits_every_tensor_without_live_overlap_at_each_amp_level() {
         for amp in [Amp::O0, Amp::O2, Amp::O3] {
             for fused in [false, true] {
                 let (fusion, program, mem) = device(&plan, &bwd, fused, amp);
-                let life = program_lifetimes(&plan, &bwd, &fusion, &program.train);
+                let life = program_lifetimes(&plan, &bwd, &fusion, &program.train, true);
                 assert_eq!(mem.placements.len(), life.iter().flatten().count());
                 assert_no_overlap(&mem);
             }
@@ -172,6 +172,7 @@ fn replay(
     program: &[Launch],
     mem: &MemoryPlan,
     amp: Amp,
+    train: bool,
 ) -> Result<(), String> {
     let offsets = arena::offsets(plan, mem, fusion, amp);
     let mut stamp = vec![usize::MAX; mem.peak_bytes / 2 + 1];
@@ -195,7 +196,7 @@ fn replay(
             .collect()
     };
     for (time, &launch) in program.iter().enumerate() {
-        let (reads, writes) = accesses(plan, bwd, fusion, launch, true);
+        let (reads, writes) = accesses(plan, bwd, fusion, launch, train);
         for t in reads {
             let root = fusion.root(t);
             if let Some(u) = units(t).into_iter().find(|&u| stamp[u] != root) {
@@ -224,10 +225,38 @@ fn replaying_the_program_on_the_arena_finds_every_read_intact() {
             (true, Amp::O3),
         ] {
             let (fusion, program, mem) = device(plan, bwd, fused, amp);
-            replay(plan, bwd, &fusion, &program.train, &mem, amp)
+            replay(plan, bwd, &fusion, &program.train, &mem, amp, true)
                 .unwrap_or_else(|e| panic!("{} fused={fused} {amp:?}: {e}", plan.name));
         }
     }
+}
+
+#[test]
+fn the_inference_arena_serves_the_forward_pass_in_less_memory() {
+    let (plan, bwd) = build("v4", 8, 299);
+    let (fusion, program, train_mem) = device(&plan, &bwd, true, Amp::O2);
+    let mem = arena::arena_plan(&plan, &bwd, &fusion, &program.infer, Amp::O2, false);
+    replay(&plan, &bwd, &fusion, &program.infer, &mem, Amp::O2, false).unwrap();
+    let layout = ParamLayout::new(&plan);
+    let (p, s) = (
+        ParamSlots::new(&layout.params),
+        ParamSlots::new(&layout.states),
+    );
+    let train = arena::estimate(&plan, &train_mem, &p, &s, 132, true);
+    let infer = arena::estimate(&plan, &mem, &p, &s, 132, false);
+    eprintln!(
+        "v4 b8 O2 training {}\ninference {}",
+        train.describe(),
+        infer.describe()
+    );
+    assert!(
+        infer.arena * 3 < train.arena,
+        "{} vs {}",
+        infer.arena,
+        train.arena
+    );
+    assert!(infer.params * 3 < train.params);
+    assert!(infer.total() * 3 < train.total());
 }
 
 #[test]
@@ -236,7 +265,7 @@ fn replay_catches_two_live_tensors_sharing_memory() {
     // still reads at the end of the step: the replay must notice the overwritten image.
     let (plan, bwd) = build("tiny", 2, 32);
     let (fusion, program, mut mem) = device(&plan, &bwd, true, Amp::O2);
-    replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2).unwrap();
+    replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2, true).unwrap();
     let cat = plan
         .nodes
         .iter()
@@ -252,7 +281,7 @@ fn replay_catches_two_live_tensors_sharing_memory() {
     let moved = mem.placements.iter_mut().find(|p| p.tensor == cat).unwrap();
     moved.offset = input;
     mem.peak_bytes = mem.peak_bytes.max(input + moved.bytes);
-    assert!(replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2).is_err());
+    assert!(replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2, true).is_err());
 }
 
 #[test]
@@ -382,7 +411,7 @@ fn memory_estimate_adds_up() {
         ParamSlots::new(&layout.params),
         ParamSlots::new(&layout.states),
     );
-    let est = arena::estimate(&plan, &mem, &p, &s, 132);
+    let est = arena::estimate(&plan, &mem, &p, &s, 132, true);
     assert_eq!(est.arena, mem.peak_bytes);
     assert!(est.params >= layout.param_len * PARAM_ELEM_BYTES);
     assert!(

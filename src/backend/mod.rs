@@ -107,6 +107,25 @@ pub fn build(
     }
 }
 
+/// A backend for evaluation and prediction: on CUDA an inference-only executor (no gradient or
+/// optimizer buffers, an arena sized for the forward pass); the CPU trainer otherwise.
+pub fn build_inference(
+    device: Device,
+    amp: Option<Amp>,
+    plan: crate::plan::Plan,
+    model: ModelState,
+    optim: RmsProp,
+) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cuda => {
+            let amp = amp.unwrap_or(Amp::default_for(device));
+            let exec = cuda::CudaTrainer::for_inference(plan, model, optim, amp)?;
+            Ok(Box::new(exec))
+        }
+        Device::Cpu | Device::Auto => build(device, amp, plan, model, optim),
+    }
+}
+
 /// Resolve `auto` (CUDA when a GPU is usable, else the CPU, saying so) and check that CUDA is
 /// usable when asked for, with a clear message instead of a panic when it is not.
 pub fn resolve_device(device: Device) -> Result<Device> {

@@ -81,6 +81,7 @@ pub fn inference_backend(
     let mut model = ModelState::zeros(&plan);
     ckpt.apply_to(&mut model, None)?;
     let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
-    let backend = backend::build(resolve_device(device)?, None, plan.clone(), model, optim)?;
+    let backend =
+        backend::build_inference(resolve_device(device)?, None, plan.clone(), model, optim)?;
     Ok((plan, backend))
 }

@@ -44,16 +44,18 @@ fn numel(plan: &Plan, bwd: &BackwardPlan, t: TensorId) -> usize {
     }
 }
 
-/// The arena of one training step at an AMP level: every tensor with storage of its own placed
-/// over the lifetimes of the fused program (slices live inside their roots).
+/// The arena of a program (a training step, or with `train` false an inference pass) at an AMP
+/// level: every tensor with storage of its own placed over the lifetimes of the fused program
+/// (slices live inside their roots).
 pub fn arena_plan(
     plan: &Plan,
     bwd: &BackwardPlan,
     fusion: &Fusion,
     program: &[Launch],
     amp: Amp,
+    train: bool,
 ) -> MemoryPlan {
-    let life = program_lifetimes(plan, bwd, fusion, program);
+    let life = program_lifetimes(plan, bwd, fusion, program, train);
     place(&life, |t| numel(plan, bwd, t) * elem_bytes(plan, amp, t))
 }
 
@@ -204,22 +206,31 @@ impl MemoryEstimate {
 /// decay mask (u8).
 pub const PARAM_ELEM_BYTES: usize = 4 * 4 + 2 + 1;
 
-/// The device memory a training step of `plan` needs at `amp` on a GPU with `num_sms` SMs.
+/// Bytes per padded parameter element for inference: master (fp32) and working copy (fp16).
+pub const INFER_PARAM_ELEM_BYTES: usize = 4 + 2;
+
+/// The device memory `plan` needs at `amp` on a GPU with `num_sms` SMs: for a training step, or
+/// with `train` false for inference only (no gradients, optimizer state or workspace).
 pub fn estimate(
     plan: &Plan,
     mem: &MemoryPlan,
     params: &ParamSlots,
     states: &ParamSlots,
     num_sms: u32,
+    train: bool,
 ) -> MemoryEstimate {
     let input = plan.tensor(plan.input).numel();
     let stem = stem_padded_elems(plan).map_or(0, |(x, w)| 2 * (x + w));
     let align = |b: usize| b.next_multiple_of(ALIGN);
+    let (per_param, workspace) = match train {
+        true => (PARAM_ELEM_BYTES, workspace_elems(plan, num_sms)),
+        false => (INFER_PARAM_ELEM_BYTES, 1),
+    };
     MemoryEstimate {
         arena: mem.peak_bytes,
-        params: align(params.len * PARAM_ELEM_BYTES),
+        params: align(params.len * per_param),
         states: align(states.len * 4),
-        workspace: align(workspace_elems(plan, num_sms) * 4),
+        workspace: align(workspace * 4),
         staging: align(input * 4) + align(stem) + align(plan.batch() * 8) + ALIGN,
     }
 }

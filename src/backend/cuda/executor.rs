@@ -180,11 +180,30 @@ pub struct CudaTrainer {
     ws_elems: usize,
     stem: Option<usize>,
     pending: Option<Pending>,
+    /// Built for training (else inference only: no gradient or optimizer buffers).
+    train: bool,
 }
 
 impl CudaTrainer {
     /// Builds the step program, allocates everything on GPU 0 and uploads the model and optimizer.
     pub fn new(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
+        Self::create(plan, model, optim, amp, true)
+    }
+
+    /// An inference-only executor (eval, predict): its arena holds only what the forward pass
+    /// needs, and no gradients, optimizer state or workspace are allocated. `optim` is kept on
+    /// the host only, for [`Backend::state`].
+    pub fn for_inference(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
+        Self::create(plan, model, optim, amp, false)
+    }
+
+    fn create(
+        plan: Plan,
+        model: ModelState,
+        optim: RmsProp,
+        amp: Amp,
+        train: bool,
+    ) -> Result<Self> {
         check_amp(amp)?;
         let layout = ParamLayout::new(&plan);
         check_state(&plan, &layout, &model, &optim)?;
@@ -195,15 +214,23 @@ impl CudaTrainer {
         // Cheap, and it turns a program/plan mismatch into an error before anything launches.
         let program = StepProgram::new(&plan, &bwd, &fusion, stem);
         check_program(&plan, &bwd, &fusion, &program.train)?;
-        let mem = arena::arena_plan(&plan, &bwd, &fusion, &program.train, amp);
+        let run = if train {
+            &program.train
+        } else {
+            &program.infer
+        };
+        let mem = arena::arena_plan(&plan, &bwd, &fusion, run, amp, train);
         let (params, states) = (
             ParamSlots::new(&layout.params),
             ParamSlots::new(&layout.states),
         );
-        let estimate = arena::estimate(&plan, &mem, &params, &states, be.num_sms);
+        let estimate = arena::estimate(&plan, &mem, &params, &states, be.num_sms, train);
         check_free_memory(&be, &plan, &estimate)?;
-        let ws_elems = arena::workspace_elems(&plan, be.num_sms);
-        let dev = DeviceBuffers::alloc(&be, &plan, &mem, &params, &states, ws_elems)
+        let ws_elems = match train {
+            true => arena::workspace_elems(&plan, be.num_sms),
+            false => 1,
+        };
+        let dev = DeviceBuffers::alloc(&be, &plan, &mem, &params, &states, ws_elems, train)
             .map_err(|e| oom_error(e, &plan, &estimate))?;
         let ptr = dev.ptrs(&be);
         let pinned = Pinned::alloc(&be, &plan)?;
@@ -235,9 +262,17 @@ impl CudaTrainer {
             ws_elems,
             stem,
             pending: None,
+            train,
         };
         trainer.upload(&model)?;
         Ok(trainer)
+    }
+
+    fn check_training(&self) -> Result<()> {
+        if !self.train {
+            bail!("this CUDA executor was built for inference only (no gradient buffers)");
+        }
+        Ok(())
     }
 
     pub fn plan(&self) -> &Plan {
@@ -267,6 +302,7 @@ impl CudaTrainer {
 
     /// The last step's parameter gradients (still scaled by the loss scale), flat host order.
     pub fn grads(&self) -> Result<Vec<f32>> {
+        self.check_training()?;
         // Explicit, rather than relying on a pageable copy blocking: the step may still be running
         // (fixed scaling returns before its backward), and an async kernel error surfaces here.
         self.be.synchronize()?;
@@ -278,6 +314,7 @@ impl CudaTrainer {
     /// Runs only the forward launches of a training step (a diagnostic: the tensors the backward
     /// will read are then intact in the arena, see [`Self::read_tensor`]).
     pub fn forward_train(&mut self, images: &[f32], labels: &[u32], step: u64) -> Result<()> {
+        self.check_training()?;
         self.stage(images, Some(labels))?;
         let args = StepArgs {
             train: true,
@@ -342,6 +379,11 @@ impl CudaTrainer {
         s.memcpy_htod(&p.scatter(&model.params, 0.0), &mut self.dev.master)?;
         let half: Vec<f16> = model.params.iter().map(|&v| f16::from_f32(v)).collect();
         s.memcpy_htod(&p.scatter(&half, f16::ZERO), &mut self.dev.w16)?;
+        let st = self.states.scatter(&model.states, 0.0);
+        s.memcpy_htod(&st, &mut self.dev.states)?;
+        if !self.train {
+            return self.be.synchronize();
+        }
         s.memcpy_htod(&p.scatter(&self.optim.ms, 1.0), &mut self.dev.ms)?;
         s.memcpy_htod(&p.scatter(&self.optim.mom, 0.0), &mut self.dev.mom)?;
         let mut mask = vec![0u8; self.layout.param_len];
@@ -349,8 +391,6 @@ impl CudaTrainer {
             mask[r.clone()].fill(*on as u8);
         }
         s.memcpy_htod(&p.scatter(&mask, 0), &mut self.dev.decay)?;
-        let st = self.states.scatter(&model.states, 0.0);
-        s.memcpy_htod(&st, &mut self.dev.states)?;
         self.be.synchronize()
     }
 
@@ -911,6 +951,7 @@ impl Backend for CudaTrainer {
         lr: f32,
         scaler: &mut LossScaler,
     ) -> Result<Vec<StepOutcome>> {
+        self.check_training()?;
         self.stage(images, Some(labels))?;
         let dynamic = match *scaler {
             LossScaler::Dynamic {
@@ -978,8 +1019,10 @@ impl Backend for CudaTrainer {
         let params = self.params.gather(&s.clone_dtoh(&self.dev.master)?);
         let states = self.states.gather(&s.clone_dtoh(&self.dev.states)?);
         let mut optim = self.optim.clone();
-        optim.ms = self.params.gather(&s.clone_dtoh(&self.dev.ms)?);
-        optim.mom = self.params.gather(&s.clone_dtoh(&self.dev.mom)?);
+        if self.train {
+            optim.ms = self.params.gather(&s.clone_dtoh(&self.dev.ms)?);
+            optim.mom = self.params.gather(&s.clone_dtoh(&self.dev.mom)?);
+        }
         let model = ModelState {
             layout: self.layout.clone(),
             params,
@@ -1059,19 +1102,22 @@ impl DeviceBuffers {
         params: &ParamSlots,
         states: &ParamSlots,
         ws_elems: usize,
+        train: bool,
     ) -> std::result::Result<Self, DriverError> {
         let stem = match arena::stem_padded_elems(plan) {
             Some((x, w)) => Some((zeros(be, x)?, zeros(be, w)?)),
             None => None,
         };
+        // Inference allocates no gradient or optimizer buffers (one element, never touched).
+        let opt_len = if train { params.len } else { 1 };
         Ok(DeviceBuffers {
             arena: zeros(be, mem.peak_bytes)?,
             master: zeros(be, params.len)?,
             w16: zeros(be, params.len)?,
-            grads: zeros(be, params.len)?,
-            ms: zeros(be, params.len)?,
-            mom: zeros(be, params.len)?,
-            decay: zeros(be, params.len)?,
+            grads: zeros(be, opt_len)?,
+            ms: zeros(be, opt_len)?,
+            mom: zeros(be, opt_len)?,
+            decay: zeros(be, opt_len)?,
             states: zeros(be, states.len)?,
             ws: zeros(be, ws_elems)?,
             images: zeros(be, plan.tensor(plan.input).numel())?,

@@ -181,14 +181,16 @@ fn takes_stride(
     strided_op && (t == out || bwd.grad_of[out] == Some(t))
 }
 
-/// Lifetimes of the arena's storage over the training program: each launch runs at its position,
-/// and an access to a slice is an access to its root. Slices and never-materialised tensors get
-/// no interval of their own; the input and logits are kept to the end (read by the host).
+/// Lifetimes of the arena's storage over a program (`train`: a training step, else an inference
+/// pass): each launch runs at its position, and an access to a slice is an access to its root.
+/// Slices and never-materialised tensors get no interval of their own; the input and logits are
+/// kept to the end (read by the host).
 pub fn program_lifetimes(
     plan: &Plan,
     bwd: &BackwardPlan,
     fusion: &Fusion,
     program: &[Launch],
+    train: bool,
 ) -> Vec<Option<Interval>> {
     let mut life: Vec<Option<Interval>> = vec![None; fusion.view.len()];
     let mut touch = |t: TensorId, time: usize| {
@@ -200,7 +202,7 @@ pub fn program_lifetimes(
         e.end = e.end.max(time);
     };
     for (time, &launch) in program.iter().enumerate() {
-        let (reads, writes) = accesses(plan, bwd, fusion, launch, true);
+        let (reads, writes) = accesses(plan, bwd, fusion, launch, train);
         for t in reads.into_iter().chain(writes) {
             touch(t, time);
         }
