@@ -1,5 +1,13 @@
-// Shared helpers for every kernel file: types, the convolution parameter block, PTX wrappers for
-// the tensor-core path (cp.async, ldmatrix, mma.sync) and the dropout RNG.
+// Shared helpers for every kernel file: types, fp16/fp32 conversion helpers, the convolution
+// parameter block, PTX wrappers for the tensor-core path (cp.async, ldmatrix, mma.sync) and the
+// dropout RNG.
+//
+// Precision variants. A kernel that exists at several AMP levels is one template instantiated by
+// several extern "C" entry points: the unsuffixed name is O2 (fp16 activations, fp32 BN parameters
+// and statistics), `_o0` takes fp32 activations and gradients, `_o3` (BN only) fp16 gamma/beta and
+// saved statistics. Templates are over the activation type A and, for BN, the parameter/statistic
+// type S; arithmetic is fp32 in every variant. The launchers pick the entry point from
+// `CudaBackend::amp`.
 //
 // Compiled by NVRTC at run time (see src/backend/cuda/nvrtc.rs); only cuda_fp16.h is included, so
 // the sources need no CUDA toolkit beyond the pinned NVRTC wheels.
@@ -14,12 +22,14 @@ typedef unsigned int u32;
 
 // One parameter block for every convolution kernel (fprop, dgrad, wgrad; tensor-core and plain).
 // Mirrored field for field by `ConvParams` in src/backend/cuda/conv.rs: keep the two in sync.
-// Tensors are NHWC; weights [cout][kh][kw][cin].
+// Tensors are NHWC; weights [cout][kh][kw][cin]. The tensor pointers are untyped because the same
+// block carries fp16 tensors (tensor-core kernels, plain O2) and fp32 ones (plain `_o0` variants);
+// kernels read them through conv_x/conv_w/conv_dy/conv_out with their element type.
 struct ConvParams {
-    const __half* x;   // input activations [n][h][w][cin]
-    const __half* w;   // weights [cout][kh][kw][cin]
-    const __half* dy;  // output gradient [n][oh][ow][cout]
-    __half* out;       // fprop: y, dgrad: dx (row stride ldc, channel offset c_offset)
+    const void* x;     // input activations [n][h][w][cin]
+    const void* w;     // weights [cout][kh][kw][cin]
+    const void* dy;    // output gradient [n][oh][ow][cout]
+    void* out;         // fprop: y, dgrad: dx (row stride ldc, channel offset c_offset)
     float* ws;         // wgrad: fp32 split-K partials [splits][cout][kh*kw*cin]
     int n, h, w_, cin, cout, kh, kw, stride, pad_top, pad_left, oh, ow;
     int ldc;           // elements between rows (pixels) of `out`: lets a branch write a concat slice
@@ -28,11 +38,32 @@ struct ConvParams {
     int k_tiles_per_split;  // wgrad: K tiles handled by one blockIdx.z (tensor-core path)
 };
 
-// Stores a result into a half output, adding the old value when accumulating.
-__device__ __forceinline__ void store_half(__half* p, float v, int accumulate) {
-    if (accumulate) v += __half2float(*p);
-    *p = __float2half_rn(v);
+template <class A>
+__device__ __forceinline__ const A* conv_x(const ConvParams& p) { return (const A*)p.x; }
+template <class A>
+__device__ __forceinline__ const A* conv_w(const ConvParams& p) { return (const A*)p.w; }
+template <class A>
+__device__ __forceinline__ const A* conv_dy(const ConvParams& p) { return (const A*)p.dy; }
+template <class A>
+__device__ __forceinline__ A* conv_out(const ConvParams& p) { return (A*)p.out; }
+
+// Element <-> fp32 conversions for the templated kernels (A or S is float or __half).
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// Stores a result, adding the old value when accumulating (fp32 sum, one rounding to T).
+template <class T>
+__device__ __forceinline__ void store_acc(T* p, float v, int accumulate) {
+    if (accumulate) v += to_f32(*p);
+    *p = from_f32<T>(v);
 }
+__device__ __forceinline__ void store_half(__half* p, float v, int accumulate) { store_acc(p, v, accumulate); }
 
 // 16-byte asynchronous global->shared copy; zero-fills the destination when !valid (src-size 0),
 // which is how padding and out-of-range rows of the implicit GEMM become zeros for free.

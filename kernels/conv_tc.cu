@@ -95,13 +95,13 @@ struct GatherA {
         if constexpr (MODE == MODE_FPROP) {
             int ih = py[i] + r, iw = px[i] + s;
             if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w_) return nullptr;
-            return p.x + (((long long)img[i] * p.h + ih) * p.w_ + iw) * p.cin + ch;
+            return conv_x<__half>(p) + (((long long)img[i] * p.h + ih) * p.w_ + iw) * p.cin + ch;
         } else {
             int ohs = py[i] - r, ows = px[i] - s;
             if (ohs < 0 || ows < 0 || ohs % p.stride || ows % p.stride) return nullptr;
             int oh = ohs / p.stride, ow = ows / p.stride;
             if (oh >= p.oh || ow >= p.ow) return nullptr;
-            return p.dy + (((long long)img[i] * p.oh + oh) * p.ow + ow) * p.cout + ch;
+            return conv_dy<__half>(p) + (((long long)img[i] * p.oh + oh) * p.ow + ow) * p.cout + ch;
         }
     }
 
@@ -111,7 +111,8 @@ struct GatherA {
 #pragma unroll
         for (int i = 0; i < ROWS; ++i) {
             const __half* src_i = src(p, g, i);
-            cp_async16(sA + (row0 + i * ROW_STEP) * T::A_LD + col, src_i ? src_i : p.w, src_i != nullptr);
+            cp_async16(sA + (row0 + i * ROW_STEP) * T::A_LD + col, src_i ? src_i : conv_w<__half>(p),
+                       src_i != nullptr);
         }
         k += T::BK;
         ch += T::BK;
@@ -160,7 +161,7 @@ struct GatherBWgrad {
         if (r < 0 || k + i * ROW_STEP >= g.K) return nullptr;
         int ih = oy[i] * p.stride - p.pad_top + r, iw = ox[i] * p.stride - p.pad_left + s;
         if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w_) return nullptr;
-        return p.x + (((long long)img[i] * p.h + ih) * p.w_ + iw) * p.cin + ci;
+        return conv_x<__half>(p) + (((long long)img[i] * p.h + ih) * p.w_ + iw) * p.cin + ci;
     }
 
     __device__ __forceinline__ void load(const ConvParams& p, const Gemm& g, __half* sB) {
@@ -168,7 +169,8 @@ struct GatherBWgrad {
 #pragma unroll
         for (int i = 0; i < ROWS; ++i) {
             const __half* src_i = src(p, g, i);
-            cp_async16(sB + (row0 + i * ROW_STEP) * T::B_LD + col, src_i ? src_i : p.dy, src_i != nullptr);
+            cp_async16(sB + (row0 + i * ROW_STEP) * T::B_LD + col, src_i ? src_i : conv_dy<__half>(p),
+                       src_i != nullptr);
             ox[i] += T::BK;
             if (ox[i] >= p.ow) {
                 int q = ox[i] / p.ow;
@@ -193,7 +195,8 @@ __device__ __forceinline__ void load_a_wgrad(const ConvParams& p, const Gemm& g,
         int row = c / CPR, col = (c % CPR) * 8;
         int k = k0 + row, m = m0 + col;
         bool ok = k < g.K && m < g.M;
-        cp_async16(sA + row * T::A_LD + col, ok ? p.dy + (long long)k * p.cout + m : p.dy, ok);
+        const __half* dy = conv_dy<__half>(p);
+        cp_async16(sA + row * T::A_LD + col, ok ? dy + (long long)k * p.cout + m : dy, ok);
     }
 }
 
@@ -204,7 +207,8 @@ __device__ __forceinline__ void load_b_fprop(const ConvParams& p, const Gemm& g,
         int row = c >> 2, col = (c & 3) * 8;
         int n = n0 + row, k = k0 + col;
         bool ok = n < g.N && k < g.K;
-        cp_async16(sB + row * T::B_LD + col, ok ? p.w + (long long)n * g.K + k : p.w, ok);
+        const __half* w = conv_w<__half>(p);
+        cp_async16(sB + row * T::B_LD + col, ok ? w + (long long)n * g.K + k : w, ok);
     }
 }
 
@@ -217,10 +221,10 @@ __device__ __forceinline__ void load_b_dgrad(const ConvParams& p, const Gemm& g,
         int row = c / CPR, col = (c % CPR) * 8;
         int k = k0 + row, n = n0 + col;
         bool ok = k < g.K && n < g.N;
-        const __half* src = p.w;
+        const __half* src = conv_w<__half>(p);
         if (ok) {
             int co = k % p.cout, rs = k / p.cout;
-            src = p.w + ((long long)co * (p.kh * p.kw) + rs) * p.cin + n;
+            src = conv_w<__half>(p) + ((long long)co * (p.kh * p.kw) + rs) * p.cin + n;
         }
         cp_async16(sB + row * T::B_LD + col, src, ok);
     }
@@ -284,7 +288,7 @@ __device__ __forceinline__ void epilogue(const ConvParams& p, const Gemm& g, flo
                     float2* dst = (float2*)(p.ws + ((long long)blockIdx.z * g.M + m) * g.N + n);
                     *dst = make_float2(v0, v1);
                 } else {
-                    __half2* dst = (__half2*)(p.out + (long long)m * p.ldc + p.c_offset + n);
+                    __half2* dst = (__half2*)(conv_out<__half>(p) + (long long)m * p.ldc + p.c_offset + n);
                     if (p.accumulate) {
                         float2 old = __half22float2(*dst);
                         v0 += old.x; v1 += old.y;

@@ -3,21 +3,25 @@
 // overlapping windows need no atomics and results are deterministic.
 // Output/dy tensors of the windowed pools take a row stride and channel offset (ldy, yoff) so a
 // pooling branch can write straight into its concat slice.
+// Every kernel is a template over the activation type A: the unsuffixed entry points take fp16
+// tensors (O2/O3), `_o0` fp32 ones; sums are fp32 in both.
 #include "common.cuh"
 
-// Mirrored by `PoolParams` in src/backend/cuda/ops.rs.
+// Mirrored by `PoolParams` in src/backend/cuda/ops.rs. The tensors are untyped so one block serves
+// the fp16 and fp32 entry points; each kernel casts them to its A.
 struct PoolParams {
-    const __half* x;
-    const __half* dy;
-    __half* y;
-    __half* dx;
+    const void* x;
+    const void* dy;
+    void* y;
+    void* dx;
     int n, h, w, c, oh, ow, k, stride, pad;
     int ldy, yoff, accumulate;
 };
 
 // Index (ih*w + iw) of the first maximum of window (oh, ow) in scan order (kh-major, then kw),
 // ignoring padded positions; this is where max-pool backward sends the gradient.
-__device__ __forceinline__ int max_window(const PoolParams& p, const __half* xn, int oh, int ow, int c, float* best) {
+template <class A>
+__device__ __forceinline__ int max_window(const PoolParams& p, const A* xn, int oh, int ow, int c, float* best) {
     int arg = -1;
     float m = -INF_F32;
     for (int r = 0; r < p.k; ++r) {
@@ -26,7 +30,7 @@ __device__ __forceinline__ int max_window(const PoolParams& p, const __half* xn,
         for (int s = 0; s < p.k; ++s) {
             int iw = ow * p.stride - p.pad + s;
             if (iw < 0 || iw >= p.w) continue;
-            float v = __half2float(xn[((long long)ih * p.w + iw) * p.c + c]);
+            float v = to_f32(xn[((long long)ih * p.w + iw) * p.c + c]);
             if (arg < 0 || v > m) {
                 m = v;
                 arg = ih * p.w + iw;
@@ -44,18 +48,22 @@ __device__ __forceinline__ int window_count(const PoolParams& p, int oh, int ow)
     return max(h1 - h0, 0) * max(w1 - w0, 0);
 }
 
-extern "C" __global__ void maxpool_fwd(const PoolParams p) {
+template <class A>
+__device__ __forceinline__ void maxpool_fwd_impl(const PoolParams& p) {
+    const A* x = (const A*)p.x;
     GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
         int c = (int)(i % p.c);
         u32 pix = i / p.c;
         int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
         float m;
-        max_window(p, p.x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
-        p.y[(u64)pix * p.ldy + p.yoff + c] = __float2half_rn(m);
+        max_window(p, x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
+        ((A*)p.y)[(u64)pix * p.ldy + p.yoff + c] = from_f32<A>(m);
     }
 }
 
-extern "C" __global__ void avgpool_fwd(const PoolParams p) {
+template <class A>
+__device__ __forceinline__ void avgpool_fwd_impl(const PoolParams& p) {
+    const A* x = (const A*)p.x;
     GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
         int c = (int)(i % p.c);
         u32 pix = i / p.c;
@@ -67,10 +75,10 @@ extern "C" __global__ void avgpool_fwd(const PoolParams p) {
             for (int q = 0; q < p.k; ++q) {
                 int iw = ow * p.stride - p.pad + q;
                 if (iw < 0 || iw >= p.w) continue;
-                s += __half2float(p.x[(((long long)n * p.h + ih) * p.w + iw) * p.c + c]);
+                s += to_f32(x[(((long long)n * p.h + ih) * p.w + iw) * p.c + c]);
             }
         }
-        p.y[(u64)pix * p.ldy + p.yoff + c] = __float2half_rn(s / (float)window_count(p, oh, ow));
+        ((A*)p.y)[(u64)pix * p.ldy + p.yoff + c] = from_f32<A>(s / (float)window_count(p, oh, ow));
     }
 }
 
@@ -81,7 +89,9 @@ __device__ __forceinline__ void covering(int i, int k, int stride, int pad, int 
     *hi = min((i + pad) / stride, out - 1);
 }
 
-extern "C" __global__ void maxpool_bwd(const PoolParams p) {
+template <class A>
+__device__ __forceinline__ void maxpool_bwd_impl(const PoolParams& p) {
+    const A* dy = (const A*)p.dy;
     GRID_STRIDE(i, (u32)p.n * p.h * p.w * p.c) {
         int c = (int)(i % p.c);
         u32 pix = i / p.c;
@@ -89,17 +99,19 @@ extern "C" __global__ void maxpool_bwd(const PoolParams p) {
         int oh0, oh1, ow0, ow1;
         covering(h, p.k, p.stride, p.pad, p.oh, &oh0, &oh1);
         covering(w, p.k, p.stride, p.pad, p.ow, &ow0, &ow1);
-        const __half* xn = p.x + (long long)n * p.h * p.w * p.c;
+        const A* xn = (const A*)p.x + (long long)n * p.h * p.w * p.c;
         float g = 0.0f, m;
         for (int oh = oh0; oh <= oh1; ++oh)
             for (int ow = ow0; ow <= ow1; ++ow)
                 if (max_window(p, xn, oh, ow, c, &m) == h * p.w + w)
-                    g += __half2float(p.dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]);
-        store_half(p.dx + i, g, p.accumulate);
+                    g += to_f32(dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]);
+        store_acc((A*)p.dx + i, g, p.accumulate);
     }
 }
 
-extern "C" __global__ void avgpool_bwd(const PoolParams p) {
+template <class A>
+__device__ __forceinline__ void avgpool_bwd_impl(const PoolParams& p) {
+    const A* dy = (const A*)p.dy;
     GRID_STRIDE(i, (u32)p.n * p.h * p.w * p.c) {
         int c = (int)(i % p.c);
         u32 pix = i / p.c;
@@ -110,30 +122,54 @@ extern "C" __global__ void avgpool_bwd(const PoolParams p) {
         float g = 0.0f;
         for (int oh = oh0; oh <= oh1; ++oh)
             for (int ow = ow0; ow <= ow1; ++ow)
-                g += __half2float(p.dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]) /
+                g += to_f32(dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]) /
                      (float)window_count(p, oh, ow);
-        store_half(p.dx + i, g, p.accumulate);
+        store_acc((A*)p.dx + i, g, p.accumulate);
     }
 }
 
 // y[n][c] = mean over h*w of x[n][.][.][c]; consecutive threads take consecutive channels so the
 // reads of one pixel row are coalesced.
-extern "C" __global__ void global_avgpool_fwd(const __half* x, int n, int hw, int c, __half* y) {
+template <class A>
+__device__ __forceinline__ void global_avgpool_fwd_impl(const A* x, int n, int hw, int c, A* y) {
     GRID_STRIDE(i, (u32)n * c) {
         int ch = (int)(i % c);
         u32 img = i / c;
-        const __half* xp = x + (u64)img * hw * c + ch;
+        const A* xp = x + (u64)img * hw * c + ch;
         float s = 0.0f;
-        for (int q = 0; q < hw; ++q) s += __half2float(xp[(u64)q * c]);
-        y[i] = __float2half_rn(s / (float)hw);
+        for (int q = 0; q < hw; ++q) s += to_f32(xp[(u64)q * c]);
+        y[i] = from_f32<A>(s / (float)hw);
     }
 }
 
-extern "C" __global__ void global_avgpool_bwd(const __half* dy, int n, int hw, int c, __half* dx, int accumulate) {
+template <class A>
+__device__ __forceinline__ void global_avgpool_bwd_impl(const A* dy, int n, int hw, int c, A* dx, int accumulate) {
     float inv = 1.0f / (float)hw;
     GRID_STRIDE(i, (u32)n * hw * c) {
         int ch = (int)(i % c);
         u32 img = i / (u32)(hw * c);
-        store_half(dx + i, __half2float(dy[(u64)img * c + ch]) * inv, accumulate);
+        store_acc(dx + i, to_f32(dy[(u64)img * c + ch]) * inv, accumulate);
     }
+}
+
+extern "C" __global__ void maxpool_fwd(const PoolParams p) { maxpool_fwd_impl<__half>(p); }
+extern "C" __global__ void maxpool_fwd_o0(const PoolParams p) { maxpool_fwd_impl<float>(p); }
+extern "C" __global__ void avgpool_fwd(const PoolParams p) { avgpool_fwd_impl<__half>(p); }
+extern "C" __global__ void avgpool_fwd_o0(const PoolParams p) { avgpool_fwd_impl<float>(p); }
+extern "C" __global__ void maxpool_bwd(const PoolParams p) { maxpool_bwd_impl<__half>(p); }
+extern "C" __global__ void maxpool_bwd_o0(const PoolParams p) { maxpool_bwd_impl<float>(p); }
+extern "C" __global__ void avgpool_bwd(const PoolParams p) { avgpool_bwd_impl<__half>(p); }
+extern "C" __global__ void avgpool_bwd_o0(const PoolParams p) { avgpool_bwd_impl<float>(p); }
+
+extern "C" __global__ void global_avgpool_fwd(const __half* x, int n, int hw, int c, __half* y) {
+    global_avgpool_fwd_impl(x, n, hw, c, y);
+}
+extern "C" __global__ void global_avgpool_fwd_o0(const float* x, int n, int hw, int c, float* y) {
+    global_avgpool_fwd_impl(x, n, hw, c, y);
+}
+extern "C" __global__ void global_avgpool_bwd(const __half* dy, int n, int hw, int c, __half* dx, int accumulate) {
+    global_avgpool_bwd_impl(dy, n, hw, c, dx, accumulate);
+}
+extern "C" __global__ void global_avgpool_bwd_o0(const float* dy, int n, int hw, int c, float* dx, int accumulate) {
+    global_avgpool_bwd_impl(dy, n, hw, c, dx, accumulate);
 }

@@ -10,6 +10,11 @@
 //!
 //! Types are compared by ABI class: 8-byte scalars (pointers, `u64`, `DevPtr`), 4-byte integers
 //! (`int`, `u32`, `i32`), `float`/`f32`, and parameter structs by name.
+//!
+//! Precision variants (`name_o0`, `name_o3` next to the O2 `name`, see kernels/common.cuh) are
+//! launched through `amp_kernel([O0, O2, O3])` lists of literals; every literal is a kernel the site
+//! may launch and is checked like any other. Further tests keep the variants' ABI equal to their
+//! base's, the lists in level order, and every variant reachable from a launcher.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -289,18 +294,62 @@ fn ident_type(
     None
 }
 
-#[test]
-fn every_launch_matches_its_kernel_signature() {
-    let sigs = kernel_signatures();
-    assert!(sigs.len() > 40, "parsed only {} kernels", sigs.len());
-    let files: Vec<String> = LAUNCHER_FILES
+/// One `cuda_launch!` call site: where it is, every kernel it may launch, its argument
+/// expressions, and the text of its function up to the launch.
+struct Site {
+    file: &'static str,
+    label: String,
+    names: Vec<String>,
+    args: Vec<String>,
+    body: String,
+}
+
+/// Kernel names a launch may use: a literal, a `let name = ...` statement (every literal in it,
+/// e.g. the `[O0, O2, O3]` entry points given to `amp_kernel`), or the TC family.
+fn site_names(
+    name_expr: &str,
+    body: &str,
+    sigs: &HashMap<String, Vec<String>>,
+    site: &str,
+) -> Vec<String> {
+    let mut names: Vec<String> = if name_expr.starts_with('"') {
+        vec![name_expr.trim_matches('"').to_string()]
+    } else if name_expr.contains(".kernel(") {
+        sigs.keys()
+            .filter(|k| k.contains("_tc_"))
+            .cloned()
+            .collect()
+    } else {
+        let let_pos = body
+            .rfind(&format!("let {name_expr} ="))
+            .or_else(|| body.rfind(&format!("let ({name_expr},")))
+            .unwrap_or_else(|| panic!("{site}: cannot find the kernel name {name_expr}"));
+        let stmt = &body[let_pos..];
+        let stmt = &stmt[..stmt.find(";\n").unwrap_or(stmt.len())];
+        stmt.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    names.sort();
+    names.dedup();
+    assert!(!names.is_empty(), "{site}: no kernel names");
+    names
+}
+
+/// Launcher sources with comments removed, in `LAUNCHER_FILES` order.
+fn launcher_sources() -> Vec<String> {
+    LAUNCHER_FILES
         .iter()
         .map(|f| strip_comments(&std::fs::read_to_string(root().join(f)).unwrap()))
-        .collect();
-    let fields = field_types(&files);
-    let mut checked = 0;
-    let mut errors = Vec::new();
-    for (file, src) in LAUNCHER_FILES.iter().zip(&files) {
+        .collect()
+}
+
+/// Every `cuda_launch!` call site of the launcher files.
+fn launch_sites(files: &[String], sigs: &HashMap<String, Vec<String>>) -> Vec<Site> {
+    let mut sites = Vec::new();
+    for (file, src) in LAUNCHER_FILES.iter().zip(files) {
         let b = src.as_bytes();
         for (pos, _) in src.match_indices("cuda_launch!(") {
             if src[..pos].ends_with("macro_rules! ") {
@@ -309,61 +358,155 @@ fn every_launch_matches_its_kernel_signature() {
             let open = pos + "cuda_launch!".len();
             let parts = split_top(&src[open + 1..close_of(b, open)]);
             let fn_start = src[..pos].rfind("fn ").expect("launch inside a function");
-            let body = &src[fn_start..pos];
-            let site = format!("{file}:{}", src[..pos].lines().count());
-            // Kernel names: a literal, a `let name = ...` with literals, or the TC family.
-            let name_expr = &parts[1];
-            let names: Vec<String> = if name_expr.starts_with('"') {
-                vec![name_expr.trim_matches('"').to_string()]
-            } else if name_expr.contains(".kernel(") {
-                sigs.keys()
-                    .filter(|k| k.contains("_tc_"))
-                    .cloned()
-                    .collect()
-            } else {
-                let let_pos = body
-                    .rfind(&format!("let {name_expr} ="))
-                    .or_else(|| body.rfind(&format!("let ({name_expr},")))
-                    .unwrap_or_else(|| panic!("{site}: cannot find the kernel name {name_expr}"));
-                let stmt = &body[let_pos..];
-                let stmt = &stmt[..stmt.find(";\n").unwrap_or(stmt.len())];
-                stmt.split('"')
-                    .skip(1)
-                    .step_by(2)
-                    .map(str::to_string)
-                    .collect()
+            let body = src[fn_start..pos].to_string();
+            let label = format!("{file}:{}", src[..pos].lines().count());
+            sites.push(Site {
+                file,
+                names: site_names(&parts[1], &body, sigs, &label),
+                label,
+                args: parts[3..].to_vec(),
+                body,
+            });
+        }
+    }
+    sites
+}
+
+#[test]
+fn every_launch_matches_its_kernel_signature() {
+    let sigs = kernel_signatures();
+    assert!(sigs.len() > 40, "parsed only {} kernels", sigs.len());
+    let files = launcher_sources();
+    let fields = field_types(&files);
+    let mut checked = 0;
+    let mut errors = Vec::new();
+    for site in launch_sites(&files, &sigs) {
+        let mut got = Vec::new();
+        for a in &site.args {
+            let ty = ident_type(a, &site.body, &fields, 0);
+            match ty.as_deref().and_then(rust_class) {
+                Some(c) => got.push(c),
+                None => errors.push(format!(
+                    "{}: cannot resolve the type of `{a}` ({ty:?})",
+                    site.label
+                )),
+            }
+        }
+        for n in &site.names {
+            let Some(want) = sigs.get(n) else {
+                errors.push(format!(
+                    "{}: no kernel named {n} in kernels/*.cu",
+                    site.label
+                ));
+                continue;
             };
-            assert!(!names.is_empty(), "{site}: no kernel names");
-            let mut got = Vec::new();
-            for a in &parts[3..] {
-                let ty = ident_type(a, body, &fields, 0);
-                match ty.as_deref().and_then(rust_class) {
-                    Some(c) => got.push(c),
-                    None => {
-                        errors.push(format!("{site}: cannot resolve the type of `{a}` ({ty:?})"))
-                    }
-                }
+            if *want != got {
+                errors.push(format!(
+                    "{}: {n} takes {want:?}, the launcher passes {got:?} ({:?})",
+                    site.label, site.args
+                ));
             }
-            for n in &names {
-                let Some(want) = sigs.get(n) else {
-                    errors.push(format!("{site}: no kernel named {n} in kernels/*.cu"));
-                    continue;
-                };
-                if *want != got {
-                    errors.push(format!(
-                        "{site}: {n} takes {want:?}, the launcher passes {got:?} ({:?})",
-                        &parts[3..]
-                    ));
-                }
-                checked += 1;
-            }
+            checked += 1;
         }
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
     assert!(
-        checked >= 40,
+        checked >= 70,
         "only {checked} (launch, kernel) pairs checked"
     );
+}
+
+/// The O2 kernel a precision variant belongs to (`bn_apply_o3` -> `bn_apply`); itself otherwise.
+fn variant_base(name: &str) -> &str {
+    name.strip_suffix("_o0")
+        .or_else(|| name.strip_suffix("_o3"))
+        .unwrap_or(name)
+}
+
+/// Only pointee types may differ between a kernel's precision levels: the launcher passes the same
+/// argument list to whichever entry point `amp` picks, so the ABI classes must be identical.
+#[test]
+fn precision_variants_keep_their_base_abi() {
+    let sigs = kernel_signatures();
+    let mut variants = 0;
+    for (name, classes) in &sigs {
+        let base = variant_base(name);
+        if base == name {
+            continue;
+        }
+        let base_classes = sigs
+            .get(base)
+            .unwrap_or_else(|| panic!("{name} has no O2 entry point {base}"));
+        assert_eq!(classes, base_classes, "{name} vs {base}");
+        variants += 1;
+    }
+    assert!(variants >= 29, "only {variants} precision variants parsed");
+}
+
+/// The launchers (ops.rs, conv.rs) are where the precision level is applied: a launch of a kernel
+/// that has precision variants must be able to launch all of them, and every variant must be
+/// launched somewhere. Otherwise an O0 step would silently feed fp32 tensors to an fp16 kernel.
+#[test]
+fn launchers_cover_every_precision_variant() {
+    let sigs = kernel_signatures();
+    let files = launcher_sources();
+    let sites: Vec<Site> = launch_sites(&files, &sigs)
+        .into_iter()
+        .filter(|s| !s.file.ends_with("executor.rs"))
+        .collect();
+    let family =
+        |base: &str| -> Vec<&String> { sigs.keys().filter(|k| variant_base(k) == base).collect() };
+    for site in &sites {
+        for n in &site.names {
+            for member in family(variant_base(n)) {
+                assert!(
+                    site.names.contains(member),
+                    "{}: launches {n} but can never launch {member} ({:?})",
+                    site.label,
+                    site.names
+                );
+            }
+        }
+    }
+    for name in sigs.keys().filter(|k| variant_base(k) != k.as_str()) {
+        assert!(
+            sites.iter().any(|s| s.names.contains(name)),
+            "no launcher in ops.rs/conv.rs launches {name}"
+        );
+    }
+}
+
+/// `amp_kernel([o0, o2, o3])` lists are positional: a swapped pair would launch, say, the O3 BN
+/// kernel on fp32 statistics with no ABI difference to catch it. Each list must read
+/// `[base_o0, base, base_o3]`, with `base` in the O3 slot exactly when no `base_o3` exists.
+#[test]
+fn amp_kernel_lists_are_in_level_order() {
+    let sigs = kernel_signatures();
+    let files = launcher_sources();
+    let mut lists = 0;
+    for src in &files {
+        let b = src.as_bytes();
+        for (pos, _) in src.match_indices("amp_kernel([") {
+            let open = pos + "amp_kernel(".len();
+            let items: Vec<String> = split_top(&src[open + 1..close_of(b, open)])
+                .iter()
+                .map(|i| i.trim_matches('"').to_string())
+                .collect();
+            assert_eq!(items.len(), 3, "amp_kernel takes [O0, O2, O3]: {items:?}");
+            let base = &items[1];
+            assert_eq!(
+                variant_base(base),
+                base,
+                "O2 slot must be the unsuffixed name: {items:?}"
+            );
+            assert_eq!(items[0], format!("{base}_o0"), "O0 slot: {items:?}");
+            let o3 = format!("{base}_o3");
+            let want_o3 = if sigs.contains_key(&o3) { &o3 } else { base };
+            assert_eq!(&items[2], want_o3, "O3 slot: {items:?}");
+            lists += 1;
+        }
+    }
+    assert!(lists >= 24, "only {lists} amp_kernel lists found");
 }
 
 /// The test's own parser, on a deliberately wrong launcher.

@@ -3,16 +3,18 @@
 //! - `--compile-only --arch sm_90a|sm_80 [--json]` compiles every kernel with NVRTC (no GPU needed)
 //!   and prints registers, spill bytes and shared memory; fails on a compile error or any spill.
 //! - `--device cuda [--json]` runs every kernel on the GPU at the plan's distinct shapes against
-//!   the oracles of src/backend/cuda/selftest.rs, then whole training steps of `tiny` and `v4`
-//!   against the CPU backend (selftest_step.rs); fails on any mismatch or when there is no GPU.
+//!   the oracles of src/backend/cuda/selftest.rs (the O2 kernels, then the fp32 O0 and fp16-BN O3
+//!   variants), then whole training steps of `tiny` and `v4` against the CPU backend
+//!   (selftest_step.rs); fails on any mismatch or when there is no GPU.
 
 use anyhow::{bail, Result};
 
-use crate::backend::cuda::selftest::{CpuReference, SelfTest};
+use crate::backend::cuda::selftest::{Check, CpuReference, SelfTest};
 use crate::backend::cuda::selftest_ref::OpsReference;
 use crate::backend::cuda::selftest_step;
 use crate::backend::cuda::{compile_all, CudaBackend, KernelInfo};
-use crate::plan::{self, PlanConfig};
+use crate::backend::Amp;
+use crate::plan::{self, Plan, PlanConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -97,8 +99,31 @@ fn cpu_reference() -> Box<dyn CpuReference> {
     Box::new(OpsReference)
 }
 
+/// The kernel checks at every precision level: O2 (all kernels), then the O0 and O3 variants.
+/// Appends to `checks` even when a level fails to run, and leaves the backend at O2.
+fn run_levels(
+    be: &mut CudaBackend,
+    reference: &dyn CpuReference,
+    plan: &Plan,
+    seed: u64,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
+    let mut outcome = Ok(());
+    for amp in [Amp::O2, Amp::O0, Amp::O3] {
+        be.set_amp(amp);
+        let mut test = SelfTest::new(be, reference, seed);
+        outcome = test.run_plan(plan);
+        checks.append(&mut test.checks);
+        if outcome.is_err() {
+            break;
+        }
+    }
+    be.set_amp(Amp::O2);
+    outcome
+}
+
 fn device_cuda(args: &Args) -> Result<()> {
-    let be = CudaBackend::new(0)?;
+    let mut be = CudaBackend::new(0)?;
     println!(
         "device: {} SMs, compiled for {}, {} kernels loaded",
         be.num_sms,
@@ -112,20 +137,22 @@ fn device_cuda(args: &Args) -> Result<()> {
     };
     let plan = plan::build(&args.plan, config)?;
     let reference = cpu_reference();
-    let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
+    let mut checks = Vec::new();
     let ops = if args.steps_only {
         Ok(())
     } else {
-        test.run_plan(&plan)
+        run_levels(&mut be, reference.as_ref(), &plan, args.seed, &mut checks)
     };
     let outcome = ops.and_then(|()| {
         // Persist the verified fast shapes first, so the whole-step trainers reuse them.
         be.save_verified()?;
         if !args.skip_steps {
-            test.checks.extend(selftest_step::run(args.seed)?);
+            checks.extend(selftest_step::run(args.seed)?);
         }
         Ok(())
     });
+    let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
+    test.checks = checks;
     print!("{}", test.table());
     if args.json {
         let summary = serde_json::json!({

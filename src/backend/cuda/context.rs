@@ -12,6 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use super::{conv, libs, nvrtc};
+use crate::backend::Amp;
 
 /// A raw device address (`CUdeviceptr`), as carved out of the arena. Launchers take these so they
 /// never allocate and work on any sub-range of one big allocation.
@@ -23,6 +24,22 @@ pub const MAX_ELEMENTS: u64 = 1 << 31;
 /// Threads per block of the elementwise and gather kernels.
 pub const BLOCK: u32 = 256;
 
+/// The entry points of one kernel at the precision levels `[O0, O2, O3]`: the unsuffixed name is
+/// the O2 kernel, `_o0` takes fp32 activations, `_o3` (BN only) fp16 gamma/beta and saved
+/// statistics (see kernels/common.cuh). A kernel without an O3 variant repeats its O2 name. The
+/// launchers spell the three names out as literals, so tests/kernel_signatures.rs checks each
+/// against the launch's arguments.
+pub type AmpVariants = [&'static str; 3];
+
+/// The entry point of `v` for precision level `amp`.
+pub fn amp_variant(amp: Amp, v: AmpVariants) -> &'static str {
+    match amp {
+        Amp::O0 => v[0],
+        Amp::O2 => v[1],
+        Amp::O3 => v[2],
+    }
+}
+
 pub struct CudaBackend {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -33,6 +50,10 @@ pub struct CudaBackend {
     verified: Mutex<HashSet<String>>,
     /// Use fast kernels even for shapes the self-test has not passed (benchmarks; the self-test).
     pub trust_unverified: bool,
+    /// Precision level of the tensors the launchers are given (O2 unless set): picks each
+    /// launcher's kernel entry point ([`AmpVariants`]), and at O0 keeps convolutions on the plain
+    /// kernels. The caller must pass tensors of the matching types (see src/backend/cuda/mod.rs).
+    pub amp: Amp,
 }
 
 /// The NVRTC architecture for a compute capability: the `a` variant on Hopper (sm_90a) so
@@ -85,6 +106,7 @@ impl CudaBackend {
             num_sms,
             funcs,
             trust_unverified: std::env::var("INCEPTION_TRUST_FAST_KERNELS").as_deref() == Ok("1"),
+            amp: Amp::O2,
         };
         backend.raise_smem_limits()?;
         Ok(backend)
@@ -102,6 +124,16 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// Switches the precision level of later launches (already queued work is unaffected).
+    pub fn set_amp(&mut self, amp: Amp) {
+        self.amp = amp;
+    }
+
+    /// The entry point of `v` at this backend's precision level.
+    pub fn amp_kernel(&self, v: AmpVariants) -> &'static str {
+        amp_variant(self.amp, v)
     }
 
     pub fn func(&self, name: &str) -> Result<&CudaFunction> {
@@ -202,4 +234,17 @@ macro_rules! cuda_launch {
         // kernels/*.cu) and the pointers are device addresses of live buffers supplied by the caller.
         unsafe { builder.launch($cfg) }.map(|_| ()).with_context(|| format!("launching {}", $name))
     }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amp_variant_picks_the_entry_point_of_each_level() {
+        let v = ["bn_apply_o0", "bn_apply", "bn_apply_o3"];
+        assert_eq!(amp_variant(Amp::O0, v), "bn_apply_o0");
+        assert_eq!(amp_variant(Amp::O2, v), "bn_apply");
+        assert_eq!(amp_variant(Amp::O3, v), "bn_apply_o3");
+    }
 }

@@ -1,12 +1,15 @@
 //! Convolution launchers: forward, data gradient and weight gradient, on the tensor-core implicit
 //! GEMM kernels (kernels/conv_tc.cu) for shapes they support and have passed the self-test on, and
-//! on the plain kernels (kernels/conv_plain.cu) otherwise.
+//! on the plain kernels (kernels/conv_plain.cu) otherwise. At O0 (`CudaBackend::amp`) every
+//! convolution runs on the plain kernels' fp32 `_o0` entry points: the tensor-core kernels are fp16
+//! mma only.
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 use serde::Serialize;
 
 use super::context::{CudaBackend, DevPtr};
+use crate::backend::Amp;
 use crate::cuda_launch;
 use crate::plan::Conv2d;
 
@@ -355,9 +358,10 @@ pub fn wgrad_workspace_elems(s: &ConvShape, num_sms: u32) -> usize {
 }
 
 impl CudaBackend {
-    /// The implementation a launch will use when the caller does not force one.
+    /// The implementation a launch will use when the caller does not force one: always the plain
+    /// kernel at O0 (fp32 operands).
     pub fn choose_conv(&self, s: &ConvShape, mode: ConvMode, out: Option<&ConvOut>) -> ConvImpl {
-        if !tc_supported(s, mode, out) {
+        if self.amp == Amp::O0 || !tc_supported(s, mode, out) {
             return ConvImpl::Plain;
         }
         let tc = ConvImpl::Tc(preferred_tile(s, mode, self.num_sms));
@@ -373,7 +377,8 @@ impl CudaBackend {
         wgrad_workspace_elems(s, self.num_sms)
     }
 
-    /// y = conv(x, w), NHWC fp16. `imp` forces an implementation (the self-test does).
+    /// y = conv(x, w), NHWC fp16 (fp32 at O0). `imp` forces an implementation (the self-test
+    /// does).
     pub fn conv_fprop(
         &self,
         s: &ConvShape,
@@ -454,7 +459,8 @@ impl CudaBackend {
         Ok(imp)
     }
 
-    /// dw (+)= sum of `splits` partials; `f32_out` picks the fp32 or fp16 output kernel.
+    /// dw (+)= sum of `splits` partials; `f32_out` picks the fp32 or fp16 output kernel (the
+    /// caller's choice at every precision level: it follows dw's type, not `self.amp`).
     pub fn wgrad_reduce(
         &self,
         ws: DevPtr,
@@ -473,6 +479,17 @@ impl CudaBackend {
         cuda_launch!(self, name, self.grid_1d(count)?, ws, splits, count, dw, acc)
     }
 
+    /// Refuses a forced tensor-core launch at O0: it would read fp32 tensors as fp16.
+    fn check_tc_precision(&self, s: &ConvShape, mode: ConvMode, imp: ConvImpl) -> Result<()> {
+        if self.amp == Amp::O0 {
+            bail!(
+                "tensor-core conv {} takes fp16 operands; at O0 convolutions run on the plain kernels",
+                s.key(mode, imp)
+            );
+        }
+        Ok(())
+    }
+
     fn launch_conv(
         &self,
         s: &ConvShape,
@@ -482,6 +499,7 @@ impl CudaBackend {
     ) -> Result<()> {
         match imp {
             ConvImpl::Tc(t) => {
+                self.check_tc_precision(s, mode, imp)?;
                 if !tc_supported(s, mode, None) {
                     bail!("tensor-core conv does not support {}", s.key(mode, imp));
                 }
@@ -498,9 +516,17 @@ impl CudaBackend {
             ConvImpl::Plain => {
                 let (m, n, _) = s.gemm(mode);
                 let name = if mode == ConvMode::Fprop {
-                    "conv_fprop_plain"
+                    self.amp_kernel([
+                        "conv_fprop_plain_o0",
+                        "conv_fprop_plain",
+                        "conv_fprop_plain",
+                    ])
                 } else {
-                    "conv_dgrad_plain"
+                    self.amp_kernel([
+                        "conv_dgrad_plain_o0",
+                        "conv_dgrad_plain",
+                        "conv_dgrad_plain",
+                    ])
                 };
                 cuda_launch!(self, name, self.grid_1d((m * n) as u64)?, p)
             }
@@ -517,6 +543,7 @@ impl CudaBackend {
         let (m, n, _) = s.gemm(ConvMode::Wgrad);
         match imp {
             ConvImpl::Tc(t) => {
+                self.check_tc_precision(s, ConvMode::Wgrad, imp)?;
                 if !tc_supported(s, ConvMode::Wgrad, None) {
                     bail!(
                         "tensor-core wgrad does not support {}",
@@ -535,7 +562,12 @@ impl CudaBackend {
             ConvImpl::Plain => {
                 let mut cfg = self.grid_1d((m * n) as u64)?;
                 cfg.grid_dim.1 = splits as u32;
-                cuda_launch!(self, "conv_wgrad_plain", cfg, p)
+                let name = self.amp_kernel([
+                    "conv_wgrad_plain_o0",
+                    "conv_wgrad_plain",
+                    "conv_wgrad_plain",
+                ]);
+                cuda_launch!(self, name, cfg, p)
             }
         }
     }

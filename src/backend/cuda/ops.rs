@@ -1,6 +1,8 @@
-//! Launchers of the non-convolution kernels: batchnorm, pooling, dropout, softmax cross-entropy,
-//! the fully connected layer, RMSProp, the overflow check, casts and channel copies.
+//! Launchers of the non-convolution kernels: batchnorm, ReLU, pooling, dropout, softmax
+//! cross-entropy, the fully connected layer, RMSProp, the overflow check, casts and channel copies.
 //! None allocates: scratch space (`ws`) is passed in, sized by the `*_workspace` functions.
+//! Launchers of activation kernels pick the entry point for `self.amp` ([`CudaBackend::amp_kernel`]);
+//! RMSProp, the overflow check and the casts take explicit types instead.
 
 use anyhow::{Context, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
@@ -23,7 +25,9 @@ pub fn bn_workspace(m: usize, c: usize) -> usize {
     bn_splits(m as u64) as usize * c * 2
 }
 
-/// One BN layer over activations viewed as [m = n*h*w][c]. gamma/beta/statistics are fp32.
+/// One BN layer over activations viewed as [m = n*h*w][c]. gamma/beta and the saved mean/inverse
+/// std are fp32 at O0/O2 and fp16 at O3 (the fp16 working copy of the parameters, fp16 arena
+/// tensors); the running statistics are fp32 at every level.
 #[derive(Clone, Copy, Debug)]
 pub struct BnArgs {
     pub m: usize,
@@ -174,15 +178,13 @@ impl CudaBackend {
     pub fn bn_forward_train(&self, a: &BnArgs, x: DevPtr, y: DevPtr, ws: DevPtr) -> Result<()> {
         let (m, c) = (a.m as u64, a.c as i32);
         let splits = bn_splits(m) as i32;
-        cuda_launch!(
-            self,
+        // O3 reads fp16 x into fp32 partials exactly as O2 does.
+        let name = self.amp_kernel([
+            "bn_stats_partial_o0",
             "bn_stats_partial",
-            self.bn_grid(a.m, a.c),
-            x,
-            m,
-            c,
-            ws
-        )?;
+            "bn_stats_partial",
+        ]);
+        cuda_launch!(self, name, self.bn_grid(a.m, a.c), x, m, c, ws)?;
         let (eps, mom, sm, si, rm, rv) = (
             a.eps,
             a.momentum,
@@ -191,9 +193,14 @@ impl CudaBackend {
             a.running_mean,
             a.running_var,
         );
+        let name = self.amp_kernel([
+            "bn_stats_finalize_o0",
+            "bn_stats_finalize",
+            "bn_stats_finalize_o3",
+        ]);
         cuda_launch!(
             self,
-            "bn_stats_finalize",
+            name,
             self.per_channel(a.c),
             ws,
             splits,
@@ -226,9 +233,10 @@ impl CudaBackend {
             a.yoff as i32,
         );
         let (g, b) = (a.gamma, a.beta);
+        let name = self.amp_kernel(["bn_apply_o0", "bn_apply", "bn_apply_o3"]);
         cuda_launch!(
             self,
-            "bn_apply",
+            name,
             self.grid_1d(m * a.c as u64)?,
             x,
             mean,
@@ -255,7 +263,8 @@ impl CudaBackend {
         );
         let (rm, rv, g, b, eps) = (a.running_mean, a.running_var, a.gamma, a.beta, a.eps);
         let cfg = self.grid_1d(m * a.c as u64)?;
-        cuda_launch!(self, "bn_infer", cfg, x, rm, rv, g, b, eps, m, c, relu, y, ldy, yoff)
+        let name = self.amp_kernel(["bn_infer_o0", "bn_infer", "bn_infer_o3"]);
+        cuda_launch!(self, name, cfg, x, rm, rv, g, b, eps, m, c, relu, y, ldy, yoff)
     }
 
     /// Backward: dgamma, dbeta (fp32, overwritten) and dx (+)= the input gradient. With `a.relu`,
@@ -282,9 +291,10 @@ impl CudaBackend {
         );
         let (mean, is, g) = (a.save_mean, a.save_inv_std, a.gamma);
         let splits = bn_splits(m) as i32;
+        let name = self.amp_kernel(["bn_bwd_partial_o0", "bn_bwd_partial", "bn_bwd_partial_o3"]);
         cuda_launch!(
             self,
-            "bn_bwd_partial",
+            name,
             self.bn_grid(a.m, a.c),
             x,
             y,
@@ -310,26 +320,31 @@ impl CudaBackend {
         )?;
         let acc = accumulate as i32;
         let cfg = self.grid_1d(m * a.c as u64)?;
+        let name = self.amp_kernel(["bn_bwd_dx_o0", "bn_bwd_dx", "bn_bwd_dx_o3"]);
         cuda_launch!(
-            self,
-            "bn_bwd_dx",
-            cfg,
-            x,
-            y,
-            dy,
-            mean,
-            is,
-            g,
-            dgamma,
-            dbeta,
-            m,
-            c,
-            relu,
-            ldy,
-            yoff,
-            dx,
-            acc
+            self, name, cfg, x, y, dy, mean, is, g, dgamma, dbeta, m, c, relu, ldy, yoff, dx, acc
         )
+    }
+
+    /// Standalone ReLU forward over `count` activations (plans that do not fuse it into BN).
+    pub fn relu_forward(&self, count: usize, x: DevPtr, y: DevPtr) -> Result<()> {
+        let n = count as u64;
+        let name = self.amp_kernel(["relu_fwd_o0", "relu_fwd", "relu_fwd"]);
+        cuda_launch!(self, name, self.grid_1d(n)?, x, n, y)
+    }
+
+    /// Standalone ReLU backward: dx (+)= dy where the forward output y is positive.
+    pub fn relu_backward(
+        &self,
+        count: usize,
+        y: DevPtr,
+        dy: DevPtr,
+        dx: DevPtr,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, acc) = (count as u64, accumulate as i32);
+        let name = self.amp_kernel(["relu_bwd_o0", "relu_bwd", "relu_bwd"]);
+        cuda_launch!(self, name, self.grid_1d(n)?, y, dy, n, dx, acc)
     }
 
     /// Max (`max = true`) or average pool forward into y (row stride `ldy`, channel offset `yoff`).
@@ -349,7 +364,11 @@ impl CudaBackend {
             yoff: yoff as i32,
             ..s.params()
         };
-        let name = if max { "maxpool_fwd" } else { "avgpool_fwd" };
+        let name = if max {
+            self.amp_kernel(["maxpool_fwd_o0", "maxpool_fwd", "maxpool_fwd"])
+        } else {
+            self.amp_kernel(["avgpool_fwd_o0", "avgpool_fwd", "avgpool_fwd"])
+        };
         cuda_launch!(
             self,
             name,
@@ -381,7 +400,11 @@ impl CudaBackend {
             accumulate: accumulate as i32,
             ..s.params()
         };
-        let name = if max { "maxpool_bwd" } else { "avgpool_bwd" };
+        let name = if max {
+            self.amp_kernel(["maxpool_bwd_o0", "maxpool_bwd", "maxpool_bwd"])
+        } else {
+            self.amp_kernel(["avgpool_bwd_o0", "avgpool_bwd", "avgpool_bwd"])
+        };
         cuda_launch!(self, name, self.grid_1d((s.n * s.h * s.w * s.c) as u64)?, p)
     }
 
@@ -395,16 +418,12 @@ impl CudaBackend {
         y: DevPtr,
     ) -> Result<()> {
         let (ni, hwi, ci) = (n as i32, hw as i32, c as i32);
-        cuda_launch!(
-            self,
+        let name = self.amp_kernel([
+            "global_avgpool_fwd_o0",
             "global_avgpool_fwd",
-            self.grid_1d((n * c) as u64)?,
-            x,
-            ni,
-            hwi,
-            ci,
-            y
-        )
+            "global_avgpool_fwd",
+        ]);
+        cuda_launch!(self, name, self.grid_1d((n * c) as u64)?, x, ni, hwi, ci, y)
     }
 
     pub fn global_avgpool_backward(
@@ -417,9 +436,14 @@ impl CudaBackend {
         accumulate: bool,
     ) -> Result<()> {
         let (ni, hwi, ci, acc) = (n as i32, hw as i32, c as i32, accumulate as i32);
+        let name = self.amp_kernel([
+            "global_avgpool_bwd_o0",
+            "global_avgpool_bwd",
+            "global_avgpool_bwd",
+        ]);
         cuda_launch!(
             self,
-            "global_avgpool_bwd",
+            name,
             self.grid_1d((n * hw * c) as u64)?,
             dy,
             ni,
@@ -441,17 +465,8 @@ impl CudaBackend {
         y: DevPtr,
     ) -> Result<()> {
         let n = count as u64;
-        cuda_launch!(
-            self,
-            "dropout_fwd",
-            self.grid_1d(n)?,
-            x,
-            n,
-            p,
-            seed,
-            step,
-            y
-        )
+        let name = self.amp_kernel(["dropout_fwd_o0", "dropout_fwd", "dropout_fwd"]);
+        cuda_launch!(self, name, self.grid_1d(n)?, x, n, p, seed, step, y)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -466,18 +481,8 @@ impl CudaBackend {
         accumulate: bool,
     ) -> Result<()> {
         let (n, acc) = (count as u64, accumulate as i32);
-        cuda_launch!(
-            self,
-            "dropout_bwd",
-            self.grid_1d(n)?,
-            dy,
-            n,
-            p,
-            seed,
-            step,
-            dx,
-            acc
-        )
+        let name = self.amp_kernel(["dropout_bwd_o0", "dropout_bwd", "dropout_bwd"]);
+        cuda_launch!(self, name, self.grid_1d(n)?, dy, n, p, seed, step, dx, acc)
     }
 
     /// Fused softmax cross-entropy forward + backward over logits [n][k]: per-sample losses in
@@ -505,8 +510,14 @@ impl CudaBackend {
         let (ni, ki) = (n as i32, k as i32);
         let (grad_scale, scale_dev): (f32, DevPtr) = scale.split();
         let (name, lab): (&str, DevPtr) = match labels {
-            Labels::I32(p) => ("softmax_ce_i32", p),
-            Labels::F32(p) => ("softmax_ce_f32", p),
+            Labels::I32(p) => (
+                self.amp_kernel(["softmax_ce_i32_o0", "softmax_ce_i32", "softmax_ce_i32"]),
+                p,
+            ),
+            Labels::F32(p) => (
+                self.amp_kernel(["softmax_ce_f32_o0", "softmax_ce_f32", "softmax_ce_f32"]),
+                p,
+            ),
         };
         cuda_launch!(
             self, name, cfg, logits, lab, ni, ki, smoothing, grad_scale, scale_dev, row_loss, loss,
@@ -514,7 +525,7 @@ impl CudaBackend {
         )
     }
 
-    /// y = x W^T + b; x [n][in], W [out][in] fp16, b fp32.
+    /// y = x W^T + b; x [n][in], W [out][in] fp16 (fp32 masters at O0), b fp32.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward(
         &self,
@@ -530,15 +541,8 @@ impl CudaBackend {
         let s = ConvShape::fc(n, in_f, out_f);
         self.conv_fprop(&s, x, w, ConvOut::dense(y, out_f), imp)?;
         let (ni, oi) = (n as i32, out_f as i32);
-        cuda_launch!(
-            self,
-            "bias_add",
-            self.grid_1d((n * out_f) as u64)?,
-            y,
-            b,
-            ni,
-            oi
-        )
+        let name = self.amp_kernel(["bias_add_o0", "bias_add", "bias_add"]);
+        cuda_launch!(self, name, self.grid_1d((n * out_f) as u64)?, y, b, ni, oi)
     }
 
     /// dx (+)= dy W.
@@ -580,16 +584,8 @@ impl CudaBackend {
         let s = ConvShape::fc(n, in_f, out_f);
         self.conv_wgrad(&s, x, dy, dw, false, ws, ws_elems, imp)?;
         let (ni, oi, acc) = (n as i32, out_f as i32, 0i32);
-        cuda_launch!(
-            self,
-            "bias_grad",
-            self.per_channel(out_f),
-            dy,
-            ni,
-            oi,
-            db,
-            acc
-        )
+        let name = self.amp_kernel(["bias_grad_o0", "bias_grad", "bias_grad"]);
+        cuda_launch!(self, name, self.per_channel(out_f), dy, ni, oi, db, acc)
     }
 
     /// Workspace (fp32 elements) of [`Self::linear_backward_weight`].
@@ -659,8 +655,8 @@ impl CudaBackend {
         cuda_launch!(self, "cast_f16_to_f32", self.grid_1d(n)?, src, n, dst)
     }
 
-    /// Copies `c` channels of `rows` rows between row-strided fp16 tensors (concat slices, stem
-    /// channel padding: destination channels [c, zero_to) are zeroed).
+    /// Copies `c` channels of `rows` rows between row-strided activation tensors (fp16, fp32 at
+    /// O0): concat slices, stem channel padding (destination channels [c, zero_to) are zeroed).
     #[allow(clippy::too_many_arguments)]
     pub fn copy_channels(
         &self,
@@ -685,9 +681,10 @@ impl CudaBackend {
             zero_to as i32,
             accumulate as i32,
         );
+        let name = self.amp_kernel(["copy_channels_o0", "copy_channels", "copy_channels"]);
         cuda_launch!(
             self,
-            "copy_channels",
+            name,
             self.grid_1d(r * c.max(zero_to) as u64)?,
             src,
             sl,

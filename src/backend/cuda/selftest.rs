@@ -1,5 +1,10 @@
 //! The GPU self-test harness: runs each kernel on fresh random inputs at the InceptionV4 shapes,
-//! with outputs poisoned (NaN) first, and compares against an oracle with fp16 tolerances.
+//! with outputs poisoned (NaN) first, and compares against an oracle with fp16 tolerances (fp32
+//! ones for the O0 variants).
+//!
+//! A [`SelfTest`] checks the kernels of its backend's precision level (`CudaBackend::amp`): every
+//! kernel at O2, the fp32 `_o0` variants at O0, the fp16-statistics BN variants at O3. Buffers
+//! take the level's types ([`AnyBuf`]); checks of a variant are reported as `kernel [O0]`.
 //!
 //! Two oracles:
 //! - the plain FMA convolution kernels, for the tensor-core kernels (always available); a fast
@@ -17,6 +22,7 @@ use serde::Serialize;
 use super::context::{CudaBackend, DevPtr};
 use super::conv::{self, ConvImpl, ConvMode, ConvOut, ConvShape};
 use super::ops::PoolShape;
+use crate::backend::Amp;
 use crate::plan::{Conv2d, Op, Plan};
 
 /// Outputs of a training-mode BN forward.
@@ -156,6 +162,10 @@ pub struct Check {
 /// order, so 1e-2 of the output's scale; reductions into statistics get 2e-2.
 pub const TOL: f32 = 1e-2;
 pub const TOL_REDUCTION: f32 = 2e-2;
+/// The O0 variants see the same fp16-representable inputs in fp32 and store fp32: what is left is
+/// summation order (~1e-6 of the output's scale at these sizes) and fast-math exp/rsqrt.
+pub const TOL_O0: f32 = 1e-4;
+pub const TOL_REDUCTION_O0: f32 = 2e-4;
 
 /// Compares `got` against `want`: NaN anywhere in `got` (a poisoned value never written) fails.
 pub fn compare(got: &[f32], want: &[f32], tol: f32) -> (Status, f32, f32) {
@@ -195,6 +205,21 @@ pub struct SelfTest<'a> {
 pub(super) struct Buf<T> {
     pub(super) dev: CudaSlice<T>,
     pub(super) ptr: DevPtr,
+}
+
+/// A device tensor whose element type depends on the precision level under test.
+pub(super) enum AnyBuf {
+    F16(Buf<f16>),
+    F32(Buf<f32>),
+}
+
+impl AnyBuf {
+    pub(super) fn ptr(&self) -> DevPtr {
+        match self {
+            AnyBuf::F16(b) => b.ptr,
+            AnyBuf::F32(b) => b.ptr,
+        }
+    }
 }
 
 impl<'a> SelfTest<'a> {
@@ -251,6 +276,75 @@ impl<'a> SelfTest<'a> {
 
     pub(super) fn read_f32(&self, b: &Buf<f32>) -> Result<Vec<f32>> {
         Ok(self.be.stream.clone_dtoh(&b.dev)?)
+    }
+
+    /// `host` on the device as fp16 or fp32.
+    fn typed(&self, host: &[f32], f16: bool) -> Result<AnyBuf> {
+        Ok(if f16 {
+            AnyBuf::F16(self.f16_buf(host)?)
+        } else {
+            AnyBuf::F32(self.buf(host)?)
+        })
+    }
+
+    fn poisoned(&self, len: usize, f16: bool) -> Result<AnyBuf> {
+        Ok(if f16 {
+            AnyBuf::F16(self.poisoned_f16(len)?)
+        } else {
+            AnyBuf::F32(self.poisoned_f32(len)?)
+        })
+    }
+
+    /// Activations, their gradients and conv/FC weights: fp32 at O0, fp16 otherwise.
+    pub(super) fn act(&self, host: &[f32]) -> Result<AnyBuf> {
+        self.typed(host, self.be.amp != Amp::O0)
+    }
+
+    pub(super) fn poisoned_act(&self, len: usize) -> Result<AnyBuf> {
+        self.poisoned(len, self.be.amp != Amp::O0)
+    }
+
+    /// BN gamma/beta: fp16 (the working copy) at O3, fp32 otherwise.
+    pub(super) fn bn_param(&self, host: &[f32]) -> Result<AnyBuf> {
+        self.typed(host, self.be.amp == Amp::O3)
+    }
+
+    /// BN saved mean / inverse std: fp16 at O3, fp32 otherwise.
+    pub(super) fn poisoned_bn_stat(&self, len: usize) -> Result<AnyBuf> {
+        self.poisoned(len, self.be.amp == Amp::O3)
+    }
+
+    pub(super) fn read(&self, t: &AnyBuf) -> Result<Vec<f32>> {
+        match t {
+            AnyBuf::F16(b) => self.read_f16(b),
+            AnyBuf::F32(b) => self.read_f32(b),
+        }
+    }
+
+    /// Tolerance of elementwise outputs at this precision level.
+    pub(super) fn tol(&self) -> f32 {
+        if self.be.amp == Amp::O0 {
+            TOL_O0
+        } else {
+            TOL
+        }
+    }
+
+    /// Tolerance of reductions (statistics, losses, parameter gradients) at this level.
+    pub(super) fn tol_reduction(&self) -> f32 {
+        if self.be.amp == Amp::O0 {
+            TOL_REDUCTION_O0
+        } else {
+            TOL_REDUCTION
+        }
+    }
+
+    /// Report name of `kernel` at this level: unchanged at O2, `kernel [O0]` for a variant.
+    pub(super) fn at_level(&self, kernel: &str) -> String {
+        match self.be.amp {
+            Amp::O2 => kernel.to_string(),
+            amp => format!("{kernel} [{amp:?}]"),
+        }
     }
 
     pub(super) fn record(
@@ -312,13 +406,31 @@ pub fn plan_conv_shapes(plan: &Plan) -> Vec<ConvShape> {
     out
 }
 
+/// The first convolution of each distinct geometry (kernel, stride, padding) of a plan: the O0
+/// check's sample, since the plain kernels' index math depends on nothing else. The fully
+/// connected layer is covered by the linear check.
+pub fn plan_conv_geometries(plan: &Plan) -> Vec<ConvShape> {
+    let geometry = |c: Conv2d| Conv2d {
+        cin: 0,
+        cout: 0,
+        ..c
+    };
+    let mut out: Vec<ConvShape> = Vec::new();
+    for s in plan_conv_shapes(plan) {
+        if !out.iter().any(|o| geometry(o.conv) == geometry(s.conv)) {
+            out.push(s);
+        }
+    }
+    out
+}
+
 fn conv_label(s: &ConvShape) -> String {
     format!("n{} {}", s.n, s.label())
 }
 
 impl SelfTest<'_> {
     /// fprop, dgrad and wgrad of one shape: plain kernel vs CPU reference, tensor-core kernel vs
-    /// plain kernel (marking the shape verified on a pass).
+    /// plain kernel (marking the shape verified on a pass). At O0 only the plain fp32 kernels exist.
     pub fn conv(&mut self, s: &ConvShape) -> Result<()> {
         let c = s.conv;
         let (oh, ow) = (s.oh(), s.ow());
@@ -326,7 +438,7 @@ impl SelfTest<'_> {
         let x = self.random(s.n * s.h * s.w * c.cin, 1.0);
         let w = self.random(c.cout * c.kh * c.kw * c.cin, 1.0 / k.sqrt());
         let dy = self.random(s.n * oh * ow * c.cout, 1.0);
-        let (xb, wb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&w)?, self.f16_buf(&dy)?);
+        let (xb, wb, dyb) = (self.act(&x)?, self.act(&w)?, self.act(&dy)?);
         let label = conv_label(s);
         for mode in [ConvMode::Fprop, ConvMode::Dgrad, ConvMode::Wgrad] {
             let plain = self.run_conv(s, mode, ConvImpl::Plain, &xb, &wb, &dyb)?;
@@ -335,9 +447,10 @@ impl SelfTest<'_> {
                 ConvMode::Dgrad => self.reference.conv_dgrad(s, &dy, &w),
                 ConvMode::Wgrad => self.reference.conv_wgrad(s, &x, &dy),
             };
-            let name = format!("conv_{mode:?}_plain").to_lowercase();
-            self.record(&name, &label, "cpu", &plain, want.as_deref(), TOL);
-            if !conv::tc_supported(s, mode, None) {
+            let name = self.at_level(&format!("conv_{mode:?}_plain").to_lowercase());
+            let tol = self.tol();
+            self.record(&name, &label, "cpu", &plain, want.as_deref(), tol);
+            if self.be.amp == Amp::O0 || !conv::tc_supported(s, mode, None) {
                 continue;
             }
             for tile in conv::TILES {
@@ -359,30 +472,31 @@ impl SelfTest<'_> {
         s: &ConvShape,
         mode: ConvMode,
         imp: ConvImpl,
-        x: &Buf<f16>,
-        w: &Buf<f16>,
-        dy: &Buf<f16>,
+        x: &AnyBuf,
+        w: &AnyBuf,
+        dy: &AnyBuf,
     ) -> Result<Vec<f32>> {
         let c = s.conv;
+        let (x, w, dy) = (x.ptr(), w.ptr(), dy.ptr());
         let out = match mode {
             ConvMode::Fprop => {
-                let y = self.poisoned_f16(s.n * s.oh() * s.ow() * c.cout)?;
+                let y = self.poisoned_act(s.n * s.oh() * s.ow() * c.cout)?;
                 self.be
-                    .conv_fprop(s, x.ptr, w.ptr, ConvOut::dense(y.ptr, c.cout), Some(imp))?;
-                self.read_f16(&y)?
+                    .conv_fprop(s, x, w, ConvOut::dense(y.ptr(), c.cout), Some(imp))?;
+                self.read(&y)?
             }
             ConvMode::Dgrad => {
-                let dx = self.poisoned_f16(s.n * s.h * s.w * c.cin)?;
+                let dx = self.poisoned_act(s.n * s.h * s.w * c.cin)?;
                 self.be
-                    .conv_dgrad(s, dy.ptr, w.ptr, ConvOut::dense(dx.ptr, c.cin), Some(imp))?;
-                self.read_f16(&dx)?
+                    .conv_dgrad(s, dy, w, ConvOut::dense(dx.ptr(), c.cin), Some(imp))?;
+                self.read(&dx)?
             }
             ConvMode::Wgrad => {
                 let dw = self.poisoned_f32(c.cout * c.kh * c.kw * c.cin)?;
                 let ws_elems = self.be.conv_wgrad_workspace(s);
                 let ws = self.poisoned_f32(ws_elems)?;
                 self.be
-                    .conv_wgrad(s, x.ptr, dy.ptr, dw.ptr, false, ws.ptr, ws_elems, Some(imp))?;
+                    .conv_wgrad(s, x, dy, dw.ptr, false, ws.ptr, ws_elems, Some(imp))?;
                 self.read_f32(&dw)?
             }
         };
@@ -396,21 +510,21 @@ impl SelfTest<'_> {
         let c = s.conv;
         let x = self.random(s.n * s.h * s.w * c.cin, 1.0);
         let w = self.random(c.cout * c.kh * c.kw * c.cin, 0.3);
-        let (xb, wb) = (self.f16_buf(&x)?, self.f16_buf(&w)?);
-        let dummy = self.zeros::<f16>(1)?;
+        let (xb, wb) = (self.act(&x)?, self.act(&w)?);
+        let dummy = AnyBuf::F16(self.zeros::<f16>(1)?);
         let plain = self.run_conv(s, ConvMode::Fprop, ConvImpl::Plain, &xb, &wb, &dummy)?;
         let p = ConvShape {
             conv: Conv2d { cin: 8, ..c },
             ..*s
         };
         let (xp, wp) = (
-            self.poisoned_f16(s.n * s.h * s.w * 8)?,
-            self.poisoned_f16(c.cout * c.kh * c.kw * 8)?,
+            self.poisoned_act(s.n * s.h * s.w * 8)?,
+            self.poisoned_act(c.cout * c.kh * c.kw * 8)?,
         );
         self.be
-            .pad_channels(s.n * s.h * s.w, c.cin, 8, xb.ptr, xp.ptr)?;
+            .pad_channels(s.n * s.h * s.w, c.cin, 8, xb.ptr(), xp.ptr())?;
         self.be
-            .pad_channels(c.cout * c.kh * c.kw, c.cin, 8, wb.ptr, wp.ptr)?;
+            .pad_channels(c.cout * c.kh * c.kw, c.cin, 8, wb.ptr(), wp.ptr())?;
         let tile = conv::preferred_tile(&p, ConvMode::Fprop, self.be.num_sms);
         let got = self.run_conv(&p, ConvMode::Fprop, ConvImpl::Tc(tile), &xp, &wp, &dummy)?;
         self.record(
@@ -426,9 +540,26 @@ impl SelfTest<'_> {
 }
 
 impl SelfTest<'_> {
-    /// Every check at the shapes of `plan`: all distinct convolutions (and the stem padded to 8
-    /// channels), BN shapes with and without ReLU, pools, global pool, dropout, softmax-CE, RMSProp.
+    /// Every check at the shapes of `plan` for the backend's precision level: everything at O2;
+    /// at O0 the fp32 variants (the plain convolutions at one shape per geometry); at O3 the BN
+    /// variants, the only kernels O3 does not share with O2.
     pub fn run_plan(&mut self, plan: &Plan) -> Result<()> {
+        match self.be.amp {
+            Amp::O2 => self.run_plan_o2(plan),
+            Amp::O0 => {
+                for s in plan_conv_geometries(plan) {
+                    self.conv(&s)?;
+                }
+                self.run_bn(plan, false)?;
+                self.run_activation_ops(plan)
+            }
+            Amp::O3 => self.run_bn(plan, false),
+        }
+    }
+
+    /// All distinct convolutions (and the stem padded to 8 channels), BN shapes with and without
+    /// ReLU, pools, global pool, dropout, softmax-CE, channel copies, the FC layer, RMSProp.
+    fn run_plan_o2(&mut self, plan: &Plan) -> Result<()> {
         for s in plan_conv_shapes(plan) {
             self.conv(&s)?;
             if s.conv.cin % 8 != 0 {
@@ -442,13 +573,28 @@ impl SelfTest<'_> {
             self.conv_slice_accumulate(s)?;
         }
         self.casts(1 << 16)?;
+        self.run_bn(plan, true)?;
+        self.run_activation_ops(plan)?;
+        self.rmsprop(1 << 20)?;
+        Ok(())
+    }
+
+    /// BN with the fused ReLU at every distinct shape (`all`) or only the first, then without
+    /// ReLU at the last shape.
+    fn run_bn(&mut self, plan: &Plan, all: bool) -> Result<()> {
         let bns = super::selftest_ops::plan_bn_shapes(plan);
-        for &(m, c) in &bns {
+        let with_relu = if all { bns.len() } else { 1 };
+        for &(m, c) in bns.iter().take(with_relu) {
             self.batchnorm(m, c, true)?;
         }
         if let Some(&(m, c)) = bns.last() {
             self.batchnorm(m, c, false)?;
         }
+        Ok(())
+    }
+
+    /// The kernels that take activations and have fp32 variants, besides convolution and BN.
+    fn run_activation_ops(&mut self, plan: &Plan) -> Result<()> {
         for (s, max) in super::selftest_ops::plan_pools(plan) {
             self.pool(&s, max)?;
         }
@@ -464,7 +610,10 @@ impl SelfTest<'_> {
         }
         self.dropout(n * 1536, plan.config.dropout.max(0.2))?;
         self.softmax_ce(n, classes, plan.config.label_smoothing)?;
-        self.rmsprop(1 << 20)?;
+        self.copy_channels(n * 35 * 35)?; // the rows of an Inception-A concat
+        if let Some((in_f, out_f)) = super::selftest_ops::plan_linear(plan) {
+            self.linear(n, in_f, out_f)?;
+        }
         Ok(())
     }
 
@@ -502,6 +651,9 @@ impl SelfTest<'_> {
 /// at start-up for its plan so the fast path is used only where it was checked; it needs no CPU
 /// reference. Returns the checks that ran (failures mean those shapes stay on the plain kernels).
 pub fn verify_conv_shapes(be: &CudaBackend, shapes: &[ConvShape]) -> Result<Vec<Check>> {
+    if be.amp == Amp::O0 {
+        return Ok(Vec::new()); // O0 never runs the tensor-core kernels
+    }
     let mut test = SelfTest::new(be, &NoReference, 0x5eed);
     for s in shapes {
         let small = ConvShape {
@@ -551,6 +703,30 @@ mod tests {
             fast, 38,
             "every shape but the 3-channel stem takes the tensor-core path"
         );
+    }
+
+    #[test]
+    fn the_o0_conv_sample_has_one_shape_per_geometry() {
+        let plan = crate::plan::build(
+            "v4",
+            PlanConfig {
+                batch: 2,
+                ..PlanConfig::default()
+            },
+        )
+        .unwrap();
+        let sample = plan_conv_geometries(&plan);
+        let geometry = |s: &ConvShape| Conv2d {
+            cin: 0,
+            cout: 0,
+            ..s.conv
+        };
+        for s in plan_conv_shapes(&plan) {
+            let reps = sample.iter().filter(|g| geometry(g) == geometry(&s));
+            assert_eq!(reps.count(), 1, "{s:?}");
+        }
+        // 3x3 s2, 3x3 s1 unpadded and padded, 1x1, 1x7, 7x1, 1x3, 3x1.
+        assert_eq!(sample.len(), 8);
     }
 
     #[test]

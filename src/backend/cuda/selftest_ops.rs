@@ -1,5 +1,7 @@
 //! Self-test cases of the non-convolution kernels (see selftest.rs for the harness). Each runs the
-//! kernel into poisoned outputs and compares with the CPU reference hook (SKIP when not wired).
+//! kernel into poisoned outputs and compares with the CPU reference hook (SKIP when not wired), or
+//! with a host computation where the hook has no such op (channel copies, the FC layer). The cases
+//! that take activations run at the backend's precision level (buffers from `act`/`bn_param`).
 
 use anyhow::Result;
 
@@ -8,7 +10,7 @@ use rand::Rng;
 
 use super::conv::{self, ConvImpl, ConvMode, ConvOut, ConvShape};
 use super::ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
-use super::selftest::{BnCase, RmspropHyper, SelfTest, TOL, TOL_REDUCTION};
+use super::selftest::{BnCase, RmspropHyper, SelfTest, TOL};
 use crate::plan::{Op, Plan};
 
 impl SelfTest<'_> {
@@ -32,12 +34,13 @@ impl SelfTest<'_> {
             running_mean: &rm,
             running_var: &rv,
         };
-        let (xb, gb, bb) = (self.f16_buf(&x)?, self.buf(&gamma)?, self.buf(&beta)?);
+        let (xb, gb, bb) = (self.act(&x)?, self.bn_param(&gamma)?, self.bn_param(&beta)?);
+        // Running statistics are fp32 at every level.
         let (rmb, rvb) = (self.buf(&rm)?, self.buf(&rv)?);
         let (mean, inv_std, y) = (
-            self.poisoned_f32(c)?,
-            self.poisoned_f32(c)?,
-            self.poisoned_f16(m * c)?,
+            self.poisoned_bn_stat(c)?,
+            self.poisoned_bn_stat(c)?,
+            self.poisoned_act(m * c)?,
         );
         let ws = self.poisoned_f32(bn_workspace(m, c))?;
         let a = BnArgs {
@@ -46,109 +49,113 @@ impl SelfTest<'_> {
             eps,
             momentum,
             relu,
-            gamma: gb.ptr,
-            beta: bb.ptr,
-            save_mean: mean.ptr,
-            save_inv_std: inv_std.ptr,
+            gamma: gb.ptr(),
+            beta: bb.ptr(),
+            save_mean: mean.ptr(),
+            save_inv_std: inv_std.ptr(),
             running_mean: rmb.ptr,
             running_var: rvb.ptr,
             ldy: c,
             yoff: 0,
         };
         // Inference first, while the running statistics still hold the case's values.
-        let yi = self.poisoned_f16(m * c)?;
-        self.be.bn_forward_infer(&a, xb.ptr, yi.ptr)?;
-        let got_yi = self.read_f16(&yi)?;
+        let yi = self.poisoned_act(m * c)?;
+        self.be.bn_forward_infer(&a, xb.ptr(), yi.ptr())?;
+        let got_yi = self.read(&yi)?;
         let want_yi = self.reference.bn_forward_infer(&case);
         let label = format!("m{m} c{c} relu{}", relu as u8);
-        self.record("bn_infer", &label, "cpu", &got_yi, want_yi.as_deref(), TOL);
-        self.be.bn_forward_train(&a, xb.ptr, y.ptr, ws.ptr)?;
-        let got_y = self.read_f16(&y)?;
-        let (got_mean, got_is) = (self.read_f32(&mean)?, self.read_f32(&inv_std)?);
+        let (tol, tol_r) = (self.tol(), self.tol_reduction());
+        self.record(
+            &self.at_level("bn_infer"),
+            &label,
+            "cpu",
+            &got_yi,
+            want_yi.as_deref(),
+            tol,
+        );
+        self.be.bn_forward_train(&a, xb.ptr(), y.ptr(), ws.ptr)?;
+        let got_y = self.read(&y)?;
+        let (got_mean, got_is) = (self.read(&mean)?, self.read(&inv_std)?);
         let (got_rm, got_rv) = (self.read_f32(&rmb)?, self.read_f32(&rvb)?);
         let r = self.reference.bn_forward_train(&case);
         self.record(
-            "bn_apply",
+            &self.at_level("bn_apply"),
             &label,
             "cpu",
             &got_y,
             r.as_ref().map(|r| r.y.as_slice()),
-            TOL,
+            tol,
         );
         self.record(
-            "bn_stats(mean)",
+            &self.at_level("bn_stats(mean)"),
             &label,
             "cpu",
             &got_mean,
             r.as_ref().map(|r| r.mean.as_slice()),
-            TOL_REDUCTION,
+            tol_r,
         );
         self.record(
-            "bn_stats(inv_std)",
+            &self.at_level("bn_stats(inv_std)"),
             &label,
             "cpu",
             &got_is,
             r.as_ref().map(|r| r.inv_std.as_slice()),
-            TOL_REDUCTION,
+            tol_r,
         );
         self.record(
-            "bn_stats(running_mean)",
+            &self.at_level("bn_stats(running_mean)"),
             &label,
             "cpu",
             &got_rm,
             r.as_ref().map(|r| r.running_mean.as_slice()),
-            TOL_REDUCTION,
+            tol_r,
         );
         self.record(
-            "bn_stats(running_var)",
+            &self.at_level("bn_stats(running_var)"),
             &label,
             "cpu",
             &got_rv,
             r.as_ref().map(|r| r.running_var.as_slice()),
-            TOL_REDUCTION,
+            tol_r,
         );
 
         let dy = self.random(m * c, 1.0);
-        let dyb = self.f16_buf(&dy)?;
+        let dyb = self.act(&dy)?;
         let (dg, db, dx) = (
             self.poisoned_f32(c)?,
             self.poisoned_f32(c)?,
-            self.poisoned_f16(m * c)?,
+            self.poisoned_act(m * c)?,
         );
-        self.be.bn_backward(
-            &a, xb.ptr, y.ptr, dyb.ptr, dg.ptr, db.ptr, dx.ptr, false, ws.ptr,
-        )?;
-        let (got_dx, got_dg, got_db) = (
-            self.read_f16(&dx)?,
-            self.read_f32(&dg)?,
-            self.read_f32(&db)?,
-        );
+        let (xp, yp, dyp, dxp) = (xb.ptr(), y.ptr(), dyb.ptr(), dx.ptr());
+        self.be
+            .bn_backward(&a, xp, yp, dyp, dg.ptr, db.ptr, dxp, false, ws.ptr)?;
+        let (got_dx, got_dg, got_db) = (self.read(&dx)?, self.read_f32(&dg)?, self.read_f32(&db)?);
         let r = self
             .reference
             .bn_backward(&case, &got_y, &dy, &got_mean, &got_is);
         self.record(
-            "bn_bwd_dx",
+            &self.at_level("bn_bwd_dx"),
             &label,
             "cpu",
             &got_dx,
             r.as_ref().map(|r| r.dx.as_slice()),
-            TOL,
+            tol,
         );
         self.record(
-            "bn_bwd(dgamma)",
+            &self.at_level("bn_bwd(dgamma)"),
             &label,
             "cpu",
             &got_dg,
             r.as_ref().map(|r| r.dgamma.as_slice()),
-            TOL_REDUCTION,
+            tol_r,
         );
         self.record(
-            "bn_bwd(dbeta)",
+            &self.at_level("bn_bwd(dbeta)"),
             &label,
             "cpu",
             &got_db,
             r.as_ref().map(|r| r.dbeta.as_slice()),
-            TOL_REDUCTION,
+            tol_r,
         );
         Ok(())
     }
@@ -157,35 +164,24 @@ impl SelfTest<'_> {
     pub fn pool(&mut self, s: &PoolShape, max: bool) -> Result<()> {
         let x = self.random(s.n * s.h * s.w * s.c, 1.0);
         let dy = self.random(s.n * s.oh() * s.ow() * s.c, 1.0);
-        let (xb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&dy)?);
-        let (y, dx) = (self.poisoned_f16(dy.len())?, self.poisoned_f16(x.len())?);
-        self.be.pool_forward(s, max, xb.ptr, y.ptr, s.c, 0)?;
+        let (xb, dyb) = (self.act(&x)?, self.act(&dy)?);
+        let (y, dx) = (self.poisoned_act(dy.len())?, self.poisoned_act(x.len())?);
+        self.be.pool_forward(s, max, xb.ptr(), y.ptr(), s.c, 0)?;
         self.be
-            .pool_backward(s, max, xb.ptr, dyb.ptr, s.c, 0, dx.ptr, false)?;
-        let (got_y, got_dx) = (self.read_f16(&y)?, self.read_f16(&dx)?);
+            .pool_backward(s, max, xb.ptr(), dyb.ptr(), s.c, 0, dx.ptr(), false)?;
+        let (got_y, got_dx) = (self.read(&y)?, self.read(&dx)?);
         let kind = if max { "maxpool" } else { "avgpool" };
+        let tol = self.tol();
         let label = format!(
             "n{} {}x{}x{} k{} s{} p{}",
             s.n, s.h, s.w, s.c, s.pool.k, s.pool.stride, s.pool.pad
         );
         let want_y = self.reference.pool_forward(s, max, &x);
-        self.record(
-            &format!("{kind}_fwd"),
-            &label,
-            "cpu",
-            &got_y,
-            want_y.as_deref(),
-            TOL,
-        );
+        let name = self.at_level(&format!("{kind}_fwd"));
+        self.record(&name, &label, "cpu", &got_y, want_y.as_deref(), tol);
         let want_dx = self.reference.pool_backward(s, max, &x, &dy);
-        self.record(
-            &format!("{kind}_bwd"),
-            &label,
-            "cpu",
-            &got_dx,
-            want_dx.as_deref(),
-            TOL,
-        );
+        let name = self.at_level(&format!("{kind}_bwd"));
+        self.record(&name, &label, "cpu", &got_dx, want_dx.as_deref(), tol);
         Ok(())
     }
 
@@ -206,30 +202,34 @@ impl SelfTest<'_> {
         };
         let x = self.random(n * hw * c, 1.0);
         let dy = self.random(n * c, 1.0);
-        let (xb, dyb) = (self.f16_buf(&x)?, self.f16_buf(&dy)?);
-        let (y, dx) = (self.poisoned_f16(n * c)?, self.poisoned_f16(n * hw * c)?);
-        self.be.global_avgpool_forward(n, hw, c, xb.ptr, y.ptr)?;
+        let (xb, dyb) = (self.act(&x)?, self.act(&dy)?);
+        let (y, dx) = (self.poisoned_act(n * c)?, self.poisoned_act(n * hw * c)?);
         self.be
-            .global_avgpool_backward(n, hw, c, dyb.ptr, dx.ptr, false)?;
-        let (got_y, got_dx) = (self.read_f16(&y)?, self.read_f16(&dx)?);
+            .global_avgpool_forward(n, hw, c, xb.ptr(), y.ptr())?;
+        self.be
+            .global_avgpool_backward(n, hw, c, dyb.ptr(), dx.ptr(), false)?;
+        let (got_y, got_dx) = (self.read(&y)?, self.read(&dx)?);
         let label = format!("n{n} {side}x{side}x{c}");
+        let tol = self.tol();
         let want_y = self.reference.pool_forward(&s, false, &x);
+        let name = self.at_level("global_avgpool_fwd");
         self.record(
-            "global_avgpool_fwd",
+            &name,
             &label,
             "cpu(avgpool)",
             &got_y,
             want_y.as_deref(),
-            TOL,
+            tol,
         );
         let want_dx = self.reference.pool_backward(&s, false, &x, &dy);
+        let name = self.at_level("global_avgpool_bwd");
         self.record(
-            "global_avgpool_bwd",
+            &name,
             &label,
             "cpu(avgpool)",
             &got_dx,
             want_dx.as_deref(),
-            TOL,
+            tol,
         );
         Ok(())
     }
@@ -239,24 +239,19 @@ impl SelfTest<'_> {
     pub fn dropout(&mut self, count: usize, p: f32) -> Result<()> {
         let (seed, step) = (0x1234_5678_9abc_def0, 17);
         let x = self.random(count, 1.0);
-        let xb = self.f16_buf(&x)?;
-        let (y, dx) = (self.poisoned_f16(count)?, self.poisoned_f16(count)?);
+        let xb = self.act(&x)?;
+        let (y, dx) = (self.poisoned_act(count)?, self.poisoned_act(count)?);
         self.be
-            .dropout_forward(count, p, seed, step, xb.ptr, y.ptr)?;
+            .dropout_forward(count, p, seed, step, xb.ptr(), y.ptr())?;
         self.be
-            .dropout_backward(count, p, seed, step, xb.ptr, dx.ptr, false)?;
-        let (got_y, got_dx) = (self.read_f16(&y)?, self.read_f16(&dx)?);
+            .dropout_backward(count, p, seed, step, xb.ptr(), dx.ptr(), false)?;
+        let (got_y, got_dx) = (self.read(&y)?, self.read(&dx)?);
         let label = format!("{count} p{p}");
         let want = self.reference.dropout_forward(p, seed, step, &x);
-        self.record("dropout_fwd", &label, "cpu", &got_y, want.as_deref(), TOL);
-        self.record(
-            "dropout_bwd",
-            &label,
-            "dropout_fwd",
-            &got_dx,
-            Some(&got_y),
-            0.0,
-        );
+        let (fwd, bwd) = (self.at_level("dropout_fwd"), self.at_level("dropout_bwd"));
+        let tol = self.tol();
+        self.record(&fwd, &label, "cpu", &got_y, want.as_deref(), tol);
+        self.record(&bwd, &label, "dropout_fwd", &got_dx, Some(&got_y), 0.0);
         Ok(())
     }
 
@@ -266,11 +261,7 @@ impl SelfTest<'_> {
         let logits = self.random(n * k, 4.0);
         let labels: Vec<f32> = (0..n).map(|i| ((i * 7919) % k) as f32).collect();
         let labels_i: Vec<i32> = labels.iter().map(|&v| v as i32).collect();
-        let (lb, lf, li) = (
-            self.f16_buf(&logits)?,
-            self.buf(&labels)?,
-            self.buf(&labels_i)?,
-        );
+        let (lb, lf, li) = (self.act(&logits)?, self.buf(&labels)?, self.buf(&labels_i)?);
         let want = self
             .reference
             .softmax_ce(n, k, smoothing, grad_scale, &logits, &labels);
@@ -282,7 +273,7 @@ impl SelfTest<'_> {
             let (rows, loss, dz) = (
                 self.poisoned_f32(n)?,
                 self.poisoned_f32(1)?,
-                self.poisoned_f16(n * k)?,
+                self.poisoned_act(n * k)?,
             );
             let counter = self.zeros::<u32>(1)?;
             self.be.softmax_ce(
@@ -290,30 +281,31 @@ impl SelfTest<'_> {
                 k,
                 smoothing,
                 ScaleArg::Value(grad_scale),
-                lb.ptr,
+                lb.ptr(),
                 lab,
                 rows.ptr,
                 loss.ptr,
                 counter.ptr,
-                dz.ptr,
+                dz.ptr(),
             )?;
-            let (got_loss, got_dz) = (self.read_f32(&loss)?, self.read_f16(&dz)?);
+            let (got_loss, got_dz) = (self.read_f32(&loss)?, self.read(&dz)?);
             let want_loss = want.as_ref().map(|w| vec![w.0]);
+            let (tol, tol_r) = (self.tol(), self.tol_reduction());
             self.record(
-                &format!("{name}(loss)"),
+                &self.at_level(&format!("{name}(loss)")),
                 &label,
                 "cpu",
                 &got_loss,
                 want_loss.as_deref(),
-                TOL_REDUCTION,
+                tol_r,
             );
             self.record(
-                &format!("{name}(grad)"),
+                &self.at_level(&format!("{name}(grad)")),
                 &label,
                 "cpu",
                 &got_dz,
                 want.as_ref().map(|w| w.1.as_slice()),
-                TOL,
+                tol,
             );
         }
         Ok(())
@@ -418,6 +410,116 @@ impl SelfTest<'_> {
 }
 
 impl SelfTest<'_> {
+    /// Channel copies at the backend's activation type, against the host: a concat slice
+    /// accumulated onto existing values, and the stem's zero padding of 3 channels to 8.
+    pub fn copy_channels(&mut self, rows: usize) -> Result<()> {
+        let (c, ld, off) = (96, 384, 96);
+        let src = self.random(rows * c, 1.0);
+        let prefill = self.random(rows * ld, 1.0);
+        let (sb, db) = (self.act(&src)?, self.act(&prefill)?);
+        self.be
+            .copy_channels(rows, c, sb.ptr(), c, 0, db.ptr(), ld, off, 0, true)?;
+        let mut want = prefill.clone();
+        for r in 0..rows {
+            for j in 0..c {
+                want[r * ld + off + j] += src[r * c + j];
+            }
+        }
+        let got = self.read(&db)?;
+        let (name, tol) = (self.at_level("copy_channels"), self.tol());
+        let label = format!("{rows} rows {c}ch -> ld {ld} offset {off} +=");
+        self.record(&name, &label, "host", &got, Some(&want), tol);
+
+        let stem = self.random(rows * 3, 1.0);
+        let (sb, pb) = (self.act(&stem)?, self.poisoned_act(rows * 8)?);
+        self.be.pad_channels(rows, 3, 8, sb.ptr(), pb.ptr())?;
+        let want: Vec<f32> = stem
+            .chunks(3)
+            .flat_map(|px| px.iter().copied().chain([0.0; 5]))
+            .collect();
+        let got = self.read(&pb)?;
+        let name = self.at_level("copy_channels(pad 3->8)");
+        self.record(
+            &name,
+            &format!("{rows} rows"),
+            "host",
+            &got,
+            Some(&want),
+            tol,
+        );
+        Ok(())
+    }
+
+    /// The fully connected layer through its launchers (GEMMs on the conv kernels plus the bias
+    /// kernels) against the host in f64: y = x W^T + b, dx = dy W, dW = dy^T x, db = sum dy.
+    pub fn linear(&mut self, n: usize, in_f: usize, out_f: usize) -> Result<()> {
+        let x = self.random(n * in_f, 1.0);
+        let w = self.random(out_f * in_f, 1.0 / (in_f as f32).sqrt());
+        let b = self.random(out_f, 0.5);
+        let dy = self.random(n * out_f, 1.0);
+        let (xb, wb, dyb, bb) = (self.act(&x)?, self.act(&w)?, self.act(&dy)?, self.buf(&b)?);
+        let (y, dx) = (self.poisoned_act(n * out_f)?, self.poisoned_act(n * in_f)?);
+        let (dw, db) = (self.poisoned_f32(out_f * in_f)?, self.poisoned_f32(out_f)?);
+        let ws_elems = self.be.linear_workspace(n, in_f, out_f);
+        let ws = self.poisoned_f32(ws_elems)?;
+        let (xp, wp, dyp) = (xb.ptr(), wb.ptr(), dyb.ptr());
+        self.be
+            .linear_forward(n, in_f, out_f, xp, wp, bb.ptr, y.ptr(), None)?;
+        self.be
+            .linear_backward_data(n, in_f, out_f, dyp, wp, dx.ptr(), false, None)?;
+        self.be.linear_backward_weight(
+            n, in_f, out_f, xp, dyp, dw.ptr, db.ptr, ws.ptr, ws_elems, None,
+        )?;
+        let mut want_y = host_gemm(
+            n,
+            out_f,
+            in_f,
+            |r, i| x[r * in_f + i],
+            |i, o| w[o * in_f + i],
+        );
+        for (v, bias) in want_y.iter_mut().zip(b.iter().cycle()) {
+            *v += bias;
+        }
+        let want_dx = host_gemm(
+            n,
+            in_f,
+            out_f,
+            |r, o| dy[r * out_f + o],
+            |o, i| w[o * in_f + i],
+        );
+        let want_dw = host_gemm(
+            out_f,
+            in_f,
+            n,
+            |o, r| dy[r * out_f + o],
+            |r, i| x[r * in_f + i],
+        );
+        let want_db = host_gemm(1, out_f, n, |_, _| 1.0, |r, o| dy[r * out_f + o]);
+        let label = format!("n{n} {in_f}->{out_f}");
+        let (tol, tol_r) = (self.tol(), self.tol_reduction());
+        let results = [
+            ("linear_forward", self.read(&y)?, want_y, tol),
+            ("linear_backward_data", self.read(&dx)?, want_dx, tol),
+            (
+                "linear_backward_weight(dw)",
+                self.read_f32(&dw)?,
+                want_dw,
+                tol_r,
+            ),
+            (
+                "linear_backward_weight(db)",
+                self.read_f32(&db)?,
+                want_db,
+                tol_r,
+            ),
+        ];
+        for (kernel, got, want, tol) in results {
+            let name = self.at_level(kernel);
+            self.record(&name, &label, "host", &got, Some(&want), tol);
+        }
+        Ok(())
+    }
+
     /// The conv epilogue options: fprop and dgrad write into a channel slice of a wider tensor
     /// (ldc, c_offset) and add to what is there (accumulate). The oracle is the plain kernel's
     /// dense result added to the prefill inside the slice; outside it nothing may change.
@@ -515,6 +617,35 @@ impl SelfTest<'_> {
         );
         Ok(())
     }
+}
+
+/// c[i][j] = sum_l a(i, l) * b(l, j) for an m x n result, accumulated in f64.
+fn host_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k).map(|l| a(i, l) as f64 * b(l, j) as f64).sum();
+            c[i * n + j] = s as f32;
+        }
+    }
+    c
+}
+
+/// (in_features, out_features) of a plan's fully connected layer, if it has one.
+pub fn plan_linear(plan: &Plan) -> Option<(usize, usize)> {
+    plan.nodes.iter().find_map(|node| match node.op {
+        Op::Linear {
+            in_features,
+            out_features,
+        } => Some((in_features, out_features)),
+        _ => None,
+    })
 }
 
 /// Distinct BN inputs (m = n*h*w, c) of a plan.
