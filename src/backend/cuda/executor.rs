@@ -1,14 +1,18 @@
 //! The CUDA training backend: a plan's step program over one preallocated device arena.
 //!
-//! Memory (all allocated in [`CudaTrainer::new`], nothing during a step):
-//! - the arena: activations, BN saved statistics and activation gradients at the memory planner's
-//!   offsets (fp16, statistics fp32; see [`arena::elem_bytes`]);
+//! Memory (all allocated when the executor is built, nothing during a step):
+//! - the arena: activations, BN saved statistics and activation gradients, placed over the fused
+//!   step program's lifetimes (see [`Fusion`]: BN outputs a ReLU absorbs are never stored, and
+//!   concat branches live in their slices of the block output). Element sizes follow the AMP level
+//!   (see [`arena::elem_bytes`]);
 //! - parameter buffers over padded slots ([`ParamSlots`]): fp32 master weights, the fp16 working
-//!   copy the convolutions and the FC layer read, fp32 gradients, RMSProp ms and mom, a per-element
-//!   weight-decay mask; BN running statistics in fp32;
+//!   copy the convolutions and the FC layer read (O2/O3; O0 reads the masters), fp32 gradients,
+//!   RMSProp ms and mom, a per-element weight-decay mask; BN running statistics in fp32. An
+//!   inference-only executor ([`CudaTrainer::for_inference`]) has only the masters, the working
+//!   copy and the statistics, and an arena planned over the forward pass alone;
 //! - one fp32 workspace shared by every split-K weight gradient and BN reduction;
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
-//!   padded stem input and weights, per-sample losses and the step report (loss, overflow flag).
+//!   padded stem input and weights, per-sample losses and the step report.
 //!
 //! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
 //! being queued. A 32-byte step report (loss, overflow flag, loss scale, clean-step count) is
@@ -42,7 +46,6 @@ use super::ops::{BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
 use super::step_plan::{check_program, Launch, StepProgram};
 use super::{CudaBackend, DevPtr};
 use crate::backend::{Amp, Backend, StepOutcome};
-use crate::cuda_launch;
 use crate::params::{ModelState, ParamLayout};
 use crate::plan::backward::{derive, BackwardPlan};
 use crate::plan::memory::MemoryPlan;
@@ -57,22 +60,6 @@ const REPORT_COUNTER: usize = 2;
 const REPORT_SCALE: usize = 3;
 const REPORT_CLEAN: usize = 4;
 const REPORT_WORDS: usize = 8;
-
-/// Refuses the precision levels the kernels cannot run, instead of faking them.
-pub fn check_amp(amp: Amp) -> Result<()> {
-    match amp {
-        Amp::O2 => Ok(()),
-        Amp::O0 => bail!(
-            "--amp O0 (fp32 everywhere) is not available on CUDA: the convolution, pooling and BN \
-             kernels take fp16 activations (with fp32 accumulation) and have no fp32 variant yet; \
-             use --amp O2 on CUDA, or --device cpu for fp32"
-        ),
-        Amp::O3 => bail!(
-            "--amp O3 (fp16 BN parameters and statistics) is not available on CUDA: the BN kernels \
-             keep gamma, beta and statistics in fp32; use --amp O2"
-        ),
-    }
-}
 
 /// Every device buffer of a training step.
 struct DeviceBuffers {
@@ -204,13 +191,16 @@ impl CudaTrainer {
         amp: Amp,
         train: bool,
     ) -> Result<Self> {
-        check_amp(amp)?;
         let layout = ParamLayout::new(&plan);
         check_state(&plan, &layout, &model, &optim)?;
-        let be = CudaBackend::new(0)?;
+        let mut be = CudaBackend::new(0)?;
+        // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
+        // parameters and statistics in O3).
+        be.set_amp(amp);
         let bwd = derive(&plan);
         let fusion = Fusion::new(&plan, &bwd);
-        let stem = arena::stem_conv(&plan);
+        // The stem is padded for the tensor cores, which O0 (fp32, plain kernels) never uses.
+        let stem = arena::stem_conv(&plan).filter(|_| amp != Amp::O0);
         // Cheap, and it turns a program/plan mismatch into an error before anything launches.
         let program = StepProgram::new(&plan, &bwd, &fusion, stem);
         check_program(&plan, &bwd, &fusion, &program.train)?;
@@ -524,11 +514,7 @@ impl CudaTrainer {
 
     fn launch(&self, launch: Launch, a: StepArgs) -> Result<()> {
         match launch {
-            Launch::LoadInput => {
-                let n = self.plan.tensor(self.plan.input).numel();
-                self.be
-                    .cast_f32_to_f16(self.ptr.images, n, self.t(self.plan.input))
-            }
+            Launch::LoadInput => self.load_input(),
             Launch::PadStem { node } => self.pad_stem(node),
             Launch::Forward { node } => self.forward(node, a),
             Launch::Backward { step } => self.backward(step, a),
@@ -580,6 +566,37 @@ impl CudaTrainer {
         self.ptr.w16 + 2 * self.slot(id)
     }
 
+    /// The copy of a conv or FC weight the kernels read: the fp16 working copy, or in O0 the fp32
+    /// master itself.
+    fn weight(&self, id: TensorId) -> DevPtr {
+        match self.amp {
+            Amp::O0 => self.w32(id),
+            _ => self.w16(id),
+        }
+    }
+
+    /// The copy of a BN parameter the kernels read: fp16 in O3, fp32 otherwise.
+    fn bn_param(&self, id: TensorId) -> DevPtr {
+        match self.amp {
+            Amp::O3 => self.w16(id),
+            _ => self.w32(id),
+        }
+    }
+
+    /// The staged fp32 batch into the input tensor: converted to fp16, or copied in O0.
+    fn load_input(&self) -> Result<()> {
+        let x = self.t(self.plan.input);
+        let n = self.plan.tensor(self.plan.input).numel();
+        match self.amp {
+            Amp::O0 => {
+                let c = *self.plan.shape(self.plan.input).last().unwrap();
+                self.be
+                    .copy_channels(n / c, c, self.ptr.images, c, 0, x, c, 0, 0, false)
+            }
+            _ => self.be.cast_f32_to_f16(self.ptr.images, n, x),
+        }
+    }
+
     fn grad(&self, id: TensorId) -> DevPtr {
         self.ptr.grads + 4 * self.slot(id)
     }
@@ -607,7 +624,10 @@ impl CudaTrainer {
         match &node.op {
             Op::Conv2d(c) => self.conv_forward(i, *c, x, y),
             Op::BatchNorm { .. } => self.bn_forward(i, a.train),
-            Op::Relu => self.relu_forward(self.plan.tensor(node.inputs[0]).numel(), x, y),
+            // A ReLU no BN absorbed (never in v4 or tiny).
+            Op::Relu => self
+                .be
+                .relu_forward(self.plan.tensor(node.inputs[0]).numel(), x, y),
             Op::MaxPool(p) | Op::AvgPool(p) => {
                 let s = pool_shape(*p, xs);
                 let max = matches!(node.op, Op::MaxPool(_));
@@ -631,7 +651,7 @@ impl CudaTrainer {
                 *in_features,
                 *out_features,
                 x,
-                self.w16(node.params[0]),
+                self.weight(node.params[0]),
                 self.w32(node.params[1]),
                 y,
                 None,
@@ -657,7 +677,7 @@ impl CudaTrainer {
             }
             _ => self
                 .be
-                .conv_fprop(&s, x, self.w16(node.params[0]), out, None),
+                .conv_fprop(&s, x, self.weight(node.params[0]), out, None),
         }
         .map(|_| ())
     }
@@ -675,8 +695,8 @@ impl CudaTrainer {
             eps,
             momentum,
             relu: self.fusion.relu_after[i].is_some(),
-            gamma: self.w32(node.params[0]),
-            beta: self.w32(node.params[1]),
+            gamma: self.bn_param(node.params[0]),
+            beta: self.bn_param(node.params[1]),
             save_mean: node.saved.first().map_or(0, |&t| self.t(t)),
             save_inv_std: node.saved.get(1).map_or(0, |&t| self.t(t)),
             running_mean: self.state(node.state[0]),
@@ -697,24 +717,6 @@ impl CudaTrainer {
         } else {
             self.be.bn_forward_infer(&a, x, y)
         }
-    }
-
-    /// A ReLU that no BN absorbed (never in v4 or tiny).
-    fn relu_forward(&self, count: usize, x: DevPtr, y: DevPtr) -> Result<()> {
-        let n = count as u64;
-        cuda_launch!(self.be, "relu_fwd", self.be.grid_1d(n)?, x, n, y)
-    }
-
-    fn relu_backward(
-        &self,
-        count: usize,
-        y: DevPtr,
-        dy: DevPtr,
-        dx: DevPtr,
-        acc: bool,
-    ) -> Result<()> {
-        let (n, acc) = (count as u64, acc as i32);
-        cuda_launch!(self.be, "relu_bwd", self.be.grid_1d(n)?, y, dy, n, dx, acc)
     }
 
     /// Channel counts and offsets of a concat's inputs, and the output's row count.
@@ -767,7 +769,8 @@ impl CudaTrainer {
             Op::Relu => {
                 let n = self.plan.tensor(node.inputs[0]).numel();
                 let y = self.t(node.outputs[0]);
-                self.relu_backward(n, y, dy, dx.context("relu gradient")?, acc)
+                self.be
+                    .relu_backward(n, y, dy, dx.context("relu gradient")?, acc)
             }
             Op::MaxPool(p) | Op::AvgPool(p) => {
                 let s = pool_shape(*p, xs);
@@ -851,7 +854,7 @@ impl CudaTrainer {
                 accumulate: acc,
                 ..ConvOut::dense(dx, c.cin)
             };
-            self.be.conv_dgrad(&s, dy, self.w16(wt), out, None)?;
+            self.be.conv_dgrad(&s, dy, self.weight(wt), out, None)?;
         }
         Ok(())
     }
@@ -876,7 +879,7 @@ impl CudaTrainer {
         let (w, b) = (node.params[0], node.params[1]);
         if let Some(dx) = dx {
             self.be
-                .linear_backward_data(n, fi, fo, dy, self.w16(w), dx, acc, None)?;
+                .linear_backward_data(n, fi, fo, dy, self.weight(w), dx, acc, None)?;
         }
         let (dw, db) = (self.grad(w), self.grad(b));
         self.be

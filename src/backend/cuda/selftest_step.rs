@@ -1,6 +1,7 @@
-//! Whole-step self-test: one full CUDA training step (O2) against the CPU backend from the same
-//! weights and batch, and a check that the dynamic loss scaler skips a step whose gradients
-//! overflow. Run by `selftest --device cuda` after the per-kernel checks.
+//! Whole-step self-test: one full CUDA training step at each precision level (O2, O0, O3) against
+//! the CPU backend from the same weights and batch, and a check that the device-resident dynamic
+//! loss scaler skips a step whose gradients overflow. Run by `selftest --device cuda` after the
+//! per-kernel checks.
 //!
 //! Both sides start from fp16-representable weights and images, so the comparison measures the
 //! step's fp16 activations and gradients, not the rounding of its inputs. Each figure is a relative
@@ -22,11 +23,36 @@ use crate::plan::memory::lifetimes;
 use crate::plan::{self, PlanConfig, TensorId, TensorKind};
 use crate::train::{LossScaler, RmsProp, RmsPropConfig};
 
-/// Tolerances on the relative L2 error of a whole O2 step: the loss, and gradients / updates /
-/// BN statistics. First estimates from fp16 rounding (~5e-4 per op) compounded over v4's depth;
-/// a GPU visit may tighten them.
-pub const TOL_LOSS: f32 = 1e-2;
-pub const TOL_STEP: f32 = 5e-2;
+/// A precision level with the tolerances on the relative L2 error of a whole step there: the
+/// loss, and every other tensor (gradients, updates, BN statistics, forward tensors).
+#[derive(Clone, Copy, Debug)]
+pub struct Level {
+    pub amp: Amp,
+    pub tol_loss: f32,
+    pub tol_step: f32,
+}
+
+/// The levels each case runs at. The fp16 tolerances are first estimates from fp16 rounding (~5e-4
+/// per op) compounded over v4's depth; O3 also rounds the BN statistics and parameters to fp16.
+/// O0 differs from the CPU only in summation order, so its tolerances are two orders tighter and
+/// catch layout or indexing mistakes that fp16 noise could hide. A GPU visit may tighten them.
+pub const LEVELS: [Level; 3] = [
+    Level {
+        amp: Amp::O2,
+        tol_loss: 1e-2,
+        tol_step: 5e-2,
+    },
+    Level {
+        amp: Amp::O0,
+        tol_loss: 1e-4,
+        tol_step: 1e-3,
+    },
+    Level {
+        amp: Amp::O3,
+        tol_loss: 1e-2,
+        tol_step: 5e-2,
+    },
+];
 
 /// The learning rate and loss scale of the compared step: large enough that the update is
 /// visible against fp32 rounding of the weights.
@@ -161,13 +187,23 @@ fn cpu_step(s: &Setup) -> CpuStep {
     }
 }
 
-/// One case: loss, gradients, updates and BN statistics of a whole step against the CPU.
+/// One case at every level: loss, gradients, updates and BN statistics of a whole step against
+/// the CPU (whose step is computed once).
 pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
     let cpu = cpu_step(&s);
-    let model = s.model.clone();
-    let fresh = fresh_checks(&s, &cpu, case)?;
-    let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
+    let mut checks = Vec::new();
+    for level in LEVELS {
+        eprintln!("  at {:?}", level.amp);
+        checks.extend(run_level(&s, &cpu, case, level)?);
+    }
+    Ok(checks)
+}
+
+fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<Vec<Check>> {
+    let model = &s.model;
+    let mut checks = fresh_checks(s, cpu, case, level)?;
+    let mut gpu = CudaTrainer::new(s.plan.clone(), model.clone(), s.optim.clone(), level.amp)?;
     let mut scaler = LossScaler::Fixed(SCALE);
     let out = gpu
         .train_step(&s.images, &s.labels, 0, LR, &mut scaler)?
@@ -175,21 +211,22 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
         .context("a fixed-scale step reports at once")?;
     let g_gpu = gpu.grads()?;
     let (m_gpu, _) = gpu.state()?;
-    let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
+    let name = |what: &str| label(case, level, what);
     let loss_err = (out.loss - cpu.loss).abs() / cpu.loss.abs().max(1e-6);
     let layout = &model.layout;
     let delta = |w: &[f32], start: &[f32]| -> Vec<f32> {
         w.iter().zip(start).map(|(a, b)| a - b).collect()
     };
-    let mut checks = fresh;
+    let tol = level.tol_step;
     checks.extend([
-        check(name("loss"), "loss".into(), loss_err, TOL_LOSS),
-        worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads),
+        check(name("loss"), "loss".into(), loss_err, level.tol_loss),
+        worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads, tol),
         worst(
             name("weight updates"),
             &layout.params,
             &delta(&m_gpu.params, &model.params),
             &delta(&cpu.weights, &model.params),
+            tol,
         ),
         // The change, not the value: one step moves a running variance from 1.0 only by
         // momentum * (var - 1), so comparing values would pass a GPU that never updated it.
@@ -198,18 +235,24 @@ pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
             &layout.states,
             &delta(&m_gpu.states, &model.states),
             &delta(&cpu.states, &model.states),
+            tol,
         ),
     ]);
     Ok(checks)
+}
+
+/// A check's name: plan, batch, level and what is compared.
+fn label(case: StepCase, level: Level, what: &str) -> String {
+    format!("step {} b{} {:?}: {what}", case.plan, case.batch, level.amp)
 }
 
 /// Checks on a fresh trainer, before any step: the state read back is exactly what was loaded (so
 /// checkpoints move between backends unchanged), inference logits match the CPU's, and the
 /// training forward's tensors match (on this separate trainer, so the step check below sees its
 /// BN statistics updated once).
-fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Vec<Check>> {
-    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), Amp::O2)?;
-    let name = |what: &str| format!("step {} b{}: {what}", case.plan, case.batch);
+fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<Vec<Check>> {
+    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), level.amp)?;
+    let name = |what: &str| label(case, level, what);
     let (model, optim) = gpu.state()?;
     let exact = model == s.model && optim == s.optim;
     let round_trip = check(
@@ -221,17 +264,29 @@ fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Vec<Check>> 
     let mut reference = CpuTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone())?;
     let want = reference.infer(&s.images)?;
     let logits = rel_l2(&gpu.infer(&s.images)?, &want);
-    let infer = check(name("inference logits"), "logits".into(), logits, TOL_STEP);
+    let infer = check(
+        name("inference logits"),
+        "logits".into(),
+        logits,
+        level.tol_step,
+    );
     Ok(vec![
         round_trip,
         infer,
-        forward_check(&mut gpu, s, cpu, case)?,
+        forward_check(&mut gpu, s, cpu, case, level)?,
     ])
 }
 
-/// The forward pass alone: every tensor alive at the forward/backward boundary against the CPU. The first tensor
-/// over the tolerance, in forward order, names where a failing step starts to diverge.
-fn forward_check(gpu: &mut CudaTrainer, s: &Setup, cpu: &CpuStep, case: StepCase) -> Result<Check> {
+/// The forward pass alone: every tensor alive at the forward/backward boundary against the CPU.
+/// The first tensor over the tolerance, in forward order, names where a failing step starts to
+/// diverge.
+fn forward_check(
+    gpu: &mut CudaTrainer,
+    s: &Setup,
+    cpu: &CpuStep,
+    case: StepCase,
+    level: Level,
+) -> Result<Check> {
     gpu.forward_train(&s.images, &s.labels, 0)?;
     let (mut worst, mut worst_name, mut first_bad) = (0f32, String::new(), None);
     for (t, want) in &cpu.forward {
@@ -243,16 +298,16 @@ fn forward_check(gpu: &mut CudaTrainer, s: &Setup, cpu: &CpuStep, case: StepCase
         if err > worst {
             (worst, worst_name) = (err, name.clone());
         }
-        if err > TOL_STEP && first_bad.is_none() {
+        if err > level.tol_step && first_bad.is_none() {
             first_bad = Some(name.clone());
         }
     }
     let first = first_bad.map_or(String::new(), |n| format!(", first over tolerance: {n}"));
     Ok(check(
-        format!("step {} b{}: forward tensors", case.plan, case.batch),
+        label(case, level, "forward tensors"),
         format!("worst: {worst_name}{first}"),
         worst,
-        TOL_STEP,
+        level.tol_step,
     ))
 }
 
@@ -329,7 +384,7 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// The worst per-tensor relative L2 error over `entries` of two flat buffers.
-fn worst(kernel: String, entries: &[ParamEntry], got: &[f32], want: &[f32]) -> Check {
+fn worst(kernel: String, entries: &[ParamEntry], got: &[f32], want: &[f32], tol: f32) -> Check {
     let (err, name) = entries
         .iter()
         .map(|e| (rel_l2(&got[e.range()], &want[e.range()]), e.name.clone()))
@@ -340,7 +395,7 @@ fn worst(kernel: String, entries: &[ParamEntry], got: &[f32], want: &[f32]) -> C
                 a
             }
         });
-    check(kernel, format!("worst: {name}"), err, TOL_STEP)
+    check(kernel, format!("worst: {name}"), err, tol)
 }
 
 fn check(kernel: String, shape: String, err: f32, tol: f32) -> Check {
