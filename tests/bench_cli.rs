@@ -1,5 +1,6 @@
 //! `inception-engine bench kernels` from the command line: its arguments, and on a machine without
-//! a GPU a clear error with a non-zero exit instead of a panic.
+//! a GPU a clear error with a non-zero exit instead of a panic; and `inspect`'s device-memory
+//! estimate, which needs no GPU.
 
 use std::process::Command;
 
@@ -60,4 +61,32 @@ fn bench_kernels_lists_every_case_without_a_gpu() {
     assert_eq!(ids.lines().count(), 114 / 3 + 1 + 1, "{ids}");
     let none = engine(&["bench", "kernels", "--list", "--filter", "no-such-case"]);
     assert_eq!(none.status.code(), Some(1));
+}
+
+#[test]
+fn inspect_estimates_cuda_memory_per_level_without_a_gpu() {
+    let out = engine(&[
+        "inspect",
+        "--plan",
+        "tiny",
+        "--image-size",
+        "32",
+        "--num-classes",
+        "10",
+        "--batch-size",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = |k: &str| v["cuda_memory_bytes"][k].as_u64().unwrap();
+    // fp32 everywhere needs more than fp16 activations; inference needs no gradients or optimizer.
+    assert!(bytes("train_O0") > bytes("train_O2"));
+    assert!(bytes("train_O2") >= bytes("train_O3"));
+    assert!(bytes("infer_O2") < bytes("train_O2"));
+    assert_eq!(v["cuda_batch_size"], 8);
 }

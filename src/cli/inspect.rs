@@ -1,6 +1,9 @@
 //! `inception-engine inspect`: the per-layer table of a plan (name, op, output shape, parameters,
-//! MACs) with totals, and the memory planner's arena size for a training step.
+//! MACs) with totals, the memory planner's arena size for a training step, and the device memory
+//! the CUDA backend would allocate at a batch size (worked out on the host; no GPU needed).
 
+use crate::backend::cuda::arena;
+use crate::backend::Amp;
 use crate::plan::{self, backward::derive, memory::plan_memory, Plan, PlanConfig};
 use anyhow::Result;
 use serde_json::json;
@@ -16,6 +19,9 @@ pub struct Args {
     /// Number of classes of the classifier head.
     #[arg(long, default_value_t = 1000)]
     pub num_classes: usize,
+    /// Batch size of the CUDA device-memory estimate.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +57,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let plan = plan::build(&args.plan, cfg)?;
     let s = summarize(&plan);
+    let device = device_memory(&args)?;
     if args.json {
         let layers: Vec<_> = plan
             .nodes
@@ -62,6 +69,7 @@ pub fn run(args: Args) -> Result<()> {
             "params": s.params, "macs": s.macs, "layers_count": plan.nodes.len(),
             "arena_bytes_per_image": s.arena_bytes_per_image, "arena_bytes_no_reuse_per_image": s.arena_bytes_no_reuse_per_image,
             "arena_dtype": "f32", "layers": layers,
+            "cuda_batch_size": args.batch_size, "cuda_memory_bytes": device.iter().map(|(k, b)| (k.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
         });
         println!("{out}");
         return Ok(());
@@ -100,7 +108,40 @@ pub fn run(args: Args) -> Result<()> {
         mib(s.arena_bytes_per_image),
         mib(s.arena_bytes_no_reuse_per_image)
     );
+    let figures: Vec<String> = device
+        .iter()
+        .map(|(k, b)| format!("{k} {:.0} MiB", mib(*b)))
+        .collect();
+    println!(
+        "CUDA device memory at batch {} (host estimate, H100): {}",
+        args.batch_size,
+        figures.join(", ")
+    );
     Ok(())
+}
+
+/// What the CUDA executor would allocate at `--batch-size`, per use and precision level.
+fn device_memory(args: &Args) -> Result<Vec<(String, usize)>> {
+    let cfg = PlanConfig {
+        batch: args.batch_size,
+        image_size: args.image_size,
+        num_classes: args.num_classes,
+        ..Default::default()
+    };
+    let plan = plan::build(&args.plan, cfg)?;
+    let cases = [
+        ("train_O2", Amp::O2, true),
+        ("train_O3", Amp::O3, true),
+        ("train_O0", Amp::O0, true),
+        ("infer_O2", Amp::O2, false),
+    ];
+    Ok(cases
+        .iter()
+        .map(|&(k, amp, train)| {
+            let e = arena::plan_estimate(&plan, amp, train, arena::H100_SMS);
+            (k.to_string(), e.total())
+        })
+        .collect())
 }
 
 fn mib(b: usize) -> f64 {

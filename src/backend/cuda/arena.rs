@@ -254,3 +254,28 @@ pub fn stem_conv(plan: &Plan) -> Option<usize> {
             && n.inputs[0] == plan.input
     })
 }
+
+/// SMs of an H100 SXM: the card `inspect` quotes device memory for (only the split-K workspace
+/// depends on it).
+pub const H100_SMS: u32 = 132;
+
+/// The device memory of `plan` at `amp`, worked out on the host exactly as the executor sizes its
+/// buffers: a training step, or with `train` false an inference-only executor.
+pub fn plan_estimate(plan: &Plan, amp: Amp, train: bool, num_sms: u32) -> MemoryEstimate {
+    let bwd = crate::plan::backward::derive(plan);
+    let fusion = Fusion::new(plan, &bwd);
+    let stem = stem_conv(plan).filter(|_| amp != Amp::O0);
+    let program = super::step_plan::StepProgram::new(plan, &bwd, &fusion, stem);
+    let run = if train {
+        &program.train
+    } else {
+        &program.infer
+    };
+    let mem = arena_plan(plan, &bwd, &fusion, run, amp, train);
+    let layout = crate::params::ParamLayout::new(plan);
+    let (params, states) = (
+        ParamSlots::new(&layout.params),
+        ParamSlots::new(&layout.states),
+    );
+    estimate(plan, &mem, &params, &states, num_sms, train)
+}
