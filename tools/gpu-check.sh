@@ -51,11 +51,14 @@ step binary 30 "$BIN" --version
 # --- 2. kernels against the references -------------------------------------------------------------
 step compile 90 "$BIN" selftest --compile-only --arch sm_90a --json
 step selftest 180 "$BIN" selftest --device cuda --skip-steps --json
-# Whole training steps (tiny, v4 batch 8) against the CPU backend, and the overflow skip.
+# Whole training steps (tiny, v4 batch 8) at O2, O0 and O3 against the CPU backend, and the
+# device loss scaler (overflow skip, growth).
 step whole-steps 240 "$BIN" selftest --device cuda --steps-only --json
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
+# O2 with the default loss scale (dynamic, on the device), then O3 (fp16 BN as well).
 step bench-train 150 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 --json
+step bench-train-o3 120 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O3 --json
 # A short real training run: O2 with dynamic loss scaling; the loss should fall. By default the
 # bundled Fashion-MNIST sample (about 300 steps of batch 16 at 75x75); with GPU_CHECK_PACKS=1 and
 # the Fashion-MNIST packs under bench/data, one epoch of the full set instead (longer).
