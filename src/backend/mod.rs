@@ -27,10 +27,10 @@ pub trait Backend {
     /// Short name for logs, e.g. "cpu".
     fn name(&self) -> String;
     /// Forward, backward, loss-scale check and optimizer update on one batch. Returns the
-    /// outcomes settled by this call, in step order: this step's on the CPU and under a fixed
-    /// scale; under dynamic scaling the CUDA backend keeps the scaler on the device and reports a
-    /// step one call later (so the GPU never waits for the host), updating `scaler` to match as
-    /// it does. [`Backend::settle`] collects what is still pending.
+    /// outcomes settled by this call, in step order: this step's on the CPU; the previous step's
+    /// on CUDA, which reads a step's report only after queueing the next so the GPU never waits
+    /// for the host (under dynamic scaling it keeps the scaler on the device and updates `scaler`
+    /// to match as the reports arrive). [`Backend::settle`] collects what is still pending.
     fn train_step(
         &mut self,
         images: &[f32],

@@ -15,18 +15,13 @@
 //!   padded stem input and weights, per-sample losses and the step report.
 //!
 //! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
-//! being queued. A 32-byte step report (loss, overflow flag, loss scale, clean-step count) is
-//! copied to pinned memory in stream order:
-//! - with a fixed loss scale or none, the copy follows the fused softmax-CE, and `train_step`
-//!   waits only for it: it returns while the backward and the update still run, and the next batch
-//!   is staged and queued behind them;
-//! - with dynamic scaling the scaler lives on the device: softmax-CE and RMSProp read the scale
-//!   from memory, RMSProp skips itself on the overflow flag and `loss_scale_update` halves or grows
-//!   the scale. The report copy follows that update, and the host reads it one step later, after
-//!   queueing the next step, so the GPU never waits for the host. `train_step` then returns the
-//!   previous step's outcome, and the host's [`LossScaler`] replays the device's decisions from
-//!   the reported flags (and must agree with the reported scale); [`Backend::settle`] collects the
-//!   last step.
+//! being queued. Each training step's 32-byte report (loss, overflow flag, loss scale, clean-step
+//! count) is copied after its last launch into one of two pinned slots, and the host reads it only
+//! after queueing the next step, so the GPU never waits for the host: `train_step` returns the
+//! previous step's outcome, and [`Backend::settle`] collects the last one. Under dynamic scaling
+//! the scaler lives on the device: softmax-CE and RMSProp read the scale from memory, RMSProp
+//! skips itself on the overflow flag and `loss_scale_update` halves or grows the scale; the host's
+//! [`LossScaler`] replays the reported flags and must land on the reported scale.
 //!
 //! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
 
@@ -137,11 +132,13 @@ impl StepArgs {
     }
 }
 
-/// A dynamic-scaling step whose report has not been read yet.
+/// A step whose report has not been read yet.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     step: u64,
     slot: usize,
+    /// Run under dynamic scaling (its overflow flag drives the scaler).
+    dynamic: bool,
 }
 
 pub struct CudaTrainer {
@@ -445,13 +442,21 @@ impl CudaTrainer {
         Ok(())
     }
 
-    /// Reads the report of the pending dynamic-scaling step, replays its overflow flag on the host
-    /// scaler and checks that the host lands where the device did.
+    /// Reads the report of the pending step. Under dynamic scaling it replays the overflow flag on
+    /// the host scaler and checks that the host lands where the device did.
     fn settle_pending(&mut self, scaler: &mut LossScaler) -> Result<Option<StepOutcome>> {
         let Some(p) = self.pending.take() else {
             return Ok(None);
         };
         let r = self.read_report(p.slot)?;
+        if !p.dynamic {
+            return Ok(Some(StepOutcome {
+                step: p.step,
+                loss: r.loss,
+                skipped: false,
+                scale_changed: None,
+            }));
+        }
         let decision = scaler.update(r.overflow);
         let host = match *scaler {
             LossScaler::Dynamic {
@@ -478,9 +483,8 @@ impl CudaTrainer {
         }))
     }
 
-    /// Queues every launch of the training step or inference pass. In a training step the report
-    /// is queued right after the loss when the scale is fixed (the host needs only the loss), and
-    /// after the scaler update under dynamic scaling.
+    /// Queues every launch of the training step or inference pass; a training step's report is
+    /// copied after its last launch (the scaler update).
     fn run_program(&mut self, train: bool, args: StepArgs) -> Result<()> {
         let count = if train {
             self.program.train.len()
@@ -495,21 +499,11 @@ impl CudaTrainer {
             };
             self.launch(launch, args)
                 .with_context(|| format!("{launch:?} of plan '{}'", self.plan.name))?;
-            let report_now = match launch {
-                Launch::Backward { step } => args.growth.is_none() && self.is_loss_step(step),
-                Launch::ScaleUpdate => args.growth.is_some(),
-                _ => false,
-            };
-            if report_now {
+            if launch == Launch::ScaleUpdate {
                 self.queue_report(args.slot)?;
             }
         }
         Ok(())
-    }
-
-    fn is_loss_step(&self, step: usize) -> bool {
-        let node = self.bwd.steps[step].node;
-        matches!(self.plan.nodes[node].op, Op::SoftmaxCrossEntropy { .. })
     }
 
     fn launch(&self, launch: Launch, a: StepArgs) -> Result<()> {
@@ -963,9 +957,11 @@ impl Backend for CudaTrainer {
             _ => None,
         };
         let mut settled = Vec::new();
-        if dynamic.is_none() {
+        // A change of scaler kind settles the step in flight under the old kind first.
+        if self.pending.is_some_and(|p| p.dynamic != dynamic.is_some()) {
             settled.extend(self.settle_pending(scaler)?);
-        } else if self.pending.is_none() {
+        }
+        if dynamic.is_some() && self.pending.is_none() {
             self.upload_scaler(scaler)?;
         }
         // The other slot than the pending step's, whose report is still to be read.
@@ -989,19 +985,13 @@ impl Backend for CudaTrainer {
                 .slice_mut(REPORT_OVERFLOW..REPORT_OVERFLOW + 1),
         )?;
         self.run_program(true, args)?;
-        if dynamic.is_some() {
-            // Read the previous step's report while this one runs.
-            settled.extend(self.settle_pending(scaler)?);
-            self.pending = Some(Pending { step, slot });
-        } else {
-            let r = self.read_report(slot)?;
-            settled.push(StepOutcome {
-                step,
-                loss: r.loss,
-                skipped: false,
-                scale_changed: None,
-            });
-        }
+        // Read the previous step's report while this one runs.
+        settled.extend(self.settle_pending(scaler)?);
+        self.pending = Some(Pending {
+            step,
+            slot,
+            dynamic: dynamic.is_some(),
+        });
         Ok(settled)
     }
 

@@ -205,10 +205,9 @@ fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<V
     let mut checks = fresh_checks(s, cpu, case, level)?;
     let mut gpu = CudaTrainer::new(s.plan.clone(), model.clone(), s.optim.clone(), level.amp)?;
     let mut scaler = LossScaler::Fixed(SCALE);
-    let out = gpu
-        .train_step(&s.images, &s.labels, 0, LR, &mut scaler)?
-        .pop()
-        .context("a fixed-scale step reports at once")?;
+    let mut outcomes = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
+    outcomes.extend(gpu.settle(&mut scaler)?);
+    let out = outcomes.pop().context("the step reports once settled")?;
     let g_gpu = gpu.grads()?;
     let (m_gpu, _) = gpu.state()?;
     let name = |what: &str| label(case, level, what);
