@@ -422,3 +422,53 @@ fn scaler_name(s: &LossScaler) -> String {
         LossScaler::Dynamic { scale, .. } => format!("dynamic from {scale}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(step: u64, loss: f32, skipped: bool) -> StepOutcome {
+        StepOutcome {
+            step,
+            loss,
+            skipped,
+            scale_changed: skipped.then_some((65536.0, 32768.0)),
+        }
+    }
+
+    #[test]
+    fn tally_counts_applied_steps_and_logs_scale_changes_with_their_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RunLog::open(dir.path()).unwrap();
+        let mut t = Tally::default();
+        // A skipped overflow (its loss may be inf) is neither counted nor fatal.
+        for o in [
+            outcome(0, 2.0, false),
+            outcome(1, f32::INFINITY, true),
+            outcome(2, 1.0, false),
+        ] {
+            t.record(o, &mut log, 1, None).unwrap();
+        }
+        assert_eq!((t.sum, t.count, t.last_loss), (3.0, 2, 1.0));
+        let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        assert!(metrics.contains(r#""event":"loss_scale""#), "{metrics}");
+        assert!(
+            metrics.contains(r#""step":2"#),
+            "1-based step of the skipped one: {metrics}"
+        );
+    }
+
+    #[test]
+    fn tally_stops_on_a_non_finite_loss_that_was_applied_naming_step_and_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RunLog::open(dir.path()).unwrap();
+        let mut t = Tally::default();
+        let ckpt = Path::new("run/ckpt_1.safetensors");
+        let err = t
+            .record(outcome(41, f32::NAN, false), &mut log, 3, Some(ckpt))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("step 42") && err.contains("epoch 3"), "{err}");
+        assert!(err.contains("ckpt_1.safetensors"), "{err}");
+    }
+}
