@@ -148,6 +148,8 @@ struct CpuStep {
     states: Vec<f32>,
     /// Forward tensors the backward reads, as they were at the end of the forward pass.
     forward: Vec<(TensorId, Vec<f32>)>,
+    /// Inference logits of the initial model.
+    logits: Vec<f32>,
 }
 
 /// Forward activations and saved statistics still alive when the backward starts: intact in the
@@ -165,7 +167,9 @@ fn boundary_tensors(plan: &plan::Plan) -> Vec<TensorId> {
         .collect()
 }
 
-fn cpu_step(s: &Setup) -> CpuStep {
+fn cpu_step(s: &Setup) -> Result<CpuStep> {
+    let mut reference = CpuTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone())?;
+    let logits = reference.infer(&s.images)?;
     let mut exec = CpuExecutor::new(s.plan.clone());
     let mut states = s.model.states.clone();
     let params = &s.model.params;
@@ -178,20 +182,21 @@ fn cpu_step(s: &Setup) -> CpuStep {
     exec.backward(params, &mut grads, SCALE);
     let (mut weights, mut opt) = (params.clone(), s.optim.clone());
     opt.step(&mut weights, &grads, LR, 1.0 / SCALE);
-    CpuStep {
+    Ok(CpuStep {
         loss,
         grads,
         weights,
         states,
         forward,
-    }
+        logits,
+    })
 }
 
 /// One case at every level: loss, gradients, updates and BN statistics of a whole step against
 /// the CPU (whose step is computed once).
 pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
-    let cpu = cpu_step(&s);
+    let cpu = cpu_step(&s)?;
     let mut checks = Vec::new();
     for level in LEVELS {
         eprintln!("  at {:?}", level.amp);
@@ -260,9 +265,7 @@ fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Resul
         if exact { 0.0 } else { f32::INFINITY },
         0.0,
     );
-    let mut reference = CpuTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone())?;
-    let want = reference.infer(&s.images)?;
-    let logits = rel_l2(&gpu.infer(&s.images)?, &want);
+    let logits = rel_l2(&gpu.infer(&s.images)?, &cpu.logits);
     let infer = check(
         name("inference logits"),
         "logits".into(),
