@@ -54,6 +54,16 @@ pub struct Preprocessing {
     pub resize: String,
 }
 
+impl Preprocessing {
+    /// The pixel normalisation the recorded mean and std describe.
+    pub fn normalization(&self) -> crate::data::Normalization {
+        crate::data::Normalization {
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+}
+
 /// What resuming bit-exactly needs besides the weights: all randomness in the engine derives
 /// from the seed and the position (epoch, global step); `extra` holds anything a backend adds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

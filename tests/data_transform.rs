@@ -8,9 +8,11 @@ use inception_engine::data::transform::{
     eval_transform, random_resized_crop_box, resize_crop, resize_shorter_and_centre_crop,
     train_transform, CropBox,
 };
-use inception_engine::data::{AugmentConfig, DecodedImage, MEAN, STD};
+use inception_engine::data::{AugmentConfig, DecodedImage, Normalization, MEAN, STD};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+
+const IMAGENET: Normalization = Normalization::IMAGENET;
 
 fn decoded(img: image::ImageBuffer<image::Rgb<u8>, Vec<u8>>) -> DecodedImage {
     DecodedImage {
@@ -53,10 +55,10 @@ fn shapes_and_ranges_at_many_sizes() {
     let cfg = AugmentConfig::default();
     for img in &imgs {
         for size in [1, 2, 7, 75, 299] {
-            let t = train_transform(img, size, &cfg, &mut rng(size as u64));
+            let t = train_transform(img, size, &cfg, &IMAGENET, &mut rng(size as u64));
             assert_eq!(t.len(), size * size * 3);
             assert!(in_normalised_range(&t), "train out of range at {size}");
-            let e = eval_transform(img, size);
+            let e = eval_transform(img, size, &IMAGENET);
             assert_eq!(e.len(), size * size * 3);
             assert!(in_normalised_range(&e), "eval out of range at {size}");
             assert!(t.iter().chain(&e).all(|v| v.is_finite()));
@@ -73,7 +75,7 @@ fn constant_image_stays_constant_and_normalises_exactly() {
         (128.0 / 255.0 - MEAN[2]) / STD[2],
     ];
     for size in [1, 13, 64] {
-        for px in eval_transform(&img, size).chunks(3) {
+        for px in eval_transform(&img, size, &IMAGENET).chunks(3) {
             for c in 0..3 {
                 assert!((px[c] - expect[c]).abs() < 1e-4, "{px:?}");
             }
@@ -247,8 +249,8 @@ fn train_without_randomness_equals_eval() {
         jitter: 0.0,
     };
     assert_eq!(
-        train_transform(&img, 24, &cfg, &mut rng(0)),
-        eval_transform(&img, 24)
+        train_transform(&img, 24, &cfg, &IMAGENET, &mut rng(0)),
+        eval_transform(&img, 24, &IMAGENET)
     );
 }
 
@@ -265,8 +267,8 @@ fn flip_mirrors_rows() {
         flip_prob: 1.0,
         ..plain.clone()
     };
-    let a = train_transform(&img, 16, &plain, &mut rng(0));
-    let b = train_transform(&img, 16, &flip, &mut rng(0));
+    let a = train_transform(&img, 16, &plain, &IMAGENET, &mut rng(0));
+    let b = train_transform(&img, 16, &flip, &IMAGENET, &mut rng(0));
     assert_ne!(a, b);
     for y in 0..16 {
         for x in 0..16 {
@@ -289,8 +291,8 @@ fn jitter_changes_colours_within_range() {
         jitter: 0.4,
         ..plain.clone()
     };
-    let a = train_transform(&img, 16, &plain, &mut rng(5));
-    let b = train_transform(&img, 16, &jitter, &mut rng(5));
+    let a = train_transform(&img, 16, &plain, &IMAGENET, &mut rng(5));
+    let b = train_transform(&img, 16, &jitter, &IMAGENET, &mut rng(5));
     assert_ne!(a, b);
     assert!(in_normalised_range(&b));
 }
@@ -299,9 +301,9 @@ fn jitter_changes_colours_within_range() {
 fn same_seed_same_output_different_seed_different_output() {
     let img = decoded(rgb_image(60, 45, 2));
     let cfg = AugmentConfig::default();
-    let a = train_transform(&img, 32, &cfg, &mut rng(11));
-    assert_eq!(a, train_transform(&img, 32, &cfg, &mut rng(11)));
-    assert_ne!(a, train_transform(&img, 32, &cfg, &mut rng(12)));
+    let a = train_transform(&img, 32, &cfg, &IMAGENET, &mut rng(11));
+    assert_eq!(a, train_transform(&img, 32, &cfg, &IMAGENET, &mut rng(11)));
+    assert_ne!(a, train_transform(&img, 32, &cfg, &IMAGENET, &mut rng(12)));
 }
 
 #[test]
@@ -346,8 +348,8 @@ fn jpeg_500px_to_299_is_fast() {
     let reps = 20;
     let t = std::time::Instant::now();
     for i in 0..reps {
-        std::hint::black_box(eval_transform(&decoded, 299));
-        std::hint::black_box(train_transform(&decoded, 299, &cfg, &mut rng(i)));
+        std::hint::black_box(eval_transform(&decoded, 299, &IMAGENET));
+        std::hint::black_box(train_transform(&decoded, 299, &cfg, &IMAGENET, &mut rng(i)));
     }
     let per = t.elapsed().as_secs_f64() * 1e3 / (2 * reps) as f64;
     let t = std::time::Instant::now();

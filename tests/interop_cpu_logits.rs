@@ -10,9 +10,11 @@
 
 use inception_engine::backend::cpu::{CpuExecutor, Mode};
 use inception_engine::checkpoint::Checkpoint;
-use inception_engine::data::{bundled_dataset, transform::eval_transform, Dataset};
+use inception_engine::data::{bundled_dataset, transform::eval_transform, Dataset, Normalization};
 use inception_engine::export::model_from_checkpoint;
 use std::path::PathBuf;
+
+const IMAGENET: Normalization = Normalization::IMAGENET;
 
 fn write_f32(path: PathBuf, data: &[f32]) {
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -30,7 +32,7 @@ fn cpu_logits_for_timm_check() {
     let ds = Dataset::open(&bundled_dataset().unwrap().join("val")).unwrap();
     let stride = ds.len() / n;
     let images: Vec<f32> = (0..n)
-        .flat_map(|i| eval_transform(&ds.read(i * stride).unwrap(), s))
+        .flat_map(|i| eval_transform(&ds.read(i * stride).unwrap(), s, &IMAGENET))
         .collect();
     let mut states = model.states.clone();
     let mut cpu = CpuExecutor::new(plan);

@@ -206,3 +206,51 @@ fn a_class_count_mismatch_on_the_command_line_is_a_clear_error() {
     assert!(err.contains("--reset-classifier"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn import_records_the_normalisation_and_predict_applies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (st, _) = exported(dir.path());
+    let size = SIZE.to_string();
+    let import = |norm: &str, out: &Path| {
+        engine(
+            &["import", "--from", "timm", path(&st), "--out", path(out)]
+                .into_iter()
+                .chain(["--image-size", &size, "--normalization", norm])
+                .collect::<Vec<_>>(),
+        );
+        Checkpoint::load(out).unwrap()
+    };
+    let (imagenet, inception) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let a = import("imagenet", &imagenet);
+    let b = import("inception", &inception);
+    assert_eq!(a.meta.preprocessing.mean, inception_engine::data::MEAN);
+    assert_eq!(b.meta.preprocessing.mean, [0.5; 3]);
+    assert_eq!(b.meta.preprocessing.std, [0.5; 3]);
+    // Same weights, different input scaling: predict must read the checkpoint's normalisation.
+    let val = inception_engine::data::bundled_dataset()
+        .unwrap()
+        .join("val");
+    let img = std::fs::read_dir(val)
+        .unwrap()
+        .flat_map(|class| std::fs::read_dir(class.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .next()
+        .unwrap();
+    let predict = |ck: &Path| {
+        let args = [
+            "predict",
+            "--checkpoint",
+            path(ck),
+            "--device",
+            "cpu",
+            "--json",
+            path(&img),
+        ];
+        engine(&args)
+    };
+    assert_ne!(predict(&imagenet), predict(&inception));
+}

@@ -3,7 +3,7 @@
 
 use inception_engine::backend::cpu::{CpuExecutor, Mode};
 use inception_engine::checkpoint::{Checkpoint, CheckpointMeta};
-use inception_engine::data::{bundled_dataset, transform::eval_transform, Dataset};
+use inception_engine::data::{bundled_dataset, transform::eval_transform, Dataset, Normalization};
 use inception_engine::export::engine_preprocessing;
 use inception_engine::params::ModelState;
 use inception_engine::plan::{self, Plan, PlanConfig};
@@ -124,7 +124,11 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 pub fn checkpoint(plan: &Plan, model: &ModelState) -> Checkpoint {
     let classes = (0..CLASSES).map(|i| format!("c{i}")).collect();
-    let meta = CheckpointMeta::new(plan, classes, engine_preprocessing(SIZE));
+    let meta = CheckpointMeta::new(
+        plan,
+        classes,
+        engine_preprocessing(SIZE, Normalization::IMAGENET),
+    );
     Checkpoint::from_state(model, None, meta)
 }
 
@@ -134,7 +138,13 @@ pub fn real_images(n: usize) -> Vec<f32> {
     let ds = Dataset::open(&root.join("val")).unwrap();
     let stride = ds.len() / n;
     (0..n)
-        .flat_map(|i| eval_transform(&ds.read(i * stride).unwrap(), SIZE))
+        .flat_map(|i| {
+            eval_transform(
+                &ds.read(i * stride).unwrap(),
+                SIZE,
+                &Normalization::IMAGENET,
+            )
+        })
         .collect()
 }
 

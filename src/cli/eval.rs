@@ -47,6 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         set.clone(),
         LoaderConfig {
             workers: args.workers,
+            normalization: ckpt.meta.preprocessing.normalization(),
             ..LoaderConfig::eval(args.batch_size, size)
         },
     )?;

@@ -1,7 +1,7 @@
 //! `inception-engine import`: read foreign weights (a timm state dict) into an engine checkpoint.
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
-use crate::data::Dataset;
+use crate::data::{Dataset, Normalization};
 use crate::export::{engine_preprocessing, timm};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -37,6 +37,26 @@ pub struct Args {
     /// Take the class names from this dataset (ImageFolder or packed file) instead of class_<i>.
     #[arg(long)]
     pub classes_from: Option<PathBuf>,
+    /// The input normalisation the weights were trained with, recorded in the checkpoint for
+    /// eval, predict and export: `imagenet` (the engine's, and weights it exported) or
+    /// `inception` (mean = std = 0.5, what timm's pretrained inception_v4 expects).
+    #[arg(long, value_enum, default_value = "imagenet")]
+    pub normalization: NormalizationArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormalizationArg {
+    Imagenet,
+    Inception,
+}
+
+impl NormalizationArg {
+    fn values(self) -> Normalization {
+        match self {
+            NormalizationArg::Imagenet => Normalization::IMAGENET,
+            NormalizationArg::Inception => Normalization::INCEPTION,
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -53,7 +73,8 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot import {}", args.file.display()))?;
     let classes = plan.config.num_classes;
     let names = class_names(args.classes_from.as_ref(), classes)?;
-    let mut meta = CheckpointMeta::new(&plan, names, engine_preprocessing(args.image_size));
+    let norm = args.normalization.values();
+    let mut meta = CheckpointMeta::new(&plan, names, engine_preprocessing(args.image_size, norm));
     meta.extra
         .insert("imported_from".into(), args.file.display().to_string());
     Checkpoint::from_state(&model, None, meta).save(&args.out)?;
@@ -66,6 +87,12 @@ pub fn run(args: Args) -> Result<()> {
             ""
         }
     );
+    if args.normalization == NormalizationArg::Imagenet {
+        eprintln!(
+            "input normalisation recorded: ImageNet mean/std. Weights from timm's pretrained \
+             inception_v4 expect mean = std = 0.5: import those with --normalization inception"
+        );
+    }
     Ok(())
 }
 

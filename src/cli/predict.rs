@@ -29,13 +29,14 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let size = ckpt.meta.preprocessing.image_size;
+    let norm = ckpt.meta.preprocessing.normalization();
     let mut inputs = Vec::with_capacity(args.images.len() * size * size * 3);
     for path in &args.images {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let img = decode_image(&bytes)
             .with_context(|| format!("{} is not a readable image", path.display()))?;
-        inputs.extend(eval_transform(&img, size));
+        inputs.extend(eval_transform(&img, size, &norm));
     }
     let (plan, mut backend) = inference_backend(&ckpt, args.images.len(), args.device)?;
     let logits = backend.infer(&inputs)?;

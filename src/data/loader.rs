@@ -10,7 +10,7 @@
 //! wraps around its shard if skips leave it short, so every epoch has `batches_per_epoch` steps.
 
 use super::dataset::Dataset;
-use super::transform::{eval_transform, train_transform, AugmentConfig};
+use super::transform::{eval_transform, train_transform, AugmentConfig, Normalization};
 use anyhow::{ensure, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -35,6 +35,8 @@ pub struct LoaderConfig {
     /// shard once, in dataset order, the last batch possibly short.
     pub train: bool,
     pub augment: AugmentConfig,
+    /// Pixel normalisation (training and evaluation).
+    pub normalization: Normalization,
     /// How many batches the workers may prepare ahead of the consumer.
     pub prefetch: usize,
 }
@@ -50,6 +52,7 @@ impl LoaderConfig {
             world_size: 1,
             train: true,
             augment: AugmentConfig::default(),
+            normalization: Normalization::IMAGENET,
             prefetch: 4,
         }
     }
@@ -290,10 +293,11 @@ impl Shared {
                 &img,
                 size,
                 &self.cfg.augment,
+                &self.cfg.normalization,
                 &mut ChaCha8Rng::seed_from_u64(seed),
             )
         } else {
-            eval_transform(&img, size)
+            eval_transform(&img, size, &self.cfg.normalization)
         };
         Some((index, self.dataset.label(index), tensor))
     }

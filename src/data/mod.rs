@@ -19,7 +19,7 @@ pub use decode::{decode_image, DecodedImage};
 pub use folder::ImageFolder;
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
 pub use packed::PackedFile;
-pub use transform::{AugmentConfig, MEAN, STD};
+pub use transform::{AugmentConfig, Normalization, MEAN, STD};
 
 use std::path::PathBuf;
 

@@ -14,6 +14,32 @@ use rand::Rng;
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// The per-channel normalisation after scaling pixels to [0, 1]: (x - mean) / std.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalization {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalization {
+    /// The ImageNet statistics: what the engine trains with.
+    pub const IMAGENET: Normalization = Normalization {
+        mean: MEAN,
+        std: STD,
+    };
+    /// Mean = std = 0.5 (pixels to [-1, 1]): what timm's pretrained `inception_v4` weights expect.
+    pub const INCEPTION: Normalization = Normalization {
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    };
+}
+
+impl Default for Normalization {
+    fn default() -> Self {
+        Normalization::IMAGENET
+    }
+}
+
 /// Training augmentation settings.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AugmentConfig {
@@ -74,6 +100,7 @@ pub fn train_transform(
     img: &DecodedImage,
     size: usize,
     cfg: &AugmentConfig,
+    norm: &Normalization,
     rng: &mut impl Rng,
 ) -> Vec<f32> {
     let crop = random_resized_crop_box(img.width, img.height, cfg.scale, cfg.ratio, rng);
@@ -84,15 +111,15 @@ pub fn train_transform(
     if cfg.jitter > 0.0 {
         colour_jitter(&mut out, cfg.jitter, rng);
     }
-    normalize(&mut out);
+    normalize(&mut out, norm);
     out
 }
 
 /// Evaluation transform: resize the shorter side to `size`, centre crop `size` x `size`,
 /// normalise.
-pub fn eval_transform(img: &DecodedImage, size: usize) -> Vec<f32> {
+pub fn eval_transform(img: &DecodedImage, size: usize, norm: &Normalization) -> Vec<f32> {
     let mut out = resize_shorter_and_centre_crop(img, size);
-    normalize(&mut out);
+    normalize(&mut out, norm);
     out
 }
 
@@ -332,10 +359,10 @@ fn blend(img: &mut [f32], f: f32, other: impl Fn(&[f32]) -> [f32; 3]) {
 }
 
 /// 0..=255 values -> (x / 255 - mean) / std per channel.
-pub fn normalize(img: &mut [f32]) {
+pub fn normalize(img: &mut [f32], norm: &Normalization) {
     for px in img.chunks_exact_mut(3) {
-        for c in 0..3 {
-            px[c] = (px[c] / 255.0 - MEAN[c]) / STD[c];
+        for ((v, m), s) in px.iter_mut().zip(norm.mean).zip(norm.std) {
+            *v = (*v / 255.0 - m) / s;
         }
     }
 }

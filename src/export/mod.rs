@@ -10,7 +10,7 @@ pub mod onnx_proto;
 pub mod timm;
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta, Preprocessing};
-use crate::data::{MEAN, STD};
+use crate::data::Normalization;
 use crate::params::ModelState;
 use crate::plan::{self, Plan, PlanConfig};
 use anyhow::{Context, Result};
@@ -86,12 +86,12 @@ pub fn oihw_to_ohwi(data: &[f32], shape: &[usize]) -> Vec<f32> {
 pub const EVAL_RESIZE: &str = "resize the shorter side to image_size (antialiased bilinear), \
 centre crop image_size x image_size";
 
-/// The preprocessing the engine's data pipeline applies at `image_size`.
-pub fn engine_preprocessing(image_size: usize) -> Preprocessing {
+/// The preprocessing the engine's evaluation pipeline applies at `image_size` with `norm`.
+pub fn engine_preprocessing(image_size: usize, norm: Normalization) -> Preprocessing {
     Preprocessing {
         image_size,
-        mean: MEAN,
-        std: STD,
+        mean: norm.mean,
+        std: norm.std,
         resize: EVAL_RESIZE.into(),
     }
 }

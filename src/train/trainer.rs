@@ -5,8 +5,9 @@ use super::eval::{evaluate, EvalResult};
 use super::log::{Progress, RunLog};
 use super::{LossScaler, RmsProp, RmsPropConfig, Schedule};
 use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
-use crate::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing, RngState};
-use crate::data::{AugmentConfig, Dataset, Loader, LoaderConfig, MEAN, STD};
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState};
+use crate::data::{AugmentConfig, Dataset, Loader, LoaderConfig, Normalization};
+use crate::export::engine_preprocessing;
 use crate::params::{ModelState, ParamLayout};
 use crate::plan::{self, Plan, PlanConfig};
 use anyhow::{bail, Context, Result};
@@ -90,7 +91,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let amp = cfg.amp.unwrap_or(Amp::default_for(device));
     let scaler = cfg.loss_scaler.unwrap_or(LossScaler::for_amp(amp));
     let (model, optim, mut run) = initial_state(cfg, &plan, scaler)?;
-    let meta = CheckpointMeta::new(&plan, classes.clone(), preprocessing(cfg.image_size));
+    let meta = CheckpointMeta::new(
+        &plan,
+        classes.clone(),
+        engine_preprocessing(cfg.image_size, Normalization::IMAGENET),
+    );
     let mut backend = backend::build(device, cfg.amp, plan.clone(), model, optim)?;
     let mut log = RunLog::open(&cfg.out)?;
     eprintln!(
@@ -165,16 +170,6 @@ fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
         workers: cfg.workers,
         augment: cfg.augment.clone(),
         ..LoaderConfig::train(cfg.batch_size, cfg.image_size, cfg.seed)
-    }
-}
-
-/// The preprocessing a checkpoint records for evaluation and prediction.
-pub fn preprocessing(image_size: usize) -> Preprocessing {
-    Preprocessing {
-        image_size,
-        mean: MEAN,
-        std: STD,
-        resize: "resize shorter side to image_size (bilinear), centre crop".into(),
     }
 }
 
