@@ -543,6 +543,11 @@ impl CudaTrainer {
         self.ptr.arena + off as u64
     }
 
+    /// Address of an arena tensor, or 0 (null) when this arena does not store it.
+    fn t_or_null(&self, id: TensorId) -> DevPtr {
+        self.offsets[id].map_or(0, |off| self.ptr.arena + off as u64)
+    }
+
     /// Row stride of an arena tensor in elements (a slice's is its root's channel count).
     fn ld(&self, id: TensorId) -> usize {
         self.fusion.ld(&self.plan, &self.bwd, id)
@@ -614,10 +619,12 @@ impl CudaTrainer {
     fn forward(&self, i: usize, a: StepArgs) -> Result<()> {
         let node = &self.plan.nodes[i];
         let xs = self.plan.shape(node.inputs[0]);
-        let (x, y) = (self.t(node.inputs[0]), self.t(node.outputs[0]));
+        // What the node's kernel writes: an absorbing BN's own output is never stored.
+        let out = self.fusion.effective_output(&self.plan, i);
+        let (x, y) = (self.t(node.inputs[0]), self.t(out));
         match &node.op {
             Op::Conv2d(c) => self.conv_forward(i, *c, x, y),
-            Op::BatchNorm { .. } => self.bn_forward(i, a.train),
+            Op::BatchNorm { .. } => self.bn_forward(i, x, y, a.train),
             // A ReLU no BN absorbed (never in v4 or tiny).
             Op::Relu => self
                 .be
@@ -691,8 +698,9 @@ impl CudaTrainer {
             relu: self.fusion.relu_after[i].is_some(),
             gamma: self.bn_param(node.params[0]),
             beta: self.bn_param(node.params[1]),
-            save_mean: node.saved.first().map_or(0, |&t| self.t(t)),
-            save_inv_std: node.saved.get(1).map_or(0, |&t| self.t(t)),
+            // An inference-only arena stores no saved statistics (inference never touches them).
+            save_mean: node.saved.first().map_or(0, |&t| self.t_or_null(t)),
+            save_inv_std: node.saved.get(1).map_or(0, |&t| self.t_or_null(t)),
             running_mean: self.state(node.state[0]),
             running_var: self.state(node.state[1]),
             ldy: self.ld(self.fusion.effective_output(&self.plan, i)),
@@ -701,10 +709,7 @@ impl CudaTrainer {
     }
 
     /// y = BN(x), straight into the absorbed ReLU's output (clipped) when there is one.
-    fn bn_forward(&self, i: usize, train: bool) -> Result<()> {
-        let node = &self.plan.nodes[i];
-        let y = self.t(self.fusion.effective_output(&self.plan, i));
-        let x = self.t(node.inputs[0]);
+    fn bn_forward(&self, i: usize, x: DevPtr, y: DevPtr, train: bool) -> Result<()> {
         let a = self.bn_args(i);
         if train {
             self.be.bn_forward_train(&a, x, y, self.ptr.ws)
