@@ -135,13 +135,13 @@ fn device_memory(args: &Args) -> Result<Vec<(String, usize)>> {
         ("train_O0", Amp::O0, true),
         ("infer_O2", Amp::O2, false),
     ];
-    Ok(cases
+    cases
         .iter()
         .map(|&(k, amp, train)| {
-            let e = arena::plan_estimate(&plan, amp, train, arena::H100_SMS);
-            (k.to_string(), e.total())
+            let e = arena::plan_estimate(&plan, amp, train, arena::H100_SMS)?;
+            Ok((k.to_string(), e.total()))
         })
-        .collect())
+        .collect()
 }
 
 fn mib(b: usize) -> f64 {

@@ -261,21 +261,21 @@ pub const H100_SMS: u32 = 132;
 
 /// The device memory of `plan` at `amp`, worked out on the host exactly as the executor sizes its
 /// buffers: a training step, or with `train` false an inference-only executor.
-pub fn plan_estimate(plan: &Plan, amp: Amp, train: bool, num_sms: u32) -> MemoryEstimate {
-    let bwd = crate::plan::backward::derive(plan);
-    let fusion = Fusion::new(plan, &bwd);
-    let stem = stem_conv(plan).filter(|_| amp != Amp::O0);
-    let program = super::step_plan::StepProgram::new(plan, &bwd, &fusion, stem);
-    let run = if train {
-        &program.train
-    } else {
-        &program.infer
-    };
-    let mem = arena_plan(plan, &bwd, &fusion, run, amp, train);
-    let layout = crate::params::ParamLayout::new(plan);
-    let (params, states) = (
-        ParamSlots::new(&layout.params),
-        ParamSlots::new(&layout.states),
-    );
-    estimate(plan, &mem, &params, &states, num_sms, train)
+pub fn plan_estimate(
+    plan: &Plan,
+    amp: Amp,
+    train: bool,
+    num_sms: u32,
+) -> anyhow::Result<MemoryEstimate> {
+    let optim = crate::train::RmsPropConfig::default();
+    let (step, mem) =
+        super::step_launch::StepLayout::new(plan.clone(), amp, train, num_sms, optim)?;
+    Ok(estimate(
+        &step.plan,
+        &mem,
+        &step.params,
+        &step.states,
+        num_sms,
+        train,
+    ))
 }

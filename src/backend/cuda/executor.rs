@@ -32,29 +32,22 @@ use cudarc::driver::{
 };
 use half::f16;
 use rayon::prelude::*;
-use std::collections::HashMap;
 
 use super::arena::{self, MemoryEstimate, ParamSlots, STEM_CHANNELS};
-use super::conv::{ConvOut, ConvShape};
-use super::fusion::{self, Fusion};
-use super::ops::{BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
-use super::step_plan::{check_program, Launch, StepProgram};
-use super::{CudaBackend, DevPtr};
+use super::conv::ConvShape;
+use super::fusion;
+use super::ops::ScaleArg;
+use super::step_launch::{
+    Ptrs, StepArgs, StepLayout, REPORT_CLEAN, REPORT_LOSS, REPORT_OVERFLOW, REPORT_SCALE,
+    REPORT_WORDS,
+};
+use super::step_plan::Launch;
+use super::CudaBackend;
 use crate::backend::{Amp, Backend, StepOutcome};
 use crate::params::{ModelState, ParamLayout};
-use crate::plan::backward::{derive, BackwardPlan};
 use crate::plan::memory::MemoryPlan;
-use crate::plan::{Conv2d, Op, Plan, TensorId};
+use crate::plan::{Conv2d, Plan, TensorId};
 use crate::train::{LossScaler, RmsProp};
-
-/// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter, and the
-/// device loss scaler's state (scale as f32 bits, clean steps).
-const REPORT_LOSS: usize = 0;
-const REPORT_OVERFLOW: usize = 1;
-const REPORT_COUNTER: usize = 2;
-const REPORT_SCALE: usize = 3;
-const REPORT_CLEAN: usize = 4;
-const REPORT_WORDS: usize = 8;
 
 /// Every device buffer of a training step.
 struct DeviceBuffers {
@@ -74,24 +67,6 @@ struct DeviceBuffers {
     stem: Option<(CudaSlice<f16>, CudaSlice<f16>)>,
 }
 
-/// Raw addresses of [`DeviceBuffers`], taken once: the launchers work on raw pointers.
-struct Ptrs {
-    arena: DevPtr,
-    master: DevPtr,
-    w16: DevPtr,
-    grads: DevPtr,
-    ms: DevPtr,
-    mom: DevPtr,
-    decay: DevPtr,
-    states: DevPtr,
-    ws: DevPtr,
-    images: DevPtr,
-    labels: DevPtr,
-    row_loss: DevPtr,
-    report: DevPtr,
-    stem: Option<(DevPtr, DevPtr)>,
-}
-
 /// Pinned host buffers: the async input copies and the step report, with our own events. cudarc
 /// records its pinned-buffer events only when a context runs several streams, and this backend
 /// uses one, so the waits are explicit here.
@@ -105,33 +80,6 @@ struct Pinned {
     inputs_read: CudaEvent,
 }
 
-/// Per-step values the launches need.
-#[derive(Clone, Copy)]
-struct StepArgs {
-    train: bool,
-    step: u64,
-    lr: f32,
-    /// The loss scale: a value, or the device scaler's (dynamic scaling).
-    scale: ScaleArg,
-    /// Dynamic scaling: the scaler's growth interval (the device checks overflow and updates it).
-    growth: Option<u32>,
-    /// The report slot this step's report goes to.
-    slot: usize,
-}
-
-impl StepArgs {
-    fn infer() -> Self {
-        StepArgs {
-            train: false,
-            step: 0,
-            lr: 0.0,
-            scale: ScaleArg::Value(1.0),
-            growth: None,
-            slot: 0,
-        }
-    }
-}
-
 /// A step whose report has not been read yet.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
@@ -143,26 +91,13 @@ struct Pending {
 
 pub struct CudaTrainer {
     be: CudaBackend,
-    plan: Plan,
-    bwd: BackwardPlan,
-    program: StepProgram,
-    /// BN+ReLU fusion and the concat slices the program and arena were built with.
-    fusion: Fusion,
-    amp: Amp,
+    /// The step program and where every tensor lives (plan, fusion, arena offsets, slots).
+    step: StepLayout,
     layout: ParamLayout,
-    params: ParamSlots,
-    states: ParamSlots,
-    /// Device element offset of each parameter and state tensor.
-    slot_of: HashMap<TensorId, usize>,
-    /// Byte offset of each arena tensor.
-    offsets: Vec<Option<usize>>,
     estimate: MemoryEstimate,
     optim: RmsProp,
     dev: DeviceBuffers,
-    ptr: Ptrs,
     pinned: Pinned,
-    ws_elems: usize,
-    stem: Option<usize>,
     pending: Option<Pending>,
     /// Built for training (else inference only: no gradient or optimizer buffers).
     train: bool,
@@ -194,60 +129,23 @@ impl CudaTrainer {
         // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
         // parameters and statistics in O3).
         be.set_amp(amp);
-        let bwd = derive(&plan);
-        let fusion = Fusion::new(&plan, &bwd);
-        // The stem is padded for the tensor cores, which O0 (fp32, plain kernels) never uses.
-        let stem = arena::stem_conv(&plan).filter(|_| amp != Amp::O0);
-        // Cheap, and it turns a program/plan mismatch into an error before anything launches.
-        let program = StepProgram::new(&plan, &bwd, &fusion, stem);
-        check_program(&plan, &bwd, &fusion, &program.train)?;
-        let run = if train {
-            &program.train
-        } else {
-            &program.infer
-        };
-        let mem = arena::arena_plan(&plan, &bwd, &fusion, run, amp, train);
-        let (params, states) = (
-            ParamSlots::new(&layout.params),
-            ParamSlots::new(&layout.states),
-        );
-        let estimate = arena::estimate(&plan, &mem, &params, &states, be.num_sms, train);
-        check_free_memory(&be, &plan, &estimate)?;
-        let ws_elems = match train {
-            true => arena::workspace_elems(&plan, be.num_sms),
-            false => 1,
-        };
-        let dev = DeviceBuffers::alloc(&be, &plan, &mem, &params, &states, ws_elems, train)
-            .map_err(|e| oom_error(e, &plan, &estimate))?;
-        let ptr = dev.ptrs(&be);
-        let pinned = Pinned::alloc(&be, &plan)?;
-        verify_fast_convs(&be, &plan, stem);
-        let slot_of = params
-            .tensors
-            .iter()
-            .zip(&params.slots)
-            .chain(states.tensors.iter().zip(&states.slots))
-            .map(|(&t, s)| (t, s.1))
-            .collect();
+        let (mut step, mem) = StepLayout::new(plan, amp, train, be.num_sms, optim.cfg)?;
+        let (plan, params, states) = (&step.plan, &step.params, &step.states);
+        let estimate = arena::estimate(plan, &mem, params, states, be.num_sms, train);
+        check_free_memory(&be, plan, &estimate)?;
+        let dev = DeviceBuffers::alloc(&be, plan, &mem, params, states, step.ws_elems, train)
+            .map_err(|e| oom_error(e, plan, &estimate))?;
+        step.ptr = dev.ptrs(&be);
+        let pinned = Pinned::alloc(&be, &step.plan)?;
+        verify_fast_convs(&be, &step.plan, step.stem);
         let mut trainer = CudaTrainer {
-            program,
-            offsets: arena::offsets(&plan, &mem, &fusion, amp),
-            fusion,
             be,
-            plan,
-            bwd,
-            amp,
+            step,
             layout,
-            params,
-            states,
-            slot_of,
             estimate,
             optim,
             dev,
-            ptr,
             pinned,
-            ws_elems,
-            stem,
             pending: None,
             train,
         };
@@ -263,11 +161,11 @@ impl CudaTrainer {
     }
 
     pub fn plan(&self) -> &Plan {
-        &self.plan
+        &self.step.plan
     }
 
     pub fn amp(&self) -> Amp {
-        self.amp
+        self.step.amp
     }
 
     /// The device memory the step allocated (estimate of everything but the CUDA context).
@@ -290,10 +188,11 @@ impl CudaTrainer {
     /// The last step's parameter gradients (still scaled by the loss scale), flat host order.
     pub fn grads(&self) -> Result<Vec<f32>> {
         self.check_training()?;
-        // Explicit, rather than relying on a pageable copy blocking: the step may still be running
-        // (fixed scaling returns before its backward), and an async kernel error surfaces here.
+        // Explicit, rather than relying on a pageable copy blocking: the last step may still be
+        // running (its report is read a step later), and an async kernel error surfaces here.
         self.be.synchronize()?;
         Ok(self
+            .step
             .params
             .gather(&self.be.stream.clone_dtoh(&self.dev.grads)?))
     }
@@ -309,12 +208,13 @@ impl CudaTrainer {
             ..StepArgs::infer()
         };
         let forward = self
+            .step
             .program
             .train
             .iter()
             .take_while(|l| !matches!(l, Launch::Backward { .. }));
         for &launch in forward {
-            self.launch(launch, args)?;
+            self.step.launch(&self.be, launch, args)?;
         }
         self.be.synchronize()
     }
@@ -322,25 +222,31 @@ impl CudaTrainer {
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
     /// absorbs, and that output's gradient).
     pub fn stores(&self, id: TensorId) -> bool {
-        id < self.offsets.len() && !self.fusion.elided[id]
+        id < self.step.offsets.len() && !self.step.fusion.elided[id]
     }
 
     /// An arena tensor copied back as f32 (valid only while the planner keeps it alive). A slice
     /// is gathered from its root's rows.
     pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
-        if id >= self.offsets.len() {
-            bail!("tensor {id} is not a tensor of plan '{}'", self.plan.name);
+        if id >= self.step.offsets.len() {
+            bail!(
+                "tensor {id} is not a tensor of plan '{}'",
+                self.step.plan.name
+            );
         }
-        if self.fusion.elided[id] {
+        if self.step.fusion.elided[id] {
             bail!("tensor {id} is fused away on the device (a BN output its ReLU absorbs)");
         }
-        let off = self.offsets[id].context("tensor has an arena placement")?;
-        let elem = arena::elem_bytes(&self.plan, self.amp, id);
-        let (c, ld) = (fusion::channels(&self.plan, &self.bwd, id), self.ld(id));
-        let count = if id < self.bwd.first_grad {
-            self.plan.tensor(id).numel()
+        let off = self.step.offsets[id].context("tensor has an arena placement")?;
+        let elem = arena::elem_bytes(&self.step.plan, self.step.amp, id);
+        let (c, ld) = (
+            fusion::channels(&self.step.plan, &self.step.bwd, id),
+            self.step.ld(id),
+        );
+        let count = if id < self.step.bwd.first_grad {
+            self.step.plan.tensor(id).numel()
         } else {
-            self.bwd.grad_tensor(id).numel()
+            self.step.bwd.grad_tensor(id).numel()
         };
         let rows = count / c;
         // The span from the first element of the first row to the last of the last row.
@@ -362,11 +268,11 @@ impl CudaTrainer {
     /// Writes the fp32 masters, their fp16 copy, BN statistics, optimizer state and decay mask.
     fn upload(&mut self, model: &ModelState) -> Result<()> {
         let s = self.be.stream.clone();
-        let p = &self.params;
+        let p = &self.step.params;
         s.memcpy_htod(&p.scatter(&model.params, 0.0), &mut self.dev.master)?;
         let half: Vec<f16> = model.params.iter().map(|&v| f16::from_f32(v)).collect();
         s.memcpy_htod(&p.scatter(&half, f16::ZERO), &mut self.dev.w16)?;
-        let st = self.states.scatter(&model.states, 0.0);
+        let st = self.step.states.scatter(&model.states, 0.0);
         s.memcpy_htod(&st, &mut self.dev.states)?;
         if !self.train {
             return self.be.synchronize();
@@ -386,7 +292,7 @@ impl CudaTrainer {
         // Everything is checked before a pinned buffer is touched: bailing out between refilling
         // the images and recording `inputs_read` would leave an upload in flight that the next
         // `stage` does not wait for before overwriting its source.
-        check_batch(&self.plan, images, labels)?;
+        check_batch(&self.step.plan, images, labels)?;
         let s = self.be.stream.clone();
         // The previous batch's uploads must be done before its pinned buffers are overwritten.
         self.pinned.inputs_read.synchronize()?;
@@ -487,445 +393,24 @@ impl CudaTrainer {
     /// copied after its last launch (the scaler update).
     fn run_program(&mut self, train: bool, args: StepArgs) -> Result<()> {
         let count = if train {
-            self.program.train.len()
+            self.step.program.train.len()
         } else {
-            self.program.infer.len()
+            self.step.program.infer.len()
         };
         for i in 0..count {
             let launch = if train {
-                self.program.train[i]
+                self.step.program.train[i]
             } else {
-                self.program.infer[i]
+                self.step.program.infer[i]
             };
-            self.launch(launch, args)
-                .with_context(|| format!("{launch:?} of plan '{}'", self.plan.name))?;
+            self.step
+                .launch(&self.be, launch, args)
+                .with_context(|| format!("{launch:?} of plan '{}'", self.step.plan.name))?;
             if launch == Launch::ScaleUpdate {
                 self.queue_report(args.slot)?;
             }
         }
         Ok(())
-    }
-
-    fn launch(&self, launch: Launch, a: StepArgs) -> Result<()> {
-        match launch {
-            Launch::LoadInput => self.load_input(),
-            Launch::PadStem { node } => self.pad_stem(node),
-            Launch::Forward { node } => self.forward(node, a),
-            Launch::Backward { step } => self.backward(step, a),
-            Launch::OverflowCheck if a.growth.is_some() => self.be.overflow_check(
-                self.ptr.grads,
-                self.params.len,
-                false,
-                self.report_word(REPORT_OVERFLOW),
-            ),
-            Launch::Update => self.update(a),
-            Launch::ScaleUpdate => match a.growth {
-                Some(growth) => self.be.loss_scale_update(
-                    self.report_word(REPORT_OVERFLOW),
-                    self.report_word(REPORT_SCALE),
-                    self.report_word(REPORT_CLEAN),
-                    growth,
-                ),
-                None => Ok(()),
-            },
-            Launch::OverflowCheck => Ok(()),
-        }
-    }
-
-    fn report_word(&self, word: usize) -> DevPtr {
-        self.ptr.report + 4 * word as u64
-    }
-
-    /// Address of an arena tensor (forward or gradient id); a slice's address is its first
-    /// channel in its root.
-    fn t(&self, id: TensorId) -> DevPtr {
-        let off = self.offsets[id].expect("tensor has an arena placement");
-        self.ptr.arena + off as u64
-    }
-
-    /// Address of an arena tensor, or 0 (null) when this arena does not store it.
-    fn t_or_null(&self, id: TensorId) -> DevPtr {
-        self.offsets[id].map_or(0, |off| self.ptr.arena + off as u64)
-    }
-
-    /// Row stride of an arena tensor in elements (a slice's is its root's channel count).
-    fn ld(&self, id: TensorId) -> usize {
-        self.fusion.ld(&self.plan, &self.bwd, id)
-    }
-
-    fn slot(&self, id: TensorId) -> u64 {
-        self.slot_of[&id] as u64
-    }
-
-    fn w32(&self, id: TensorId) -> DevPtr {
-        self.ptr.master + 4 * self.slot(id)
-    }
-
-    fn w16(&self, id: TensorId) -> DevPtr {
-        self.ptr.w16 + 2 * self.slot(id)
-    }
-
-    /// The copy of a conv or FC weight the kernels read: the fp16 working copy, or in O0 the fp32
-    /// master itself.
-    fn weight(&self, id: TensorId) -> DevPtr {
-        match self.amp {
-            Amp::O0 => self.w32(id),
-            _ => self.w16(id),
-        }
-    }
-
-    /// The copy of a BN parameter the kernels read: fp16 in O3, fp32 otherwise.
-    fn bn_param(&self, id: TensorId) -> DevPtr {
-        match self.amp {
-            Amp::O3 => self.w16(id),
-            _ => self.w32(id),
-        }
-    }
-
-    /// The staged fp32 batch into the input tensor: converted to fp16, or copied in O0.
-    fn load_input(&self) -> Result<()> {
-        let x = self.t(self.plan.input);
-        let n = self.plan.tensor(self.plan.input).numel();
-        match self.amp {
-            Amp::O0 => {
-                let c = *self.plan.shape(self.plan.input).last().unwrap();
-                self.be
-                    .copy_channels(n / c, c, self.ptr.images, c, 0, x, c, 0, 0, false)
-            }
-            _ => self.be.cast_f32_to_f16(self.ptr.images, n, x),
-        }
-    }
-
-    fn grad(&self, id: TensorId) -> DevPtr {
-        self.ptr.grads + 4 * self.slot(id)
-    }
-
-    fn state(&self, id: TensorId) -> DevPtr {
-        self.ptr.states + 4 * self.slot(id)
-    }
-
-    fn pad_stem(&self, node: usize) -> Result<()> {
-        let (x, w) = self.ptr.stem.context("stem buffers are allocated")?;
-        let s = arena::conv_shape(&self.plan, node).context("the stem is a convolution")?;
-        let c = s.conv;
-        let rows = s.n * s.h * s.w;
-        let wx = self.w16(self.plan.nodes[node].params[0]);
-        self.be
-            .pad_channels(rows, c.cin, STEM_CHANNELS, self.t(self.plan.input), x)?;
-        self.be
-            .pad_channels(c.cout * c.kh * c.kw, c.cin, STEM_CHANNELS, wx, w)
-    }
-
-    fn forward(&self, i: usize, a: StepArgs) -> Result<()> {
-        let node = &self.plan.nodes[i];
-        let xs = self.plan.shape(node.inputs[0]);
-        // What the node's kernel writes: an absorbing BN's own output is never stored.
-        let out = self.fusion.effective_output(&self.plan, i);
-        let (x, y) = (self.t(node.inputs[0]), self.t(out));
-        match &node.op {
-            Op::Conv2d(c) => self.conv_forward(i, *c, x, y),
-            Op::BatchNorm { .. } => self.bn_forward(i, x, y, a.train),
-            // A ReLU no BN absorbed (never in v4 or tiny).
-            Op::Relu => self
-                .be
-                .relu_forward(self.plan.tensor(node.inputs[0]).numel(), x, y),
-            Op::MaxPool(p) | Op::AvgPool(p) => {
-                let s = pool_shape(*p, xs);
-                let max = matches!(node.op, Op::MaxPool(_));
-                self.be
-                    .pool_forward(&s, max, x, y, self.ld(node.outputs[0]), 0)
-            }
-            Op::GlobalAvgPool => self
-                .be
-                .global_avgpool_forward(xs[0], xs[1] * xs[2], xs[3], x, y),
-            Op::Concat => self.concat_forward(i),
-            Op::Dropout { p, seed } => {
-                let p = if a.train { *p } else { 0.0 };
-                let n = self.plan.tensor(node.inputs[0]).numel();
-                self.be.dropout_forward(n, p, *seed, a.step, x, y)
-            }
-            Op::Linear {
-                in_features,
-                out_features,
-            } => self.be.linear_forward(
-                xs[0],
-                *in_features,
-                *out_features,
-                x,
-                self.weight(node.params[0]),
-                self.w32(node.params[1]),
-                y,
-                None,
-            ),
-            Op::SoftmaxCrossEntropy { .. } => Ok(()),
-        }
-    }
-
-    fn conv_forward(&self, i: usize, c: Conv2d, x: DevPtr, y: DevPtr) -> Result<()> {
-        let node = &self.plan.nodes[i];
-        let s = arena::conv_shape(&self.plan, i).context("conv shape")?;
-        let out = ConvOut::dense(y, c.cout);
-        match (self.stem == Some(i), self.ptr.stem) {
-            (true, Some((xp, wp))) => {
-                let padded = ConvShape {
-                    conv: Conv2d {
-                        cin: STEM_CHANNELS,
-                        ..c
-                    },
-                    ..s
-                };
-                self.be.conv_fprop(&padded, xp, wp, out, None)
-            }
-            _ => self
-                .be
-                .conv_fprop(&s, x, self.weight(node.params[0]), out, None),
-        }
-        .map(|_| ())
-    }
-
-    fn bn_args(&self, i: usize) -> BnArgs {
-        let node = &self.plan.nodes[i];
-        let Op::BatchNorm { eps, momentum } = node.op else {
-            unreachable!("bn_args on a batchnorm node")
-        };
-        let xs = self.plan.shape(node.inputs[0]);
-        let c = *xs.last().unwrap();
-        BnArgs {
-            m: xs.iter().product::<usize>() / c,
-            c,
-            eps,
-            momentum,
-            relu: self.fusion.relu_after[i].is_some(),
-            gamma: self.bn_param(node.params[0]),
-            beta: self.bn_param(node.params[1]),
-            // An inference-only arena stores no saved statistics (inference never touches them).
-            save_mean: node.saved.first().map_or(0, |&t| self.t_or_null(t)),
-            save_inv_std: node.saved.get(1).map_or(0, |&t| self.t_or_null(t)),
-            running_mean: self.state(node.state[0]),
-            running_var: self.state(node.state[1]),
-            ldy: self.ld(self.fusion.effective_output(&self.plan, i)),
-            yoff: 0,
-        }
-    }
-
-    /// y = BN(x), straight into the absorbed ReLU's output (clipped) when there is one.
-    fn bn_forward(&self, i: usize, x: DevPtr, y: DevPtr, train: bool) -> Result<()> {
-        let a = self.bn_args(i);
-        if train {
-            self.be.bn_forward_train(&a, x, y, self.ptr.ws)
-        } else {
-            self.be.bn_forward_infer(&a, x, y)
-        }
-    }
-
-    /// Channel counts and offsets of a concat's inputs, and the output's row count.
-    fn concat_layout(&self, i: usize) -> (Vec<(usize, usize)>, usize) {
-        let node = &self.plan.nodes[i];
-        let ys = self.plan.shape(node.outputs[0]);
-        let rows = ys[..ys.len() - 1].iter().product();
-        let mut off = 0;
-        let parts = node
-            .inputs
-            .iter()
-            .map(|&t| {
-                let c = *self.plan.shape(t).last().unwrap();
-                off += c;
-                (c, off - c)
-            })
-            .collect();
-        (parts, rows)
-    }
-
-    /// Copies the inputs that are not already slices of the output into their channels.
-    fn concat_forward(&self, i: usize) -> Result<()> {
-        let node = &self.plan.nodes[i];
-        let (parts, rows) = self.concat_layout(i);
-        let (y, ld) = (self.t(node.outputs[0]), self.ld(node.outputs[0]));
-        for (&x, (c, off)) in node.inputs.iter().zip(parts) {
-            if self.fusion.view[x].is_none() {
-                self.be
-                    .copy_channels(rows, c, self.t(x), c, 0, y, ld, off, 0, false)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn backward(&self, j: usize, a: StepArgs) -> Result<()> {
-        let step = &self.bwd.steps[j];
-        let node = &self.plan.nodes[step.node];
-        let xs = self.plan.shape(node.inputs[0]);
-        let x = self.t(node.inputs[0]);
-        // A fused BN's own output gradient is never materialised (`bn_backward` reads its ReLU's).
-        let dy = step
-            .grad_output
-            .filter(|&g| !self.fusion.elided[g])
-            .map_or(0, |g| self.t(g));
-        let dx = step.grad_inputs[0].map(|g| self.t(g));
-        let acc = step.accumulate[0];
-        match &node.op {
-            Op::Conv2d(c) => self.conv_backward(step.node, *c, x, dy, dx, acc),
-            Op::BatchNorm { .. } => self.bn_backward(j, x, dx, acc),
-            Op::Relu => {
-                let n = self.plan.tensor(node.inputs[0]).numel();
-                let y = self.t(node.outputs[0]);
-                self.be
-                    .relu_backward(n, y, dy, dx.context("relu gradient")?, acc)
-            }
-            Op::MaxPool(p) | Op::AvgPool(p) => {
-                let s = pool_shape(*p, xs);
-                let max = matches!(node.op, Op::MaxPool(_));
-                let dx = dx.context("pool gradient")?;
-                let ld = step.grad_output.map_or(s.c, |g| self.ld(g));
-                self.be.pool_backward(&s, max, x, dy, ld, 0, dx, acc)
-            }
-            Op::GlobalAvgPool => self.be.global_avgpool_backward(
-                xs[0],
-                xs[1] * xs[2],
-                xs[3],
-                dy,
-                dx.context("global pool gradient")?,
-                acc,
-            ),
-            Op::Concat => self.concat_backward(j),
-            Op::Dropout { p, seed } => {
-                let n = self.plan.tensor(node.inputs[0]).numel();
-                let dx = dx.context("dropout gradient")?;
-                self.be.dropout_backward(n, *p, *seed, a.step, dy, dx, acc)
-            }
-            Op::Linear { .. } => self.linear_backward(j, x, dy, dx, acc),
-            Op::SoftmaxCrossEntropy { smoothing } => self.be.softmax_ce(
-                xs[0],
-                xs[1],
-                *smoothing,
-                a.scale,
-                x,
-                Labels::F32(self.ptr.labels),
-                self.ptr.row_loss,
-                self.report_word(REPORT_LOSS),
-                self.report_word(REPORT_COUNTER),
-                dx.context("logits gradient")?,
-            ),
-        }
-    }
-
-    /// BN backward; with an absorbed ReLU it reads the ReLU's output and that output's gradient
-    /// (both at the stride `bn_args` gives) and masks the gradient where the ReLU clipped.
-    fn bn_backward(&self, j: usize, x: DevPtr, dx: Option<DevPtr>, acc: bool) -> Result<()> {
-        let i = self.bwd.steps[j].node;
-        let node = &self.plan.nodes[i];
-        let out = self.fusion.effective_output(&self.plan, i);
-        let gout = self.bwd.grad_of[out].context("batchnorm output gradient")?;
-        let a = self.bn_args(i);
-        if self.ld(gout) != a.ldy {
-            bail!("{}: output and output gradient strides differ", node.name);
-        }
-        // Without a fused ReLU the kernel does not read y: pass x as a valid address.
-        let y = if a.relu { self.t(out) } else { x };
-        let (g, b) = (self.grad(node.params[0]), self.grad(node.params[1]));
-        let dx = dx.context("batchnorm input always has a gradient")?;
-        self.be
-            .bn_backward(&a, x, y, self.t(gout), g, b, dx, acc, self.ptr.ws)
-    }
-
-    fn conv_backward(
-        &self,
-        i: usize,
-        c: Conv2d,
-        x: DevPtr,
-        dy: DevPtr,
-        dx: Option<DevPtr>,
-        acc: bool,
-    ) -> Result<()> {
-        let s = arena::conv_shape(&self.plan, i).context("conv shape")?;
-        let wt = self.plan.nodes[i].params[0];
-        self.be.conv_wgrad(
-            &s,
-            x,
-            dy,
-            self.grad(wt),
-            false,
-            self.ptr.ws,
-            self.ws_elems,
-            None,
-        )?;
-        if let Some(dx) = dx {
-            let out = ConvOut {
-                accumulate: acc,
-                ..ConvOut::dense(dx, c.cin)
-            };
-            self.be.conv_dgrad(&s, dy, self.weight(wt), out, None)?;
-        }
-        Ok(())
-    }
-
-    fn linear_backward(
-        &self,
-        j: usize,
-        x: DevPtr,
-        dy: DevPtr,
-        dx: Option<DevPtr>,
-        acc: bool,
-    ) -> Result<()> {
-        let node = &self.plan.nodes[self.bwd.steps[j].node];
-        let Op::Linear {
-            in_features: fi,
-            out_features: fo,
-        } = node.op
-        else {
-            unreachable!("linear_backward on a linear node")
-        };
-        let n = self.plan.batch();
-        let (w, b) = (node.params[0], node.params[1]);
-        if let Some(dx) = dx {
-            self.be
-                .linear_backward_data(n, fi, fo, dy, self.weight(w), dx, acc, None)?;
-        }
-        let (dw, db) = (self.grad(w), self.grad(b));
-        self.be
-            .linear_backward_weight(n, fi, fo, x, dy, dw, db, self.ptr.ws, self.ws_elems, None)
-    }
-
-    /// Copies the output gradient's channels into the input gradients that are not slices of it.
-    fn concat_backward(&self, j: usize) -> Result<()> {
-        let step = &self.bwd.steps[j];
-        let (parts, rows) = self.concat_layout(step.node);
-        let gy = step.grad_output.context("concat output gradient")?;
-        let (dy, ld) = (self.t(gy), self.ld(gy));
-        for ((g, &acc), (c, off)) in step.grad_inputs.iter().zip(&step.accumulate).zip(parts) {
-            if let Some(g) = g.filter(|&g| self.fusion.view[g].is_none()) {
-                self.be
-                    .copy_channels(rows, c, dy, ld, off, self.t(g), c, 0, 0, acc)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn update(&self, a: StepArgs) -> Result<()> {
-        let cfg = self.optim.cfg;
-        let overflow = a.growth.map_or(0, |_| self.report_word(REPORT_OVERFLOW));
-        let (inv_loss_scale, loss_scale) = match a.scale {
-            ScaleArg::Value(v) => (1.0 / v, 0),
-            ScaleArg::Device(p) => (1.0, p),
-        };
-        let p = RmspropParams {
-            w: self.ptr.master,
-            w16: self.ptr.w16,
-            ms: self.ptr.ms,
-            mom: self.ptr.mom,
-            grad: self.ptr.grads,
-            decay: self.ptr.decay,
-            lr_dev: 0,
-            overflow,
-            count: self.params.len as u64,
-            lr: a.lr,
-            rho: cfg.rho,
-            momentum: cfg.momentum,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-            inv_loss_scale,
-            loss_scale,
-        };
-        self.be.rmsprop(p, false)
     }
 }
 
@@ -941,7 +426,7 @@ impl Backend for CudaTrainer {
     fn name(&self) -> String {
         format!(
             "cuda ({}, {} SMs, amp {:?})",
-            self.be.arch, self.be.num_sms, self.amp
+            self.be.arch, self.be.num_sms, self.step.amp
         )
     }
 
@@ -976,7 +461,7 @@ impl Backend for CudaTrainer {
             step,
             lr,
             scale: match dynamic {
-                Some(_) => ScaleArg::Device(self.report_word(REPORT_SCALE)),
+                Some(_) => ScaleArg::Device(self.step.report_word(REPORT_SCALE)),
                 None => ScaleArg::Value(scaler.scale()),
             },
             growth: dynamic,
@@ -1007,19 +492,19 @@ impl Backend for CudaTrainer {
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         self.stage(images, None)?;
         self.run_program(false, StepArgs::infer())?;
-        self.read_tensor(self.plan.logits)
+        self.read_tensor(self.step.plan.logits)
     }
 
     fn state(&mut self) -> Result<(ModelState, RmsProp)> {
         // See `grads`: the last step's update may still be queued.
         self.be.synchronize()?;
         let s = &self.be.stream;
-        let params = self.params.gather(&s.clone_dtoh(&self.dev.master)?);
-        let states = self.states.gather(&s.clone_dtoh(&self.dev.states)?);
+        let params = self.step.params.gather(&s.clone_dtoh(&self.dev.master)?);
+        let states = self.step.states.gather(&s.clone_dtoh(&self.dev.states)?);
         let mut optim = self.optim.clone();
         if self.train {
-            optim.ms = self.params.gather(&s.clone_dtoh(&self.dev.ms)?);
-            optim.mom = self.params.gather(&s.clone_dtoh(&self.dev.mom)?);
+            optim.ms = self.step.params.gather(&s.clone_dtoh(&self.dev.ms)?);
+            optim.mom = self.step.params.gather(&s.clone_dtoh(&self.dev.mom)?);
         }
         let model = ModelState {
             layout: self.layout.clone(),
@@ -1179,16 +664,6 @@ fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     len: usize,
 ) -> std::result::Result<CudaSlice<T>, DriverError> {
     be.stream.alloc_zeros::<T>(len.max(1))
-}
-
-fn pool_shape(pool: crate::plan::Pool, xs: &[usize]) -> PoolShape {
-    PoolShape {
-        pool,
-        n: xs[0],
-        h: xs[1],
-        w: xs[2],
-        c: xs[3],
-    }
 }
 
 /// Refuses up front when the card has less free memory than the estimate.

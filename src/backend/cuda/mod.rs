@@ -35,6 +35,7 @@ mod selftest_ops;
 pub mod selftest_ref;
 pub mod selftest_step;
 pub mod sources;
+pub mod step_launch;
 pub mod step_plan;
 
 pub use context::{amp_variant, arch_for, AmpVariants, CudaBackend, DevPtr};
