@@ -2,7 +2,7 @@
 //!
 //! Memory (all allocated when the executor is built, nothing during a step):
 //! - the arena: activations, BN saved statistics and activation gradients, placed over the fused
-//!   step program's lifetimes (see [`Fusion`]: BN outputs a ReLU absorbs are never stored, and
+//!   step program's lifetimes (see [`Fusion`](super::fusion::Fusion): BN outputs a ReLU absorbs are never stored, and
 //!   concat branches live in their slices of the block output). Element sizes follow the AMP level
 //!   (see [`arena::elem_bytes`]);
 //! - parameter buffers over padded slots ([`ParamSlots`]): fp32 master weights, the fp16 working
