@@ -101,6 +101,13 @@ impl Checker {
         }
     }
 
+    /// The buffer `ptr` points into, if any (no check recorded).
+    fn buffer_of(&self, ptr: DevPtr) -> Option<&'static str> {
+        let inside =
+            |(_, base, len): &&(&str, DevPtr, usize)| ptr >= *base && ptr < base + *len as u64;
+        self.buffers.0.iter().find(inside).map(|b| b.0)
+    }
+
     /// `bytes` from `ptr` must lie inside one buffer; returns its name.
     fn span(&self, what: &str, ptr: DevPtr, bytes: usize) -> &'static str {
         let found = self
@@ -190,7 +197,7 @@ impl StepKernels for Checker {
         let c = s.conv;
         self.conv_in_out(s, x, &out, true);
         // The padded stem reads its own padded copy of the weights.
-        let wbuf = if c.cin == 8 && self.amp != Amp::O0 && self.span("w", w, 1) == "stem_w" {
+        let wbuf = if c.cin == 8 && self.amp != Amp::O0 && self.buffer_of(w) == Some("stem_w") {
             "stem_w"
         } else {
             self.weights()
@@ -490,7 +497,7 @@ impl StepKernels for Checker {
     ) -> Result<()> {
         self.call();
         // The staged input is fp32 at every level; everything else is an activation.
-        let elem = if self.span("copy src", src, 1) == "images" {
+        let elem = if self.buffer_of(src) == Some("images") {
             4
         } else {
             self.act()
