@@ -65,6 +65,17 @@ __device__ __forceinline__ void store_acc(T* p, float v, int accumulate) {
 }
 __device__ __forceinline__ void store_half(__half* p, float v, int accumulate) { store_acc(p, v, accumulate); }
 
+#ifdef INCEPTION_EMULATED_GPU
+// The emulated GPU (emu/, host-compiled kernels): the same six operations, performed by the
+// emulator runtime with the PTX ISA's semantics (zero-fill, commit groups, fragment layouts).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) { emu_cp_async16(smem, gmem, valid); }
+__device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { emu_cp_async_wait(N); }
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* smem) { emu_ldmatrix_x4(r, smem, 0); }
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* smem) { emu_ldmatrix_x4(r, smem, 1); }
+__device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 b[2]) { emu_mma_16816(c, a, b); }
+#else
 // 16-byte asynchronous global->shared copy; zero-fills the destination when !valid (src-size 0),
 // which is how padding and out-of-range rows of the implicit GEMM become zeros for free.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -97,6 +108,7 @@ __device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 // Block-wide sum of one float per thread; every thread gets the total. `scratch` holds 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

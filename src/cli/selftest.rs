@@ -125,7 +125,8 @@ fn run_levels(
 fn device_cuda(args: &Args) -> Result<()> {
     let mut be = CudaBackend::new(0)?;
     println!(
-        "device: {} SMs, compiled for {}, {} kernels loaded",
+        "device: {}, {} SMs, compiled for {}, {} kernels loaded",
+        be.device_name,
         be.num_sms,
         be.arch,
         be.kernel_names().len()

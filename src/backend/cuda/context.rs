@@ -43,6 +43,8 @@ pub fn amp_variant(amp: Amp, v: AmpVariants) -> &'static str {
 pub struct CudaBackend {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// The device's name as the driver reports it ("... (emulated on CPU)" on the emulated GPU).
+    pub device_name: String,
     /// Compile target, e.g. `sm_90a` on an H100.
     pub arch: String,
     pub num_sms: u32,
@@ -100,6 +102,7 @@ impl CudaBackend {
         }
         let backend = Self {
             stream: ctx.default_stream(),
+            device_name: ctx.name()?,
             ctx,
             verified: Mutex::new(Self::load_verified(&arch)),
             arch,
@@ -184,6 +187,11 @@ impl CudaBackend {
 
     pub fn is_verified(&self, key: &str) -> bool {
         self.trust_unverified || self.verified.lock().unwrap().contains(key)
+    }
+
+    /// Whether this is the emulated GPU of the tests (emu/): the real kernels run on the CPU.
+    pub fn is_emulated(&self) -> bool {
+        self.device_name.contains("emulated")
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -425,8 +425,8 @@ struct Report {
 impl Backend for CudaTrainer {
     fn name(&self) -> String {
         format!(
-            "cuda ({}, {} SMs, amp {:?})",
-            self.be.arch, self.be.num_sms, self.step.amp
+            "cuda ({}, {}, {} SMs, amp {:?})",
+            self.be.device_name, self.be.arch, self.be.num_sms, self.step.amp
         )
     }
 

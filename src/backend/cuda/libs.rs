@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 extern "C" {
     fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+    fn dlerror() -> *const c_char;
 }
 const RTLD_NOW: c_int = 2;
 const RTLD_GLOBAL: c_int = 0x100;
@@ -141,7 +142,29 @@ pub fn ensure_nvrtc() -> anyhow::Result<()> {
 }
 
 /// Checks that the CUDA driver library (libcuda) can be loaded; a clear error otherwise.
+///
+/// `INCEPTION_CUDA_DRIVER=PATH` loads that library as the driver instead of the system's: the
+/// emulated GPU of the tests (emu/, SONAME libcuda.so) is used this way. Opening it by full path
+/// before cudarc's first lookup makes cudarc's `dlopen("libcuda.so")` return it, with no search.
 pub fn ensure_driver() -> anyhow::Result<()> {
+    if let Some(path) = std::env::var_os("INCEPTION_CUDA_DRIVER") {
+        let path = PathBuf::from(path);
+        if !dlopen_path(&path) {
+            // SAFETY: dlerror returns null or a NUL-terminated message about the failed dlopen.
+            let why = unsafe {
+                let e = dlerror();
+                if e.is_null() {
+                    String::new()
+                } else {
+                    std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+                }
+            };
+            anyhow::bail!(
+                "INCEPTION_CUDA_DRIVER={}: the library could not be loaded: {why}",
+                path.display()
+            );
+        }
+    }
     // SAFETY: is_culib_present only tries to dlopen candidate names.
     if unsafe { cudarc::driver::sys::is_culib_present() } {
         return Ok(());
