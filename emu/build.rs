@@ -20,7 +20,9 @@ fn main() {
         builder::build_kernels(emu, &kernels, &out, &driver, true)
     });
     if let Err(e) = result {
-        panic!("building the emulated GPU failed (it needs a C++17 compiler, g++ or clang++):\n{e}");
+        panic!(
+            "building the emulated GPU failed (it needs a C++17 compiler, g++ or clang++):\n{e}"
+        );
     }
     println!("cargo:rustc-env=INCEPTION_EMU_LIB_DIR={}", out.display());
 }

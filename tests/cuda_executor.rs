@@ -487,8 +487,8 @@ fn whole_tiny_step_matches_the_cpu_on_a_gpu() {
         return;
     }
     use inception_engine::backend::cuda::selftest::Status;
-    use inception_engine::backend::cuda::selftest_step::{self, CASES};
-    let checks = selftest_step::run_case(CASES[0], 1).unwrap();
+    use inception_engine::backend::cuda::selftest_step::{self, CASES, LEVELS};
+    let checks = selftest_step::run_case(CASES[0], &LEVELS, 1).unwrap();
     for c in &checks {
         assert_eq!(c.status, Status::Pass, "{c:?}");
     }

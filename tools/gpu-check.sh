@@ -50,10 +50,20 @@ step binary 30 "$BIN" --version
 
 # --- 2. kernels against the references -------------------------------------------------------------
 step compile 90 "$BIN" selftest --compile-only --arch sm_90a --json
-step selftest 180 "$BIN" selftest --device cuda --skip-steps --json
+step selftest 150 "$BIN" selftest --device cuda --shapes full --skip-steps --json
+# compute-sanitizer over the self-test at small shapes: out-of-bounds and misaligned accesses
+# (memcheck) and shared-memory hazards (racecheck) on silicon, what the emulated GPU checks in CI.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
+SMALL=(selftest --device cuda --shapes reduced --plan tiny --image-size 48 --batch 2 --skip-steps)
+if [ -n "$SAN" ]; then
+  step sanitize-mem 90 "$SAN" --tool memcheck --error-exitcode 9 "$BIN" "${SMALL[@]}"
+  step sanitize-race 90 "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 9 "$BIN" "${SMALL[@]}"
+else
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' sanitize "SKIP (no compute-sanitizer)" 0)")
+fi
 # Whole training steps (tiny, v4 batch 8) at O2, O0 and O3 against the CPU backend, and the
 # device loss scaler (overflow skip, growth).
-step whole-steps 240 "$BIN" selftest --device cuda --steps-only --json
+step whole-steps 150 "$BIN" selftest --device cuda --shapes full --steps-only --json
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
 # O2 with the default loss scale (dynamic, on the device), then O3 (fp16 BN as well).

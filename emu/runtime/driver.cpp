@@ -730,6 +730,24 @@ API CUresult cuFuncGetAttribute(int* v, int attr, void* fn) {
     return CUDA_SUCCESS;
 }
 
+// A test switch that puts a launcher bug back: INCEPTION_EMU_SWAP_ARGS=KERNEL:I:J exchanges
+// arguments I and J (of equal size) of every launch of KERNEL, as a launcher passing them in the
+// wrong order would (tests/emu_gpu.rs checks that the self-test catches it).
+static void swap_args_if_asked(EmuLaunch& L) {
+    static const char* spec = getenv("INCEPTION_EMU_SWAP_ARGS");
+    if (!spec) return;
+    std::string s = spec;
+    size_t a = s.find(':'), b = s.rfind(':');
+    if (a == std::string::npos || a == b || s.substr(0, a) != L.name) return;
+    int i = atoi(s.c_str() + a + 1), j = atoi(s.c_str() + b + 1);
+    int n = L.kernel->nparams;
+    if (i < 0 || j < 0 || i >= n || j >= n || L.kernel->param_size[i] != L.kernel->param_size[j]) return;
+    std::vector<unsigned char> tmp(L.kernel->param_size[i]);
+    memcpy(tmp.data(), L.args[i], tmp.size());
+    memcpy(L.args[i], L.args[j], tmp.size());
+    memcpy(L.args[j], tmp.data(), tmp.size());
+}
+
 static CUresult launch_error(CUresult code, const char* fmt, const char* name, long long a, long long b) {
     fprintf(stderr, "emulated GPU: launch of %s refused: ", name);
     fprintf(stderr, fmt, a, b);
@@ -781,6 +799,7 @@ API CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, uns
         L->args.push_back(&L->storage[at]);
         at += (n + 15) / 16 * 2;
     }
+    swap_args_if_asked(*L);
     Op op{OpKind::Kernel, 0, std::move(L)};
     enqueue(std::move(op));
     return CUDA_SUCCESS;

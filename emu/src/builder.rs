@@ -74,7 +74,8 @@ fn run_all(cmds: Vec<Command>) -> Result<(), String> {
             .map(|c| std::thread::spawn(move || run(c)))
             .collect();
         for h in handles {
-            h.join().map_err(|_| "compiler thread panicked".to_string())??;
+            h.join()
+                .map_err(|_| "compiler thread panicked".to_string())??;
         }
     }
 }
@@ -111,7 +112,15 @@ pub fn build_driver(emu: &Path, out: &Path) -> Result<PathBuf, String> {
 pub fn scan_entries(emu: &Path, source: &Path) -> Result<Vec<(String, String)>, String> {
     let mut c = Command::new(cxx());
     c.args(common_flags(emu))
-        .args(["-E", "-P", "-DINCEPTION_EMU_SCAN", "-x", "c++", "-include", "emu_cuda.h"])
+        .args([
+            "-E",
+            "-P",
+            "-DINCEPTION_EMU_SCAN",
+            "-x",
+            "c++",
+            "-include",
+            "emu_cuda.h",
+        ])
         .arg(source);
     let out = c
         .output()
@@ -207,7 +216,10 @@ pub fn build_kernels(
         let mut c = Command::new(cxx());
         c.args(&flags).args(["-include", "emu_cuda.h"]);
         if racecheck {
-            c.args(["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]);
+            c.args([
+                "-fsanitize=thread",
+                "--param=tsan-instrument-func-entry-exit=0",
+            ]);
         }
         c.arg("-c").arg(&cpp).arg("-o").arg(&obj);
         compiles.push(c);

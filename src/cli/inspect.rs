@@ -113,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|(k, b)| format!("{k} {:.0} MiB", mib(*b)))
         .collect();
     println!(
-        "CUDA device memory at batch {} (host estimate, H100): {}",
+        "CUDA device memory at batch {} (host estimate, H200): {}",
         args.batch_size,
         figures.join(", ")
     );
@@ -138,7 +138,7 @@ fn device_memory(args: &Args) -> Result<Vec<(String, usize)>> {
     cases
         .iter()
         .map(|&(k, amp, train)| {
-            let e = arena::plan_estimate(&plan, amp, train, arena::H100_SMS)?;
+            let e = arena::plan_estimate(&plan, amp, train, arena::H200_SMS)?;
             Ok((k.to_string(), e.total()))
         })
         .collect()

@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::backend::cuda::context::launched_entry_points;
 use crate::backend::cuda::selftest::{Check, CpuReference, SelfTest};
 use crate::backend::cuda::selftest_ref::OpsReference;
 use crate::backend::cuda::selftest_step;
@@ -33,12 +34,19 @@ pub struct Args {
     /// Plan whose layer shapes are tested.
     #[arg(long, default_value = "v4")]
     pub plan: String,
-    /// Batch size of the test shapes (small keeps the CPU reference quick).
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
-    /// Input image size of the test plan.
-    #[arg(long, default_value_t = 299)]
-    pub image_size: usize,
+    /// Batch size of the test shapes (small keeps the CPU reference quick) [default: 4 at full
+    /// shapes, 1 at reduced ones].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Input image size of the test plan [default: 299 at full shapes, 75 at reduced ones].
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Shapes of the checks: `full` (every InceptionV4 layer at 299x299, whole steps at batch 8),
+    /// `reduced` (v4 at 75x75 and batch 1, whole steps of tiny and of v4 at 75x75, chosen so every
+    /// kernel entry point and code path still runs), or `auto`: reduced on the emulated GPU,
+    /// full on a real one.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "full", "reduced"])]
+    pub shapes: String,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -131,11 +139,25 @@ fn device_cuda(args: &Args) -> Result<()> {
         be.arch,
         be.kernel_names().len()
     );
+    let reduced = match args.shapes.as_str() {
+        "reduced" => true,
+        "full" => false,
+        _ => be.is_emulated(),
+    };
+    let (batch, image_size) = if reduced { (1, 75) } else { (4, 299) };
     let config = PlanConfig {
-        batch: args.batch,
-        image_size: args.image_size,
+        batch: args.batch.unwrap_or(batch),
+        image_size: args.image_size.unwrap_or(image_size),
         ..PlanConfig::default()
     };
+    println!(
+        "shapes: {} ({} at {}x{}, batch {})",
+        if reduced { "reduced" } else { "full" },
+        args.plan,
+        config.image_size,
+        config.image_size,
+        config.batch
+    );
     let plan = plan::build(&args.plan, config)?;
     let reference = cpu_reference();
     let mut checks = Vec::new();
@@ -148,19 +170,37 @@ fn device_cuda(args: &Args) -> Result<()> {
         // Persist the verified fast shapes first, so the whole-step trainers reuse them.
         be.save_verified()?;
         if !args.skip_steps {
-            checks.extend(selftest_step::run(args.seed)?);
+            checks.extend(selftest_step::run(args.seed, reduced)?);
         }
         Ok(())
     });
     let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
     test.checks = checks;
     print!("{}", test.table());
+    let compiled = be.kernel_names();
+    let run = launched_entry_points();
+    let never: Vec<&String> = compiled.iter().filter(|k| !run.contains(k)).collect();
+    println!(
+        "entry points run: {} of {} compiled{}",
+        run.len(),
+        compiled.len(),
+        if never.is_empty() {
+            String::new()
+        } else {
+            format!(" (never run: {never:?})")
+        }
+    );
     if args.json {
         let summary = serde_json::json!({
+            "device": be.device_name,
             "arch": be.arch,
             "plan": args.plan,
-            "batch": args.batch,
+            "batch": plan.config.batch,
+            "image_size": plan.config.image_size,
+            "shapes": if reduced { "reduced" } else { "full" },
             "failed": test.failed(),
+            "entry_points_compiled": compiled,
+            "entry_points_run": run,
             "checks": test.checks,
         });
         println!("{summary}");

@@ -255,9 +255,9 @@ pub fn stem_conv(plan: &Plan) -> Option<usize> {
     })
 }
 
-/// SMs of an H100 SXM: the card `inspect` quotes device memory for (only the split-K workspace
+/// SMs of an H200 SXM (as of an H100): the card `inspect` quotes device memory for (only the split-K workspace
 /// depends on it).
-pub const H100_SMS: u32 = 132;
+pub const H200_SMS: u32 = 132;
 
 /// The device memory of `plan` at `amp`, worked out on the host exactly as the executor sizes its
 /// buffers: a training step, or with `train` false an inference-only executor.

@@ -45,7 +45,7 @@ pub struct CudaBackend {
     pub stream: Arc<CudaStream>,
     /// The device's name as the driver reports it ("... (emulated on CPU)" on the emulated GPU).
     pub device_name: String,
-    /// Compile target, e.g. `sm_90a` on an H100.
+    /// Compile target, e.g. `sm_90a` on an H200.
     pub arch: String,
     pub num_sms: u32,
     funcs: HashMap<String, CudaFunction>,
@@ -228,6 +228,27 @@ fn driver_cuda_version() -> String {
     }
 }
 
+/// Entry points launched by this process (any backend instance), for the self-test's coverage
+/// report: `selftest` lists them as `entry_points_run`.
+static LAUNCHED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Records that kernel `name` was queued for launch.
+pub fn note_launch(name: &str) {
+    let mut set = LAUNCHED.lock().unwrap();
+    let set = set.get_or_insert_with(HashSet::new);
+    if !set.contains(name) {
+        set.insert(name.to_string());
+    }
+}
+
+/// The entry points launched so far, sorted.
+pub fn launched_entry_points() -> Vec<String> {
+    let set = LAUNCHED.lock().unwrap();
+    let mut v: Vec<String> = set.iter().flatten().cloned().collect();
+    v.sort();
+    v
+}
+
 /// Launches kernel `$name` of backend `$b` with config `$cfg` and the listed arguments: local
 /// variables of `DeviceRepr` types (locals, so the references the builder keeps stay alive).
 #[macro_export]
@@ -236,6 +257,7 @@ macro_rules! cuda_launch {
     ($b:expr, $name:expr, $cfg:expr $(, $arg:ident)* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
         let f = $b.func($name)?;
+        $crate::backend::cuda::context::note_launch($name);
         let mut builder = $b.stream.launch_builder(f);
         $( builder.arg(&$arg); )*
         // SAFETY: the argument list matches the kernel's C signature (kept in sync with

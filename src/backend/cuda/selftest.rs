@@ -576,6 +576,7 @@ impl SelfTest<'_> {
         self.run_bn(plan, true)?;
         self.run_activation_ops(plan)?;
         self.rmsprop(1 << 20)?;
+        self.fp16_gradients(1 << 14)?;
         Ok(())
     }
 
@@ -611,6 +612,7 @@ impl SelfTest<'_> {
         self.dropout(n * 1536, plan.config.dropout.max(0.2))?;
         self.softmax_ce(n, classes, plan.config.label_smoothing)?;
         self.copy_channels(n * 35 * 35)?; // the rows of an Inception-A concat
+        self.relu(1 << 14)?;
         if let Some((in_f, out_f)) = super::selftest_ops::plan_linear(plan) {
             self.linear(n, in_f, out_f)?;
         }

@@ -17,7 +17,13 @@ impl SelfTest<'_> {
     /// Training forward and backward of one BN shape, with and without the fused ReLU.
     pub fn batchnorm(&mut self, m: usize, c: usize, relu: bool) -> Result<()> {
         let (eps, momentum) = (1e-3, 0.1);
-        let x: Vec<f32> = self.random(m * c, 2.0).iter().map(|v| v + 0.5).collect();
+        // Shifted, then rounded again: the reference must see exactly the fp16 values the device
+        // does (with a single row, BN's output is pure cancellation and any difference shows).
+        let x: Vec<f32> = self
+            .random(m * c, 2.0)
+            .iter()
+            .map(|v| f16::from_f32(v + 0.5).to_f32())
+            .collect();
         let gamma = self.random(c, 1.0);
         let beta = self.random(c, 0.5);
         let rm = self.random(c, 0.1);
@@ -404,6 +410,125 @@ impl SelfTest<'_> {
             &w_after,
             Some(&got_w),
             0.0,
+        );
+        Ok(())
+    }
+}
+
+impl SelfTest<'_> {
+    /// The standalone ReLU (plans that do not fuse it into BN), at the backend's level, against
+    /// the host: forward, and backward accumulating onto existing values.
+    pub fn relu(&mut self, count: usize) -> Result<()> {
+        let x = self.random(count, 1.0);
+        let prev = self.random(count, 1.0);
+        let dy = self.random(count, 1.0);
+        let (xb, y) = (self.act(&x)?, self.poisoned_act(count)?);
+        self.be.relu_forward(count, xb.ptr(), y.ptr())?;
+        let got_y = self.read(&y)?;
+        let want_y: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+        let label = format!("{count}");
+        let tol = self.tol();
+        self.record(
+            &self.at_level("relu_fwd"),
+            &label,
+            "host",
+            &got_y,
+            Some(&want_y),
+            tol,
+        );
+        let (dyb, dx) = (self.act(&dy)?, self.act(&prev)?);
+        self.be
+            .relu_backward(count, y.ptr(), dyb.ptr(), dx.ptr(), true)?;
+        let got_dx = self.read(&dx)?;
+        let want_dx: Vec<f32> = (0..count)
+            .map(|i| prev[i] + if want_y[i] > 0.0 { dy[i] } else { 0.0 })
+            .collect();
+        self.record(
+            &self.at_level("relu_bwd"),
+            &label,
+            "host",
+            &got_dx,
+            Some(&want_dx),
+            tol,
+        );
+        Ok(())
+    }
+
+    /// The fp16-gradient variants of the optimizer path (fp16 gradient buffers): the overflow
+    /// check, RMSProp reading fp16 gradients (against the fp32-gradient kernel on the same
+    /// values) and the split-K reduction into an fp16 output.
+    pub fn fp16_gradients(&mut self, count: usize) -> Result<()> {
+        let g = self.random(count, 64.0);
+        let w0 = self.random(count, 1.0);
+        let ms0: Vec<f32> = self.random(count, 0.5).iter().map(|v| v + 1.0).collect();
+        let label = format!("{count}");
+        let (g16, g32, flag) = (self.f16_buf(&g)?, self.buf(&g)?, self.zeros::<i32>(1)?);
+        let mut bad = g.clone();
+        bad[count / 3] = f32::INFINITY;
+        let bad16 = self.f16_buf(&bad)?;
+        self.be.overflow_check(g16.ptr, count, true, flag.ptr)?;
+        let clean = self.be.stream.clone_dtoh(&flag.dev)?[0];
+        self.be.overflow_check(bad16.ptr, count, true, flag.ptr)?;
+        let raised = self.be.stream.clone_dtoh(&flag.dev)?[0];
+        let flags = [clean as f32, raised as f32];
+        self.record(
+            "overflow_check_f16",
+            &label,
+            "expected",
+            &flags,
+            Some(&[0.0, 1.0]),
+            0.0,
+        );
+        let mut updated = Vec::new();
+        for grad_f16 in [false, true] {
+            let (wb, msb, momb) = (self.buf(&w0)?, self.buf(&ms0)?, self.zeros::<f32>(count)?);
+            let p = RmspropParams {
+                w: wb.ptr,
+                w16: 0,
+                ms: msb.ptr,
+                mom: momb.ptr,
+                grad: if grad_f16 { g16.ptr } else { g32.ptr },
+                decay: 0,
+                lr_dev: 0,
+                overflow: 0,
+                count: count as u64,
+                lr: 0.1,
+                rho: 0.9,
+                momentum: 0.9,
+                eps: 1.0,
+                weight_decay: 4e-5,
+                inv_loss_scale: 1.0 / 64.0,
+                loss_scale: 0,
+            };
+            self.be.rmsprop(p, grad_f16)?;
+            updated.push(self.read_f32(&wb)?);
+        }
+        self.record(
+            "rmsprop_f16",
+            &label,
+            "rmsprop_f32",
+            &updated[1],
+            Some(&updated[0]),
+            0.0,
+        );
+        // Split-K partials [3][count] summed into an fp16 output, accumulating onto it.
+        let splits = 3;
+        let ws = self.random(splits * count, 1.0);
+        let prev = self.random(count, 1.0);
+        let (wsb, out) = (self.buf(&ws)?, self.f16_buf(&prev)?);
+        self.be
+            .wgrad_reduce(wsb.ptr, splits, count as u64, out.ptr, true, false)?;
+        let got = self.read_f16(&out)?;
+        let want: Vec<f32> = (0..count)
+            .map(|i| prev[i] + (0..splits).map(|z| ws[z * count + i]).sum::<f32>())
+            .collect();
+        self.record(
+            "conv_wgrad_reduce_f16",
+            &label,
+            "host",
+            &got,
+            Some(&want),
+            TOL,
         );
         Ok(())
     }

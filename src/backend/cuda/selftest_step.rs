@@ -32,15 +32,17 @@ pub struct Level {
     pub tol_step: f32,
 }
 
-/// The levels each case runs at. The fp16 tolerances are first estimates from fp16 rounding (~5e-4
-/// per op) compounded over v4's depth; O3 also rounds the BN statistics and parameters to fp16.
+/// The levels each case runs at. The fp16 step tolerance is 1e-1: on the emulated GPU (fp16
+/// rounding as on a GPU) `tiny`'s worst gradient tensors are 8.2e-2 off at O2 and 6.9e-2 at O3
+/// (BN parameter gradients, sums that nearly cancel), while every other figure stays below 3e-3;
+/// O3 also rounds the BN statistics and parameters to fp16.
 /// O0 differs from the CPU only in summation order, so its tolerances are two orders tighter and
 /// catch layout or indexing mistakes that fp16 noise could hide. A GPU visit may tighten them.
 pub const LEVELS: [Level; 3] = [
     Level {
         amp: Amp::O2,
         tol_loss: 1e-2,
-        tol_step: 5e-2,
+        tol_step: 1e-1,
     },
     Level {
         amp: Amp::O0,
@@ -50,7 +52,7 @@ pub const LEVELS: [Level; 3] = [
     Level {
         amp: Amp::O3,
         tol_loss: 1e-2,
-        tol_step: 5e-2,
+        tol_step: 1e-1,
     },
 ];
 
@@ -66,33 +68,60 @@ pub struct StepCase {
     pub batch: usize,
     pub image_size: usize,
     pub classes: usize,
+    /// Whether the per-tensor comparisons (forward tensors, gradients, updates, BN statistics)
+    /// are well conditioned enough to judge; otherwise they are reported as SKIP, for
+    /// information, and only the state round trip, inference logits and loss are judged.
+    pub per_tensor: bool,
 }
 
-/// The cases of the issue: `tiny`, and `v4` at batch 8 and 299x299.
+/// The full cases: `tiny`, and `v4` at batch 8 and 299x299, each at every level.
 pub const CASES: [StepCase; 2] = [
     StepCase {
         plan: "tiny",
         batch: 8,
         image_size: 32,
         classes: 10,
+        per_tensor: true,
     },
     StepCase {
         plan: "v4",
         batch: 8,
         image_size: 299,
         classes: 1000,
+        per_tensor: true,
     },
 ];
 
-/// Every whole-step check: each case against the CPU, then the overflow skip.
-pub fn run(seed: u64) -> Result<Vec<Check>> {
+/// The reduced v4 case (the emulated GPU's), at O2 only (`tiny` covers O0 and O3). Its
+/// per-tensor comparisons are information only: with batch 2 the last stages' BN normalises over
+/// a handful of values and amplifies any difference, so the deep net's tensors diverge from the
+/// CPU's even when only the summation order differs (measured on the emulated GPU at O0 from
+/// 1e-6 per op: forward tensors 4.4e-3 at 139x139, above 1 at 75x75, where the last BN sees two
+/// values). 139x139 keeps the loss well conditioned (7e-3 at O2; at 75x75 fp16 gradients
+/// overflow). The per-tensor checks of v4 run at batch 8 and 299x299 on a real GPU.
+pub const REDUCED_V4: StepCase = StepCase {
+    plan: "v4",
+    batch: 2,
+    image_size: 139,
+    classes: 1000,
+    per_tensor: false,
+};
+
+/// Every whole-step check: each case against the CPU, then the overflow skip. `reduced` swaps
+/// v4 at 299 for [`REDUCED_V4`].
+pub fn run(seed: u64, reduced: bool) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for case in CASES {
+    let cases: Vec<(StepCase, &[Level])> = if reduced {
+        vec![(CASES[0], &LEVELS[..]), (REDUCED_V4, &LEVELS[..1])]
+    } else {
+        CASES.iter().map(|&c| (c, &LEVELS[..])).collect()
+    };
+    for (case, levels) in cases {
         eprintln!(
             "whole step: {} batch {} {}x{}",
             case.plan, case.batch, case.image_size, case.image_size
         );
-        checks.extend(run_case(case, seed)?);
+        checks.extend(run_case(case, levels, seed)?);
     }
     checks.push(overflow_skip(CASES[0], seed)?);
     Ok(checks)
@@ -192,15 +221,24 @@ fn cpu_step(s: &Setup) -> Result<CpuStep> {
     })
 }
 
-/// One case at every level: loss, gradients, updates and BN statistics of a whole step against
+/// One case at the given levels: loss, gradients, updates and BN statistics of a whole step against
 /// the CPU (whose step is computed once).
-pub fn run_case(case: StepCase, seed: u64) -> Result<Vec<Check>> {
+pub fn run_case(case: StepCase, levels: &[Level], seed: u64) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
     let cpu = cpu_step(&s)?;
     let mut checks = Vec::new();
-    for level in LEVELS {
+    for &level in levels {
         eprintln!("  at {:?}", level.amp);
         checks.extend(run_level(&s, &cpu, case, level)?);
+    }
+    if !case.per_tensor {
+        let judged = [": loss", ": inference logits", ": state round trip"];
+        for c in checks.iter_mut() {
+            if !judged.iter().any(|j| c.kernel.ends_with(j)) {
+                c.status = Status::Skip;
+                c.oracle = "cpu (info)".into();
+            }
+        }
     }
     Ok(checks)
 }
@@ -385,11 +423,36 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
     }
 }
 
-/// The worst per-tensor relative L2 error over `entries` of two flat buffers.
+/// Tensors whose norm is below this fraction of their category's norm are judged against that
+/// floor instead of their own norm. BN bias and scale gradients are sums that cancel almost
+/// exactly (BN's backward makes the gradient of its input sum to zero per channel, and only the
+/// next ReLU's mask breaks that), so their own norm can be a thousandth of their terms' and even
+/// fp32 summation order moves them by tens of percent relative: seen on the emulated GPU at O0,
+/// where the kernels differ from the CPU only in summation order.
+const NORM_FLOOR: f64 = 1e-2;
+
+/// The worst per-tensor relative L2 error over `entries` of two flat buffers, each tensor's error
+/// taken relative to max(its norm, NORM_FLOOR x the norm of all of them).
 fn worst(kernel: String, entries: &[ParamEntry], got: &[f32], want: &[f32], tol: f32) -> Check {
+    let sq = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let floor = NORM_FLOOR
+        * entries
+            .iter()
+            .map(|e| sq(&want[e.range()]))
+            .sum::<f64>()
+            .sqrt();
     let (err, name) = entries
         .iter()
-        .map(|e| (rel_l2(&got[e.range()], &want[e.range()]), e.name.clone()))
+        .map(|e| {
+            let (g, w) = (&got[e.range()], &want[e.range()]);
+            let diff: Vec<f32> = g.iter().zip(w).map(|(a, b)| a - b).collect();
+            let e_abs = sq(&diff).sqrt();
+            let err = (e_abs / sq(w).sqrt().max(floor).max(1e-12)) as f32;
+            (
+                if err.is_finite() { err } else { f32::INFINITY },
+                e.name.clone(),
+            )
+        })
         .fold((0f32, String::new()), |a, b| {
             if b.0 > a.0 || !b.0.is_finite() {
                 b
