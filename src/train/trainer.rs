@@ -287,6 +287,27 @@ impl Tally {
     }
 }
 
+/// The "step" record of every `log_every`-th step of an epoch, written when that step's outcome
+/// settles, with its own step number, loss and learning rate: on CUDA a step's outcome arrives
+/// during the next step, so the loop's current values would be one step off (and the first step's
+/// loss missing).
+#[allow(clippy::too_many_arguments)]
+fn log_interval(
+    cfg: &TrainConfig,
+    log: &mut RunLog,
+    schedule: &Schedule,
+    run: &RunState,
+    epoch: usize,
+    first_step: u64,
+    out: &StepOutcome,
+    ips: f64,
+) -> Result<()> {
+    if (out.step - first_step + 1) % cfg.log_every as u64 != 0 {
+        return Ok(());
+    }
+    log.metrics(json!({"event": "step", "epoch": epoch, "step": out.step + 1, "loss": out.loss, "skipped": out.skipped, "lr": schedule.lr(out.step), "loss_scale": run.scaler.scale(), "images_per_sec": ips}))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_epoch(
     cfg: &TrainConfig,
@@ -307,15 +328,17 @@ fn run_epoch(
     let start = Instant::now();
     let mut tally = Tally::default();
     let mut batches = loader.epoch(epoch - 1);
+    let first_step = run.step;
     for (i, batch) in (&mut batches).enumerate() {
         let lr = schedule.lr(run.step);
         let outcomes =
             backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
         run.step += 1;
+        let ips = ((i + 1) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
         for out in outcomes {
+            log_interval(cfg, log, schedule, run, epoch, first_step, &out, ips)?;
             tally.record(out, log, epoch, last_ckpt)?;
         }
-        let ips = ((i + 1) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
         // Before the first outcome settles (dynamic scaling on CUDA) there is no loss to show.
         let loss = match tally.count {
             0 => "-".to_string(),
@@ -325,13 +348,12 @@ fn run_epoch(
             i as u64 + 1,
             format!("loss {loss} lr {lr:.3e} {ips:.1} img/s"),
         );
-        if (i + 1) % cfg.log_every == 0 {
-            log.metrics(json!({"event": "step", "epoch": epoch, "step": run.step, "loss": tally.last_loss, "lr": lr, "loss_scale": run.scaler.scale(), "images_per_sec": ips}))?;
-        }
     }
     // The last step's outcome may still be on the device (dynamic scaling on CUDA); the scaler
     // must be settled before the checkpoint saves it.
+    let ips = (steps * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
     for out in backend.settle(&mut run.scaler)? {
+        log_interval(cfg, log, schedule, run, epoch, first_step, &out, ips)?;
         tally.record(out, log, epoch, last_ckpt)?;
     }
     progress.finish();
