@@ -32,6 +32,8 @@ fn folder_and_pack() -> (tempfile::TempDir, PathBuf, PathBuf) {
     pack::run(pack::Args {
         dir: root.clone(),
         out: out.clone(),
+        max_side: None,
+        quality: 90,
     })
     .unwrap();
     (dir, root, out)
@@ -89,6 +91,8 @@ fn packed_bad_image_is_skipped_like_in_a_folder() {
     pack::run(pack::Args {
         dir: root,
         out: out.clone(),
+        max_side: None,
+        quality: 90,
     })
     .unwrap();
     let ds = Arc::new(Dataset::open(&out).unwrap());
@@ -159,6 +163,8 @@ fn pack_command_reports_folder_errors() {
     let args = pack::Args {
         dir: dir.path().join("missing"),
         out: dir.path().join("o.pack"),
+        max_side: None,
+        quality: 90,
     };
     let e = format!("{:#}", pack::run(args).unwrap_err());
     assert!(e.contains("does not exist"), "{e}");

@@ -39,9 +39,15 @@ pub struct LoaderArgs {
     /// Loader threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    /// Batches to time (after one untimed batch).
+    /// Batches to time (after one untimed batch); epochs repeat when the data set has fewer.
     #[arg(long, default_value_t = 50)]
     pub batches: usize,
+    /// JPEG decoder: auto (libjpeg-turbo when installed), zune or turbo.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub jpeg: crate::data::JpegBackend,
+    /// Decode every JPEG at full scale (no DCT scaling for large crops).
+    #[arg(long)]
+    pub no_scaled_decode: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -263,10 +269,14 @@ fn print_profile(
 }
 
 /// Training-mode batches (random crops, flips, jitter) as fast as the loader threads make them.
+/// Epochs follow one another until `--batches` batches are timed, so a data set smaller than
+/// that is read several times; the per-stage split covers the timed batches only.
 fn bench_loader(a: LoaderArgs) -> Result<()> {
     let set = std::sync::Arc::new(crate::data::Dataset::open(&a.data)?);
     let cfg = crate::data::LoaderConfig {
         workers: a.workers,
+        jpeg: a.jpeg,
+        scaled_decode: !a.no_scaled_decode,
         ..crate::data::LoaderConfig::train(a.batch_size, a.image_size, 1)
     };
     let loader = crate::data::Loader::new(set, cfg)?;
@@ -275,22 +285,67 @@ fn bench_loader(a: LoaderArgs) -> Result<()> {
     } else {
         a.workers
     };
-    let mut epoch = loader.epoch(0);
-    epoch
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("the dataset has fewer images than one batch"))?;
+    let turbo = crate::data::Decoder::new(a.jpeg)?.uses_turbo();
+    // Batches in epoch order, one epoch after another, for as long as the caller takes them.
+    let mut epoch_no = 0;
+    let mut epoch = loader.epoch(epoch_no);
+    let mut next_batch = || -> Result<crate::data::Batch> {
+        loop {
+            if let Some(b) = epoch.next() {
+                return Ok(b);
+            }
+            epoch_no += 1;
+            epoch = loader.epoch(epoch_no);
+            if epoch_no > 1_000_000 {
+                bail!("the loader produces no batches");
+            }
+        }
+    };
+    let first = next_batch()?;
+    loader.recycle(first);
+    let before = loader.stage_times();
     let start = Instant::now();
     let mut images = 0;
-    for batch in epoch.take(a.batches) {
+    for _ in 0..a.batches {
+        let batch = next_batch()?;
         images += batch.len;
+        loader.recycle(batch);
     }
     let secs = start.elapsed().as_secs_f64();
+    let after = loader.stage_times();
     let ips = images as f64 / secs;
-    println!("loader: {ips:.0} images/s at {0}x{0} with {threads} threads ({images} images in {secs:.2} s)", a.image_size);
+    let per_image = |x: f64, y: f64| {
+        let n = (after.images - before.images).max(1) as f64;
+        (x - y) / n * 1e3
+    };
+    let stages = [
+        ("read", per_image(after.read, before.read)),
+        ("decode", per_image(after.decode, before.decode)),
+        ("transform", per_image(after.transform, before.transform)),
+        ("pack", per_image(after.pack, before.pack)),
+    ];
+    let total: f64 = stages.iter().map(|s| s.1).sum();
+    println!(
+        "loader: {ips:.0} images/s at {0}x{0} with {threads} threads, batch {1}, JPEG decoder {2}{3} ({images} images in {secs:.2} s)",
+        a.image_size,
+        a.batch_size,
+        if turbo { "libjpeg-turbo" } else { "zune-jpeg" },
+        if turbo && !a.no_scaled_decode { " with scaled decoding" } else { "" },
+    );
+    let split: Vec<String> = stages
+        .iter()
+        .map(|(name, ms)| format!("{name} {ms:.3} ms ({:.0}%)", 100.0 * ms / total.max(1e-12)))
+        .collect();
+    println!("per image (thread time): {}", split.join(", "));
     if a.json {
+        let stage_ms: serde_json::Map<String, serde_json::Value> =
+            stages.iter().map(|(n, ms)| (n.to_string(), json!(ms))).collect();
         println!(
             "{}",
-            json!({"images_per_sec": ips, "images": images, "seconds": secs, "threads": threads, "image_size": a.image_size, "batch_size": a.batch_size})
+            json!({"images_per_sec": ips, "images": images, "seconds": secs, "threads": threads,
+                   "image_size": a.image_size, "batch_size": a.batch_size,
+                   "jpeg": if turbo { "turbo" } else { "zune" },
+                   "scaled_decode": turbo && !a.no_scaled_decode, "stage_ms_per_image": stage_ms})
         );
     }
     Ok(())

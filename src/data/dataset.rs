@@ -70,6 +70,15 @@ impl Dataset {
         decoded.with_context(|| self.describe(i))
     }
 
+    /// The encoded bytes of image `i`: read from its file, or borrowed from the packed map.
+    pub fn bytes(&self, i: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Self::Folder(f) => f.read_bytes(i).map(std::borrow::Cow::Owned),
+            Self::Packed(p) => Ok(std::borrow::Cow::Borrowed(p.bytes(i))),
+        }
+        .with_context(|| self.describe(i))
+    }
+
     /// A human name for image `i`, for warnings: its path, or its place in the packed file.
     pub fn describe(&self, i: usize) -> String {
         match self {

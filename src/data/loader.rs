@@ -5,20 +5,31 @@
 //! speed; the consumer takes results strictly by position. Each image's augmentation is seeded by
 //! (seed, epoch, image index), so batches are identical for any worker count.
 //!
+//! Work per image (on the worker threads): read the bytes, read the header, draw the
+//! augmentation, decode (at 1/2, 1/4 or 1/8 scale when the crop is at least that many times the
+//! output size and libjpeg-turbo is there), resize the crop straight into the image's u8 slot in
+//! a chunk buffer and flip and jitter it in place. The consumer normalises each slot into the
+//! batch's f32 buffer (the packing step). Chunk buffers and batch buffers are recycled, and each
+//! worker reuses its decode buffer, so steady state allocates no image-sized memory.
+//!
 //! Bad data: an image that fails to read or decode is skipped (warned about once per file) and
 //! the batch is filled from the next positions, so training batches stay full. A training epoch
 //! wraps around its shard if skips leave it short, so every epoch has `batches_per_epoch` steps.
 
 use super::dataset::Dataset;
-use super::transform::{eval_transform, train_transform, AugmentConfig, Normalization};
-use anyhow::{ensure, Result};
+use super::decode::{DecodedImage, Decoder, JpegBackend};
+use super::fast::{eval_u8_into, normalize_u8_into, train_u8_into, Region, Scratch};
+use super::transform::{draw_train, AugmentConfig, Normalization};
+use anyhow::{ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Loader settings. Start from [`LoaderConfig::train`] or [`LoaderConfig::eval`].
 #[derive(Clone, Debug)]
@@ -39,6 +50,10 @@ pub struct LoaderConfig {
     pub normalization: Normalization,
     /// How many batches the workers may prepare ahead of the consumer.
     pub prefetch: usize,
+    /// The JPEG decoder.
+    pub jpeg: JpegBackend,
+    /// Decode JPEGs at a reduced scale when the crop allows it (libjpeg-turbo only).
+    pub scaled_decode: bool,
 }
 
 impl LoaderConfig {
@@ -54,6 +69,8 @@ impl LoaderConfig {
             augment: AugmentConfig::default(),
             normalization: Normalization::IMAGENET,
             prefetch: 4,
+            jpeg: JpegBackend::Auto,
+            scaled_decode: true,
         }
     }
 
@@ -86,6 +103,47 @@ pub struct Loader {
     cfg: LoaderConfig,
     /// Files already warned about, so each bad file is reported once per run.
     warned: Arc<Mutex<HashSet<usize>>>,
+    stats: Arc<Stats>,
+    /// Batch buffers handed back by [`Loader::recycle`].
+    batch_pool: Arc<Mutex<Vec<Vec<f32>>>>,
+    /// Kept across epochs: chunk buffers and the workers' decoders and buffers.
+    reuse: Arc<Reuse>,
+}
+
+#[derive(Default)]
+struct Reuse {
+    chunks: Mutex<Vec<Vec<u8>>>,
+    workers: Mutex<Vec<WorkerState>>,
+}
+
+/// Time spent per stage of the pipeline, summed over the threads that ran it (seconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StageTimes {
+    /// Reading the encoded bytes (file reads; nothing for a packed file's map until touched).
+    pub read: f64,
+    /// Header, augmentation draws and decoding.
+    pub decode: f64,
+    /// Resize, flip and colour jitter into the u8 slot.
+    pub transform: f64,
+    /// Normalising the slots into the batch's f32 buffer (on the consumer's thread).
+    pub pack: f64,
+    /// Images that went through every stage.
+    pub images: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    read_ns: AtomicU64,
+    decode_ns: AtomicU64,
+    transform_ns: AtomicU64,
+    pack_ns: AtomicU64,
+    images: AtomicU64,
+}
+
+fn add_ns(counter: &AtomicU64, since: Instant) -> Instant {
+    let now = Instant::now();
+    counter.fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+    now
 }
 
 impl Loader {
@@ -100,6 +158,7 @@ impl Loader {
             cfg.world_size
         );
         cfg.augment.validate()?;
+        Decoder::new(cfg.jpeg)?;
         if cfg.workers == 0 {
             cfg.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         }
@@ -107,6 +166,9 @@ impl Loader {
             dataset,
             cfg,
             warned: Arc::default(),
+            stats: Arc::default(),
+            batch_pool: Arc::default(),
+            reuse: Arc::default(),
         };
         if loader.cfg.train {
             let shard = loader.shard_range().len();
@@ -134,6 +196,27 @@ impl Loader {
         let mut bad: Vec<usize> = self.warned.lock().unwrap().iter().copied().collect();
         bad.sort_unstable();
         bad
+    }
+
+    /// Time per pipeline stage since the loader was made (all epochs).
+    pub fn stage_times(&self) -> StageTimes {
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 * 1e-9;
+        StageTimes {
+            read: s(&self.stats.read_ns),
+            decode: s(&self.stats.decode_ns),
+            transform: s(&self.stats.transform_ns),
+            pack: s(&self.stats.pack_ns),
+            images: self.stats.images.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hands a batch's image buffer back for a later batch to reuse (optional: a batch that is
+    /// just dropped costs a fresh allocation).
+    pub fn recycle(&self, batch: Batch) {
+        let mut pool = self.batch_pool.lock().unwrap();
+        if pool.len() < 4 {
+            pool.push(batch.images);
+        }
     }
 
     /// Training: full batches only. Evaluation: enough batches for every image of the shard
@@ -187,6 +270,9 @@ impl Loader {
             state: Mutex::new(Window::default()),
             wake: Condvar::new(),
             warned: self.warned.clone(),
+            stats: self.stats.clone(),
+            reuse: self.reuse.clone(),
+            batch_pool: self.batch_pool.clone(),
         });
         let (tx, rx) = channel();
         let workers = (0..self.cfg.workers)
@@ -223,8 +309,22 @@ fn hash_seed(parts: &[u64]) -> u64 {
     parts.iter().fold(0, |h, &p| mix(h ^ p))
 }
 
-/// One decoded and transformed image, or `None` for a bad file.
-type Item = Option<(usize, u32, Vec<f32>)>;
+/// One decoded and transformed image (dataset index and label; its pixels are in the chunk's
+/// buffer), or `None` for a bad file.
+type Item = Option<(usize, u32)>;
+
+/// A chunk's items and the u8 slots of their pixels (`image_size^2 * 3` bytes per item).
+struct Chunk {
+    items: Vec<Item>,
+    pixels: Vec<u8>,
+}
+
+/// What one worker thread reuses from image to image.
+struct WorkerState {
+    decoder: Decoder,
+    decoded: DecodedImage,
+    scratch: Scratch,
+}
 
 /// Flow control between the consumer and the workers, in units of chunks.
 #[derive(Default)]
@@ -249,6 +349,10 @@ struct Shared {
     state: Mutex<Window>,
     wake: Condvar,
     warned: Arc<Mutex<HashSet<usize>>>,
+    stats: Arc<Stats>,
+    /// Chunk pixel buffers the consumer has finished with, and idle worker states.
+    reuse: Arc<Reuse>,
+    batch_pool: Arc<Mutex<Vec<Vec<f32>>>>,
 }
 
 impl Shared {
@@ -267,20 +371,40 @@ impl Shared {
         Some(k)
     }
 
-    fn load(&self, position: usize) -> Item {
+    fn warn(&self, index: usize, e: &anyhow::Error) {
+        if self.warned.lock().unwrap().insert(index) {
+            eprintln!("warning: skipping bad image: {e:#}");
+        }
+    }
+
+    /// Loads the image at `position` into `slot` (u8 RGB, `image_size^2 * 3` bytes).
+    fn load(&self, position: usize, w: &mut WorkerState, slot: &mut [u8]) -> Item {
         let n = self.order.len();
         let (index, pass) = (self.order[position % n], position / n);
-        let img = match self.dataset.read(index) {
-            Ok(img) => img,
+        match self.load_into(index, pass, w, slot) {
+            Ok(()) => Some((index, self.dataset.label(index))),
             Err(e) => {
-                if self.warned.lock().unwrap().insert(index) {
-                    eprintln!("warning: skipping bad image: {e:#}");
-                }
-                return None;
+                self.warn(index, &e);
+                None
             }
-        };
+        }
+    }
+
+    fn load_into(
+        &self,
+        index: usize,
+        pass: usize,
+        w: &mut WorkerState,
+        slot: &mut [u8],
+    ) -> Result<()> {
+        let t = Instant::now();
+        let bytes = self.dataset.bytes(index)?;
+        let t = add_ns(&self.stats.read_ns, t);
+        let describe = || self.dataset.describe(index);
         let size = self.cfg.image_size;
-        let tensor = if self.cfg.train {
+        let header = w.decoder.header(&bytes).with_context(describe)?;
+        let full = (header.width, header.height);
+        let draws = self.cfg.train.then(|| {
             // `pass` only differs from 0 when skips made the epoch wrap around its shard.
             let seed = hash_seed(&[
                 AUGMENT_TAG,
@@ -289,38 +413,84 @@ impl Shared {
                 index as u64,
                 pass as u64,
             ]);
-            train_transform(
-                &img,
-                size,
+            draw_train(
+                full.0,
+                full.1,
                 &self.cfg.augment,
-                &self.cfg.normalization,
                 &mut ChaCha8Rng::seed_from_u64(seed),
             )
-        } else {
-            eval_transform(&img, size, &self.cfg.normalization)
+        });
+        let min_side = match &draws {
+            Some(d) => d.crop.width.min(d.crop.height) as f64,
+            None => Region::eval(full, full, size).min_side(),
         };
-        Some((index, self.dataset.label(index), tensor))
+        let denom = if self.cfg.scaled_decode && header.jpeg && w.decoder.uses_turbo() {
+            scale_denominator(min_side, size)
+        } else {
+            1
+        };
+        w.decoder
+            .decode_into(&bytes, denom, &mut w.decoded)
+            .with_context(describe)?;
+        let t = add_ns(&self.stats.decode_ns, t);
+        match &draws {
+            Some(d) => train_u8_into(&w.decoded, full, d, size, slot, &mut w.scratch),
+            None => eval_u8_into(&w.decoded, full, size, slot, &mut w.scratch),
+        }
+        .with_context(describe)?;
+        add_ns(&self.stats.transform_ns, t);
+        Ok(())
     }
 }
 
-fn worker(shared: &Shared, tx: &Sender<(usize, Vec<Item>)>) {
+/// The JPEG decoding scale 1/d (d in 1, 2, 4, 8): the largest that keeps the source region's
+/// shorter side, `min_side` full-scale pixels, at least `size` pixels.
+pub fn scale_denominator(min_side: f64, size: usize) -> usize {
+    [8, 4, 2]
+        .into_iter()
+        .find(|&d| min_side >= (d * size) as f64)
+        .unwrap_or(1)
+}
+
+fn worker(shared: &Shared, tx: &Sender<(usize, Chunk)>) {
+    let reused = shared.reuse.workers.lock().unwrap().pop();
+    let mut w = reused.unwrap_or_else(|| WorkerState {
+        // Checked in `Loader::new`; Auto never fails.
+        decoder: Decoder::new(shared.cfg.jpeg)
+            .unwrap_or_else(|_| Decoder::new(JpegBackend::Zune).unwrap()),
+        decoded: DecodedImage {
+            width: 0,
+            height: 0,
+            pixels: Vec::new(),
+        },
+        scratch: Scratch::default(),
+    });
+    let pixels = shared.cfg.image_size * shared.cfg.image_size * 3;
     while let Some(k) = shared.claim() {
         let end = (k + 1) * shared.chunk;
         let end = shared.stream_len.map_or(end, |len| len.min(end));
-        let items = (k * shared.chunk..end).map(|p| shared.load(p)).collect();
-        if tx.send((k, items)).is_err() {
-            return;
+        let start = k * shared.chunk;
+        let mut buf = shared.reuse.chunks.lock().unwrap().pop().unwrap_or_default();
+        buf.resize((end - start) * pixels, 0);
+        let items = (start..end)
+            .zip(buf.chunks_exact_mut(pixels))
+            .map(|(p, slot)| shared.load(p, &mut w, slot))
+            .collect();
+        let chunk = Chunk { items, pixels: buf };
+        if tx.send((k, chunk)).is_err() {
+            break;
         }
     }
+    shared.reuse.workers.lock().unwrap().push(w);
 }
 
 /// The batches of one epoch, in order.
 pub struct Epoch {
     shared: Arc<Shared>,
-    rx: Receiver<(usize, Vec<Item>)>,
+    rx: Receiver<(usize, Chunk)>,
     workers: Vec<JoinHandle<()>>,
-    /// Chunks received but not yet consumed, by chunk number.
-    pending: BTreeMap<usize, std::vec::IntoIter<Item>>,
+    /// Chunks received but not yet consumed, by chunk number, with the next item's slot.
+    pending: BTreeMap<usize, (Chunk, usize)>,
     /// Next stream position to consume.
     position: usize,
     /// Training batches still to hand out.
@@ -337,24 +507,35 @@ impl Epoch {
         self.skipped
     }
 
-    /// The item at the current position, waiting for its chunk if needed. `None`: stream over.
-    fn next_item(&mut self) -> Option<Item> {
+    /// The item at the current position, waiting for its chunk if needed; a good item's pixels
+    /// are normalised into `dst`. `None`: stream over.
+    fn next_item(&mut self, dst: &mut [f32]) -> Option<Item> {
         let sh = self.shared.clone();
         if sh.stream_len.is_some_and(|len| self.position >= len) {
             return None;
         }
         let k = self.position / sh.chunk;
         while !self.pending.contains_key(&k) {
-            let (chunk, items) = self
+            let (number, chunk) = self
                 .rx
                 .recv()
                 .expect("a data loader worker thread panicked");
-            self.pending.insert(chunk, items.into_iter());
+            self.pending.insert(number, (chunk, 0));
         }
-        let item = self.pending.get_mut(&k).unwrap().next().unwrap();
+        let (chunk, i) = self.pending.get_mut(&k).unwrap();
+        let item = chunk.items[*i];
+        if item.is_some() {
+            let t = Instant::now();
+            let n = dst.len();
+            normalize_u8_into(&chunk.pixels[*i * n..(*i + 1) * n], dst, &sh.cfg.normalization);
+            add_ns(&sh.stats.pack_ns, t);
+            sh.stats.images.fetch_add(1, Ordering::Relaxed);
+        }
+        *i += 1;
         self.position += 1;
         if self.position.is_multiple_of(sh.chunk) || sh.stream_len == Some(self.position) {
-            self.pending.remove(&k);
+            let (chunk, _) = self.pending.remove(&k).unwrap();
+            sh.reuse.chunks.lock().unwrap().push(chunk.pixels);
             sh.state.lock().unwrap().consumed = k + 1;
             sh.wake.notify_all();
         }
@@ -389,19 +570,27 @@ impl Iterator for Epoch {
         if train && self.batches_left == 0 {
             return None;
         }
+        let t = Instant::now();
+        let images = self.shared.batch_pool.lock().unwrap().pop();
+        let images = match images {
+            Some(v) if v.len() == b * pixels => v,
+            _ => vec![0.0; b * pixels],
+        };
+        add_ns(&self.shared.stats.pack_ns, t);
         let mut batch = Batch {
-            images: vec![0.0; b * pixels],
+            images,
             labels: vec![0; b],
             indices: Vec::with_capacity(b),
             len: 0,
             skipped: 0,
         };
         while batch.len < b {
-            let Some(item) = self.next_item() else { break };
+            let slot = batch.len * pixels..(batch.len + 1) * pixels;
+            let Some(item) = self.next_item(&mut batch.images[slot]) else {
+                break;
+            };
             match item {
-                Some((index, label, tensor)) => {
-                    batch.images[batch.len * pixels..(batch.len + 1) * pixels]
-                        .copy_from_slice(&tensor);
+                Some((index, label)) => {
                     batch.labels[batch.len] = label;
                     batch.indices.push(index);
                     batch.len += 1;
@@ -416,6 +605,8 @@ impl Iterator for Epoch {
             }
         }
         self.skipped += batch.skipped;
+        // A recycled buffer holds old images past the real ones: slots past `len` are zero.
+        batch.images[batch.len * pixels..].fill(0.0);
         if train {
             self.batches_left -= 1;
         }

@@ -10,6 +10,10 @@ use anyhow::{ensure, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+pub use super::fast::{
+    eval_u8_into, normalize_u8_into, resize_region_u8, train_u8_into, Region, Scratch,
+};
+
 /// ImageNet channel means and standard deviations, applied after scaling to [0, 1].
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -94,8 +98,41 @@ pub struct CropBox {
     pub height: usize,
 }
 
+/// The random draws of one training transform, made in the order [`train_transform`] always
+/// made them: the crop box, the flip, then (when jitter is on) the order of the three jitter
+/// operations and their factors. Drawing them first lets the loader pick a decoding scale from
+/// the crop before it decodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainDraws {
+    pub crop: CropBox,
+    pub flip: bool,
+    /// (operation, factor) in application order: 0 brightness, 1 contrast, 2 saturation.
+    pub jitter: Option<[(u8, f32); 3]>,
+}
+
+/// Draws the crop, flip and jitter of a training transform for a `width` x `height` image.
+pub fn draw_train(
+    width: usize,
+    height: usize,
+    cfg: &AugmentConfig,
+    rng: &mut impl Rng,
+) -> TrainDraws {
+    let crop = random_resized_crop_box(width, height, cfg.scale, cfg.ratio, rng);
+    let flip = rng.random::<f32>() < cfg.flip_prob;
+    let jitter = (cfg.jitter > 0.0).then(|| {
+        let mut order = [0u8, 1, 2];
+        order.shuffle(rng);
+        let lo = (1.0 - cfg.jitter as f64).max(0.0);
+        let hi = 1.0 + cfg.jitter as f64;
+        order.map(|op| (op, uniform(rng, lo, hi) as f32))
+    });
+    TrainDraws { crop, flip, jitter }
+}
+
 /// Training transform: random resized crop to `size` x `size`, flip, colour jitter, normalise.
-/// All randomness comes from `rng`, so a seeded rng gives a reproducible result.
+/// All randomness comes from `rng`, so a seeded rng gives a reproducible result. This is the
+/// f32 reference; the loader runs the same draws through [`train_u8_into`] and normalises when
+/// it packs the batch.
 pub fn train_transform(
     img: &DecodedImage,
     size: usize,
@@ -103,13 +140,13 @@ pub fn train_transform(
     norm: &Normalization,
     rng: &mut impl Rng,
 ) -> Vec<f32> {
-    let crop = random_resized_crop_box(img.width, img.height, cfg.scale, cfg.ratio, rng);
-    let mut out = resize_crop(img, crop, size);
-    if rng.random::<f32>() < cfg.flip_prob {
+    let draws = draw_train(img.width, img.height, cfg, rng);
+    let mut out = resize_crop(img, draws.crop, size);
+    if draws.flip {
         flip_horizontal(&mut out, size);
     }
-    if cfg.jitter > 0.0 {
-        colour_jitter(&mut out, cfg.jitter, rng);
+    if let Some(ops) = draws.jitter {
+        colour_jitter(&mut out, &ops);
     }
     normalize(&mut out, norm);
     out
@@ -328,15 +365,10 @@ fn grey(px: &[f32]) -> f32 {
     0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2]
 }
 
-/// torchvision's `ColorJitter(s, s, s)`: brightness, contrast and saturation factors drawn from
-/// [max(0, 1 - s), 1 + s], applied in a random order, values clamped to 0..=255.
-fn colour_jitter(img: &mut [f32], strength: f32, rng: &mut impl Rng) {
-    let mut order = [0usize, 1, 2];
-    order.shuffle(rng);
-    let lo = (1.0 - strength as f64).max(0.0);
-    let hi = 1.0 + strength as f64;
-    for op in order {
-        let f = uniform(rng, lo, hi) as f32;
+/// torchvision's `ColorJitter(s, s, s)` with drawn factors: brightness, contrast and saturation
+/// applied in the drawn order, values clamped to 0..=255 after each.
+fn colour_jitter(img: &mut [f32], ops: &[(u8, f32); 3]) {
+    for &(op, f) in ops {
         match op {
             0 => blend(img, f, |_| [0.0; 3]),
             1 => {

@@ -333,6 +333,7 @@ fn run_epoch(
         let lr = schedule.lr(run.step);
         let outcomes =
             backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
+        loader.recycle(batch);
         run.step += 1;
         let ips = ((i + 1) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
         for out in outcomes {

@@ -1,0 +1,445 @@
+//! The loader's transforms in u8: a crop-aware SIMD resize straight from the decoded image into
+//! the image's slot, then flip and colour jitter fused into one pass over the slot. Nothing is
+//! allocated per image once a thread's [`Scratch`] has grown to the image size. Normalisation to
+//! f32 happens once, when the batch is packed ([`normalize_u8_into`]).
+//!
+//! They follow the f32 reference transforms of [`super::transform`] (same draws, same filter:
+//! a triangle filter widened when shrinking, as PIL's antialiased bilinear resize), differing only
+//! by u8 rounding (`tests/data_transform.rs` bounds the difference).
+
+use super::decode::DecodedImage;
+use super::transform::{CropBox, Normalization, TrainDraws};
+use anyhow::{Context, Result};
+use fast_image_resize as fir;
+
+/// Per-thread buffers of the u8 transforms.
+#[derive(Default)]
+pub struct Scratch {
+    resizer: fir::Resizer,
+    /// One output row, planar (r, g, b), for the jitter pass.
+    planes: Vec<f32>,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scratch").finish_non_exhaustive()
+    }
+}
+
+/// A source window in the decoded image's pixel coordinates (fractional when the image was
+/// decoded at a reduced scale, or for the evaluation crop).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Region {
+    pub x: f64,
+    pub y: f64,
+    pub width: f64,
+    pub height: f64,
+    /// Read only the pixels of the smallest whole-pixel box around the window, as if it were cut
+    /// out first (training crops); otherwise the filter may reach past the window's edges into
+    /// the rest of the image (evaluation).
+    pub bounded: bool,
+}
+
+impl Region {
+    /// The training crop `crop` of the `full` (width, height) image, in the coordinates of that
+    /// image decoded at `decoded` (width, height).
+    pub fn train(crop: CropBox, full: (usize, usize), decoded: (usize, usize)) -> Self {
+        let sx = decoded.0 as f64 / full.0 as f64;
+        let sy = decoded.1 as f64 / full.1 as f64;
+        Self {
+            x: crop.x as f64 * sx,
+            y: crop.y as f64 * sy,
+            width: crop.width as f64 * sx,
+            height: crop.height as f64 * sy,
+            bounded: true,
+        }
+    }
+
+    /// Evaluation's window (torchvision's `Resize(size)` then `CenterCrop(size)`) in the
+    /// coordinates of the `full` image decoded at `decoded`.
+    pub fn eval(full: (usize, usize), decoded: (usize, usize), size: usize) -> Self {
+        let short = full.0.min(full.1);
+        // torchvision truncates the longer side: int(size * long / short).
+        let axis = |len: usize, dec: usize| {
+            let rlen = if len == short {
+                size
+            } else {
+                (size * len / short).max(size)
+            };
+            let offset = ((rlen - size) as f64 / 2.0).round();
+            let step = len as f64 / rlen as f64;
+            let s = dec as f64 / len as f64;
+            (offset * step * s, size as f64 * step * s)
+        };
+        let (x, width) = axis(full.0, decoded.0);
+        let (y, height) = axis(full.1, decoded.1);
+        Self {
+            x,
+            y,
+            width,
+            height,
+            bounded: false,
+        }
+    }
+
+    /// The smaller side of the window, in decoded pixels.
+    pub fn min_side(&self) -> f64 {
+        self.width.min(self.height)
+    }
+}
+
+/// Resizes `region` of `img` to `size` x `size` RGB u8 in `out` (`size * size * 3` bytes).
+pub fn resize_region_u8(
+    img: &DecodedImage,
+    region: Region,
+    size: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let src = fir::images::ImageRef::new(
+        img.width as u32,
+        img.height as u32,
+        &img.pixels,
+        fir::PixelType::U8x3,
+    )
+    .context("decoded image buffer")?;
+    let mut dst =
+        fir::images::Image::from_slice_u8(size as u32, size as u32, out, fir::PixelType::U8x3)
+            .context("output slot")?;
+    let opts = fir::ResizeOptions::new()
+        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
+    if region.bounded {
+        let x0 = (region.x.floor().max(0.0) as usize).min(img.width - 1);
+        let y0 = (region.y.floor().max(0.0) as usize).min(img.height - 1);
+        let x1 = ((region.x + region.width).ceil() as usize).clamp(x0 + 1, img.width);
+        let y1 = ((region.y + region.height).ceil() as usize).clamp(y0 + 1, img.height);
+        let view = fir::images::CroppedImage::new(
+            &src,
+            x0 as u32,
+            y0 as u32,
+            (x1 - x0) as u32,
+            (y1 - y0) as u32,
+        )?;
+        let (w, h) = (
+            region.width.min((x1 - x0) as f64),
+            region.height.min((y1 - y0) as f64),
+        );
+        let opts = opts.crop(
+            (region.x - x0 as f64).max(0.0),
+            (region.y - y0 as f64).max(0.0),
+            w,
+            h,
+        );
+        scratch.resizer.resize(&view, &mut dst, &opts)?;
+    } else {
+        let opts = opts.crop(region.x, region.y, region.width, region.height);
+        scratch.resizer.resize(&src, &mut dst, &opts)?;
+    }
+    Ok(())
+}
+
+/// The training transform in u8: the drawn crop of the `full` (width, height) image, read from
+/// `img` (that image decoded at full or reduced scale), resized into `out`, then flipped and
+/// jittered in one pass. `out` holds `size * size * 3` bytes of RGB.
+pub fn train_u8_into(
+    img: &DecodedImage,
+    full: (usize, usize),
+    draws: &TrainDraws,
+    size: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let region = Region::train(draws.crop, full, (img.width, img.height));
+    resize_region_u8(img, region, size, out, scratch)?;
+    flip_jitter_u8(out, size, draws.flip, draws.jitter.as_ref(), scratch);
+    Ok(())
+}
+
+/// The evaluation transform in u8 (resize the shorter side, centre crop) of the `full` image
+/// decoded as `img`.
+pub fn eval_u8_into(
+    img: &DecodedImage,
+    full: (usize, usize),
+    size: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let region = Region::eval(full, (img.width, img.height), size);
+    resize_region_u8(img, region, size, out, scratch)
+}
+
+/// Splits one interleaved RGB row into the three planes (eight pixels at a time, so that it
+/// vectorises).
+#[inline(always)]
+fn load_row(row: &[u8], planes: &mut [f32], n: usize) {
+    let (r, rest) = planes.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    let full = n / 8 * 8;
+    for (((px, r), g), b) in row[..3 * full]
+        .chunks_exact(24)
+        .zip(r.chunks_exact_mut(8))
+        .zip(g.chunks_exact_mut(8))
+        .zip(b.chunks_exact_mut(8))
+    {
+        let px: &[u8; 24] = px.try_into().unwrap();
+        for l in 0..8 {
+            r[l] = px[3 * l] as f32;
+            g[l] = px[3 * l + 1] as f32;
+            b[l] = px[3 * l + 2] as f32;
+        }
+    }
+    for i in full..n {
+        r[i] = row[3 * i] as f32;
+        g[i] = row[3 * i + 1] as f32;
+        b[i] = row[3 * i + 2] as f32;
+    }
+}
+
+/// `v = clamp(f * v + m, 0, 255)` over a plane (the reference's `blend` with a constant other).
+#[inline(always)]
+fn blend_const(plane: &mut [f32], f: f32, m: f32) {
+    let mut c = plane.chunks_exact_mut(8);
+    for v in &mut c {
+        for v in v.iter_mut() {
+            *v = (f * *v + m).max(0.0).min(255.0);
+        }
+    }
+    for v in c.into_remainder() {
+        *v = (f * *v + m).max(0.0).min(255.0);
+    }
+}
+
+/// The sum of the grey values of one row's planes, in eight lanes (so that it vectorises).
+#[inline(always)]
+fn grey_sum(planes: &[f32], n: usize) -> f64 {
+    let (r, rest) = planes.split_at(n);
+    let (g, b) = rest.split_at(n);
+    let mut acc = [0.0f32; 8];
+    let mut i = 0;
+    while i + 8 <= n {
+        for l in 0..8 {
+            acc[l] += 0.299 * r[i + l] + 0.587 * g[i + l] + 0.114 * b[i + l];
+        }
+        i += 8;
+    }
+    let mut sum: f64 = acc.iter().map(|&v| v as f64).sum();
+    for j in i..n {
+        sum += (0.299 * r[j] + 0.587 * g[j] + 0.114 * b[j]) as f64;
+    }
+    sum
+}
+
+/// Applies the jitter operations to one row's planes (the reference's `blend`, on planes so
+/// that it vectorises).
+#[inline(always)]
+fn apply_ops(planes: &mut [f32], n: usize, ops: &[(u8, f32)], mean: f32, avx2: bool) {
+    let (r, rest) = planes.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for &(op, f) in ops {
+        let k = 1.0 - f;
+        match op {
+            0 | 1 => {
+                let m = if op == 0 { k * 0.0 } else { k * mean };
+                for p in [&mut *r, &mut *g, &mut *b] {
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY: `avx2` is only true when the CPU has AVX2.
+                        unsafe { simd::blend_const(p, f, m) };
+                        continue;
+                    }
+                    blend_const(p, f, m);
+                }
+            }
+            _ => {
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: as above.
+                    done = unsafe { simd::saturate(r, g, b, f) };
+                }
+                let c = |v: f32| v.max(0.0).min(255.0);
+                let rem = r[done..].iter_mut().zip(&mut g[done..]).zip(&mut b[done..]);
+                for ((r, g), b) in rem {
+                    let m = k * (0.299 * *r + 0.587 * *g + 0.114 * *b);
+                    *r = c(f * *r + m);
+                    *g = c(f * *g + m);
+                    *b = c(f * *b + m);
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 versions of the plane operations, with the reference's arithmetic (separate multiply
+/// and add, no fused rounding).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// `v = clamp(f * v + m, 0, 255)` over the whole plane.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn blend_const(p: &mut [f32], f: f32, m: f32) {
+        let (vf, vm) = (_mm256_set1_ps(f), _mm256_set1_ps(m));
+        let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let n8 = p.len() / 8 * 8;
+        let ptr = p.as_mut_ptr();
+        let mut i = 0;
+        while i < n8 {
+            let v = _mm256_loadu_ps(ptr.add(i));
+            let v = _mm256_add_ps(_mm256_mul_ps(vf, v), vm);
+            _mm256_storeu_ps(ptr.add(i), _mm256_min_ps(_mm256_max_ps(v, lo), hi));
+            i += 8;
+        }
+        for v in &mut p[n8..] {
+            *v = (f * *v + m).max(0.0).min(255.0);
+        }
+    }
+
+    /// Saturation over the first multiple of eight pixels; returns how many it did.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn saturate(r: &mut [f32], g: &mut [f32], b: &mut [f32], f: f32) -> usize {
+        let n8 = r.len().min(g.len()).min(b.len()) / 8 * 8;
+        let (vf, vk) = (_mm256_set1_ps(f), _mm256_set1_ps(1.0 - f));
+        let (wr, wg, wb) = (
+            _mm256_set1_ps(0.299),
+            _mm256_set1_ps(0.587),
+            _mm256_set1_ps(0.114),
+        );
+        let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let (pr, pg, pb) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
+        let mut i = 0;
+        while i < n8 {
+            let (vr, vg, vb) = (
+                _mm256_loadu_ps(pr.add(i)),
+                _mm256_loadu_ps(pg.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+            );
+            let grey = _mm256_add_ps(
+                _mm256_add_ps(_mm256_mul_ps(wr, vr), _mm256_mul_ps(wg, vg)),
+                _mm256_mul_ps(wb, vb),
+            );
+            let m = _mm256_mul_ps(vk, grey);
+            let c = |v: __m256| _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            _mm256_storeu_ps(pr.add(i), c(_mm256_add_ps(_mm256_mul_ps(vf, vr), m)));
+            _mm256_storeu_ps(pg.add(i), c(_mm256_add_ps(_mm256_mul_ps(vf, vg), m)));
+            _mm256_storeu_ps(pb.add(i), c(_mm256_add_ps(_mm256_mul_ps(vf, vb), m)));
+            i += 8;
+        }
+        n8
+    }
+}
+
+/// Interleaves the planes back into a u8 row (rounded), mirrored when `flip`. Values are in
+/// 0..=255 already.
+#[inline(always)]
+fn store_row(planes: &mut [f32], n: usize, row: &mut [u8], flip: bool) {
+    let (r, rest) = planes.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    if flip {
+        r.reverse();
+        g.reverse();
+        b.reverse();
+    }
+    let q = |v: f32| (v + 0.5) as i32 as u8;
+    let full = n / 8 * 8;
+    for (((px, r), g), b) in row[..3 * full]
+        .chunks_exact_mut(24)
+        .zip(r.chunks_exact(8))
+        .zip(g.chunks_exact(8))
+        .zip(b.chunks_exact(8))
+    {
+        let mut out = [0u8; 24];
+        for l in 0..8 {
+            out[3 * l] = q(r[l]);
+            out[3 * l + 1] = q(g[l]);
+            out[3 * l + 2] = q(b[l]);
+        }
+        px.copy_from_slice(&out);
+    }
+    for i in full..n {
+        row[3 * i] = q(r[i]);
+        row[3 * i + 1] = q(g[i]);
+        row[3 * i + 2] = q(b[i]);
+    }
+}
+
+/// Flip and colour jitter of a `size` x `size` RGB u8 image in one pass over it (a second,
+/// read-only pass first when the contrast step needs the mean grey of what precedes it).
+pub fn flip_jitter_u8(
+    img: &mut [u8],
+    size: usize,
+    flip: bool,
+    jitter: Option<&[(u8, f32); 3]>,
+    scratch: &mut Scratch,
+) {
+    let row_len = size * 3;
+    let Some(ops) = jitter else {
+        if flip {
+            for row in img.chunks_exact_mut(row_len) {
+                for x in 0..size / 2 {
+                    let (a, b) = (x * 3, (size - 1 - x) * 3);
+                    for c in 0..3 {
+                        row.swap(a + c, b + c);
+                    }
+                }
+            }
+        }
+        return;
+    };
+    scratch.planes.resize(3 * size, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    jitter_rows(img, size, flip, ops, &mut scratch.planes, avx2);
+}
+
+fn jitter_rows(
+    img: &mut [u8],
+    size: usize,
+    flip: bool,
+    ops: &[(u8, f32); 3],
+    planes: &mut [f32],
+    avx2: bool,
+) {
+    let row_len = size * 3;
+    let mut mean = 0.0f32;
+    if let Some(k) = ops.iter().position(|o| o.0 == 1) {
+        let mut sum = 0.0f64;
+        for row in img.chunks_exact(row_len) {
+            load_row(row, planes, size);
+            apply_ops(planes, size, &ops[..k], 0.0, avx2);
+            sum += grey_sum(planes, size);
+        }
+        mean = (sum / (size * size) as f64) as f32;
+    }
+    for row in img.chunks_exact_mut(row_len) {
+        load_row(row, planes, size);
+        apply_ops(planes, size, ops, mean, avx2);
+        store_row(planes, size, row, flip);
+    }
+}
+
+/// RGB u8 (0..=255) -> `(x / 255 - mean) / std` per channel, written to `dst`.
+pub fn normalize_u8_into(src: &[u8], dst: &mut [f32], norm: &Normalization) {
+    assert_eq!(src.len(), dst.len());
+    // Sixteen pixels per step, so that the channel pattern lines up with the vector lanes.
+    const PX: usize = 16;
+    let mut mul = [0.0f32; 3 * PX];
+    let mut add = [0.0f32; 3 * PX];
+    for i in 0..3 * PX {
+        let c = i % 3;
+        mul[i] = 1.0 / (255.0 * norm.std[c]);
+        add[i] = -norm.mean[c] / norm.std[c];
+    }
+    let mut s = src.chunks_exact(3 * PX);
+    let mut d = dst.chunks_exact_mut(3 * PX);
+    for (s, d) in (&mut s).zip(&mut d) {
+        for i in 0..3 * PX {
+            d[i] = s[i] as f32 * mul[i] + add[i];
+        }
+    }
+    for (i, (v, o)) in s.remainder().iter().zip(d.into_remainder()).enumerate() {
+        *o = *v as f32 * mul[i] + add[i];
+    }
+}
