@@ -302,7 +302,7 @@ fn log_interval(
     out: &StepOutcome,
     ips: f64,
 ) -> Result<()> {
-    if (out.step - first_step + 1) % cfg.log_every as u64 != 0 {
+    if !(out.step - first_step + 1).is_multiple_of(cfg.log_every as u64) {
         return Ok(());
     }
     log.metrics(json!({"event": "step", "epoch": epoch, "step": out.step + 1, "loss": out.loss, "skipped": out.skipped, "lr": schedule.lr(out.step), "loss_scale": run.scaler.scale(), "images_per_sec": ips}))
