@@ -421,3 +421,32 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(last_json(&o)["logits"].as_array().unwrap().len(), 10);
 }
+
+#[test]
+fn a_plan_larger_than_device_memory_is_a_clear_error() {
+    if !nvrtc_available() {
+        return;
+    }
+    let o = engine(
+        &[
+            "bench",
+            "train",
+            "--plan",
+            "v4",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "64",
+            "--steps",
+            "1",
+        ],
+        &[("INCEPTION_EMU_MEMORY_MB", "512")],
+    );
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(
+        all.contains("not enough device memory") && all.contains("use a smaller --batch-size"),
+        "{all}"
+    );
+    assert!(!all.contains("panicked"), "{all}");
+}
