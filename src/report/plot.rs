@@ -197,11 +197,24 @@ fn loss_panel<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
+    // An evaluation loss far above every training loss (BN statistics not settled after the
+    // first epoch, say) would flatten the curves: the axis stops at twice the highest training
+    // loss and such points sit on its top edge, labelled with their value.
+    let train_max = runs
+        .iter()
+        .flat_map(|r| r.steps.iter().map(|s| s.loss))
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let cap = if train_max.is_finite() {
+        2.0 * train_max.max(0.0)
+    } else {
+        f64::INFINITY
+    };
     let values = runs.iter().flat_map(|r| {
         r.steps
             .iter()
             .map(|s| s.loss)
-            .chain(r.evals.iter().map(|e| e.loss))
+            .chain(r.evals.iter().map(|e| e.loss).filter(|&v| v <= cap))
     });
     let y = span(values, (0.0, 1.0));
     let mut c = chart(area, "Loss", x, y, "loss", &|v| format!("{v:.2}"))?;
@@ -225,11 +238,21 @@ where
         let eval: Vec<(f64, f64)> = r
             .evals
             .iter()
-            .map(|e| (e.epoch as f64, e.loss))
+            .map(|e| (e.epoch as f64, e.loss.min(y.1)))
             .filter(finite)
             .collect();
         if !eval.is_empty() {
             let dark = RGBColor(col.0 / 2, col.1 / 2, col.2 / 2);
+            for e in r.evals.iter().filter(|e| e.loss > y.1) {
+                c.draw_series(std::iter::once(
+                    EmptyElement::at((e.epoch as f64, y.1))
+                        + Text::new(
+                            format!("\u{2191} {:.1}", e.loss),
+                            (8, -2),
+                            (FONT, 12).into_font().color(&dark),
+                        ),
+                ))?;
+            }
             c.draw_series(DashedLineSeries::new(
                 eval.clone(),
                 6,
@@ -394,7 +417,7 @@ where
             .chain(r.scale_changes.iter().flat_map(|c| [c.from, c.to]))
     });
     if !scaled {
-        area.titled("Loss scale", (FONT, 18))?;
+        area.margin(9, 0, 0, 0).titled("Loss scale", (FONT, 18))?;
         return note(area, "no loss scaling (fp32)");
     }
     let y = span(values.map(log2), (-1.0, 1.0));
