@@ -379,8 +379,7 @@ fn last_start_step(dir: &Path) -> u64 {
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "start")
-        .last()
+        .rfind(|v| v["event"] == "start")
         .unwrap()["step"]
         .as_u64()
         .unwrap()

@@ -198,7 +198,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 )?);
             }
         }
-        let step_due = cfg.save_every_steps > 0 && run.step % cfg.save_every_steps as u64 == 0;
+        let step_due =
+            cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
         if last || step_due || (cfg.save_every_epochs > 0 && epoch % cfg.save_every_epochs == 0) {
             summary.last_checkpoint = Some(save_checkpoint(backend.as_mut(), cfg, &meta, &run)?);
         }
@@ -511,12 +512,13 @@ fn run_epoch(
             _ => format!("{:.4}", tally.last_loss),
         };
         progress.update(i as u64, format!("loss {loss} lr {lr:.3e} {ips:.1} img/s"));
-        if i % cfg.log_every == 0 {
+        if i.is_multiple_of(cfg.log_every) {
             let mean = tally.take_interval();
             log.metrics(json!({"event": "step", "epoch": epoch, "step": run.step, "loss": tally.last_loss, "mean_loss": mean, "lr": lr, "loss_scale": run.scaler.scale(), "images_per_sec": ips}))?;
         }
         // A save at the epoch's last step is the epoch-end save (after the evaluation).
-        let save_due = cfg.save_every_steps > 0 && run.step % cfg.save_every_steps as u64 == 0;
+        let save_due =
+            cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
         if save_due && i < steps {
             for out in backend.settle(&mut run.scaler)? {
                 tally.record(out, log, epoch, last_ckpt.as_deref())?;
