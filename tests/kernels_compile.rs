@@ -18,6 +18,13 @@ fn report(line: &str) {
 }
 
 fn nvrtc_available() -> bool {
+    // After tools/test.sh has made .venv once, a plain `cargo test` finds its wheels too.
+    if std::env::var_os("INCEPTION_CUDA_HOME").is_none() {
+        if let Some(home) = tool_groups::venv_cuda_home() {
+            // The only test of this binary, so no other thread reads the environment.
+            std::env::set_var("INCEPTION_CUDA_HOME", home);
+        }
+    }
     tool_groups::available(
         "the CUDA kernel compile check (tests/kernels_compile.rs)",
         libs::ensure_nvrtc().map_err(|e| format!("NVRTC not found: {e:#}")),

@@ -114,6 +114,15 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(p) = summary.last_checkpoint {
         println!("checkpoint: {}", p.display());
     }
+    let curves = cfg.out.join(crate::report::CURVES_PNG);
+    if curves.is_file() {
+        println!(
+            "curves: {} (and {}, {})",
+            curves.display(),
+            crate::report::CURVES_SVG,
+            crate::report::SUMMARY_FILE
+        );
+    }
     Ok(())
 }
 

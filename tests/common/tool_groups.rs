@@ -41,3 +41,15 @@ pub fn python() -> PathBuf {
     }
     PathBuf::from("python3")
 }
+
+/// The NVRTC wheels' folder (`nvidia/cu13`) in the project's `.venv`, if tools/test.sh made one.
+pub fn venv_cuda_home() -> Option<PathBuf> {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("site-packages/nvidia/cu13")))
+        .filter(|p| p.join("lib").is_dir())
+        .collect();
+    found.sort();
+    found.pop()
+}
