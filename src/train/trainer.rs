@@ -488,6 +488,7 @@ fn run_epoch(
     let done_before = run.position.batches;
     let progress = Progress::new(
         steps as u64,
+        done_before as u64,
         format!("epoch {epoch}/{}", cfg.epochs),
         cfg.log_every as u64,
     );
