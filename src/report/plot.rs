@@ -69,9 +69,12 @@ pub fn draw(runs: &[RunMetrics], path: &Path) -> Result<()> {
             draw_on(&root, runs)?;
             root.present()?;
         }
-        let img = image::RgbImage::from_raw(w, h, buf).context("picture buffer size")?;
+        use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+        use image::ImageEncoder;
         let mut png = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        PngEncoder::new_with_quality(&mut png, CompressionType::Best, FilterType::Adaptive)
+            .write_image(&buf, w, h, image::ExtendedColorType::Rgb8)
+            .context("encoding the PNG")?;
         png
     };
     super::write_atomic(path, &bytes)
