@@ -11,17 +11,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The emulated GPU still compiles the kernels with NVRTC: as tests/kernels_compile.rs, a missing
-/// libnvrtc fails the test unless INCEPTION_ALLOW_NO_NVRTC=1 says skipping is intended.
+#[path = "common/tool_groups.rs"]
+mod tool_groups;
+
+/// The NVRTC wheels' folder when known: the environment's, else the project's `.venv`.
+fn cuda_home() -> Option<PathBuf> {
+    std::env::var_os("INCEPTION_CUDA_HOME")
+        .map(PathBuf::from)
+        .or_else(tool_groups::venv_cuda_home)
+}
+
+/// The emulated GPU still compiles the kernels with NVRTC (for their names and resources): under
+/// tools/test.sh a missing NVRTC fails these tests, under a plain `cargo test` it skips them.
 fn nvrtc_available() -> bool {
-    match inception_engine::backend::cuda::libs::ensure_nvrtc() {
-        Ok(()) => true,
-        Err(e) if std::env::var("INCEPTION_ALLOW_NO_NVRTC").as_deref() == Ok("1") => {
-            eprintln!("skipping the emulated-GPU tests (INCEPTION_ALLOW_NO_NVRTC=1): {e:#}");
-            false
-        }
-        Err(e) => panic!("{e:#}\n(set INCEPTION_ALLOW_NO_NVRTC=1 to skip deliberately)"),
-    }
+    let probe = match cuda_home() {
+        Some(h) if h.join("lib/libnvrtc.so.13").is_file() => Ok(()),
+        _ => inception_engine::backend::cuda::libs::ensure_nvrtc()
+            .map_err(|e| format!("NVRTC not found: {e:#}")),
+    };
+    tool_groups::available("the emulated-GPU tests (tests/emu_gpu.rs)", probe)
 }
 
 fn bin() -> &'static str {
@@ -33,6 +41,9 @@ fn engine(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(bin());
     c.args(args)
         .env("INCEPTION_CUDA_DRIVER", inception_emu::driver_path());
+    if let Some(home) = cuda_home() {
+        c.env("INCEPTION_CUDA_HOME", home);
+    }
     for (k, v) in env {
         c.env(k, v);
     }

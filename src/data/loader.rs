@@ -10,7 +10,7 @@
 //! wraps around its shard if skips leave it short, so every epoch has `batches_per_epoch` steps.
 
 use super::dataset::Dataset;
-use super::transform::{eval_transform, train_transform, AugmentConfig, Normalization};
+use super::transform::{eval_transform_crop, train_transform, AugmentConfig, Normalization};
 use anyhow::{ensure, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -37,6 +37,9 @@ pub struct LoaderConfig {
     pub augment: AugmentConfig,
     /// Pixel normalisation (training and evaluation).
     pub normalization: Normalization,
+    /// Evaluation: the centre crop's share of the resized shorter side (timm's `crop_pct`; 1:
+    /// resize the shorter side to `image_size`).
+    pub crop_pct: f64,
     /// How many batches the workers may prepare ahead of the consumer.
     pub prefetch: usize,
 }
@@ -53,6 +56,7 @@ impl LoaderConfig {
             train: true,
             augment: AugmentConfig::default(),
             normalization: Normalization::IMAGENET,
+            crop_pct: 1.0,
             prefetch: 4,
         }
     }
@@ -100,6 +104,7 @@ impl Loader {
             cfg.world_size
         );
         cfg.augment.validate()?;
+        super::transform::check_crop_pct(cfg.crop_pct)?;
         if cfg.workers == 0 {
             cfg.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         }
@@ -173,6 +178,13 @@ impl Loader {
 
     /// Starts the workers for `epoch` and returns its batches. Dropping the iterator stops them.
     pub fn epoch(&self, epoch: usize) -> Epoch {
+        self.epoch_from(epoch, EpochPosition::default())
+    }
+
+    /// The batches of `epoch` after the point `from` (taken from [`Epoch::position`] of the same
+    /// epoch with the same dataset, seed and batch size): the same batches an uninterrupted epoch
+    /// hands out from there, bit for bit.
+    pub fn epoch_from(&self, epoch: usize, from: EpochPosition) -> Epoch {
         let order = self.shard(epoch);
         let chunk = self.cfg.batch_size.div_ceil(self.cfg.workers).max(1);
         let chunks_per_batch = self.cfg.batch_size.div_ceil(chunk);
@@ -184,7 +196,12 @@ impl Loader {
             order,
             chunk,
             window: (self.cfg.prefetch + 1) * chunks_per_batch,
-            state: Mutex::new(Window::default()),
+            total_batches: self.batches_per_epoch(),
+            state: Mutex::new(Window {
+                next_chunk: from.position / chunk,
+                consumed: from.position / chunk,
+                stop: false,
+            }),
             wake: Condvar::new(),
             warned: self.warned.clone(),
         });
@@ -195,17 +212,39 @@ impl Loader {
                 std::thread::spawn(move || worker(&shared, &tx))
             })
             .collect();
-        Epoch {
+        let mut epoch = Epoch {
             shared,
             rx,
             workers,
             pending: BTreeMap::new(),
-            position: 0,
-            batches_left: self.batches_per_epoch(),
-            skipped: 0,
-            good_since_wrap: 0,
+            position: from.position - from.position % chunk,
+            batches_left: self.batches_per_epoch().saturating_sub(from.batches),
+            skipped: from.skipped,
+            good_since_wrap: from.good_since_wrap,
+        };
+        // The workers start at the chunk holding `from.position`; the items before it in that
+        // chunk were consumed before the interruption.
+        while epoch.position < from.position {
+            if epoch.next_item().is_none() {
+                break;
+            }
         }
+        epoch
     }
+}
+
+/// Where an epoch's stream of batches stands: what a mid-epoch checkpoint records so a resumed
+/// run continues from the same image of the same shuffle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EpochPosition {
+    /// Batches handed out so far.
+    pub batches: usize,
+    /// Next stream position (images read, bad ones included; past the shard when it wrapped).
+    pub position: usize,
+    /// Bad files skipped so far.
+    pub skipped: usize,
+    /// Good images since the stream last passed a shard boundary.
+    pub good_since_wrap: usize,
 }
 
 const ORDER_TAG: u64 = 0x6f_7264_6572; // "order"
@@ -246,6 +285,8 @@ struct Shared {
     chunk: usize,
     /// Chunks the workers may run ahead of the consumer.
     window: usize,
+    /// Batches of a whole (training) epoch.
+    total_batches: usize,
     state: Mutex<Window>,
     wake: Condvar,
     warned: Arc<Mutex<HashSet<usize>>>,
@@ -297,7 +338,7 @@ impl Shared {
                 &mut ChaCha8Rng::seed_from_u64(seed),
             )
         } else {
-            eval_transform(&img, size, &self.cfg.normalization)
+            eval_transform_crop(&img, size, self.cfg.crop_pct, &self.cfg.normalization)
         };
         Some((index, self.dataset.label(index), tensor))
     }
@@ -335,6 +376,18 @@ impl Epoch {
     /// Bad files skipped so far in this epoch.
     pub fn skipped(&self) -> usize {
         self.skipped
+    }
+
+    /// How far this epoch has come, for [`Loader::epoch_from`]. Training epochs only: an
+    /// evaluation stream has no batch budget to resume.
+    pub fn position(&self) -> EpochPosition {
+        let total = self.shared.total_batches;
+        EpochPosition {
+            batches: total - self.batches_left,
+            position: self.position,
+            skipped: self.skipped,
+            good_since_wrap: self.good_since_wrap,
+        }
     }
 
     /// The item at the current position, waiting for its chunk if needed. `None`: stream over.

@@ -17,7 +17,7 @@ pub mod transform;
 pub use dataset::Dataset;
 pub use decode::{decode_image, DecodedImage};
 pub use folder::ImageFolder;
-pub use loader::{Batch, Epoch, Loader, LoaderConfig};
+pub use loader::{Batch, Epoch, EpochPosition, Loader, LoaderConfig};
 pub use packed::PackedFile;
 pub use transform::{AugmentConfig, Normalization, MEAN, STD};
 
