@@ -580,9 +580,10 @@ pub fn parse_file_name(prefix: &str, name: &str) -> Option<(u64, u64)> {
     Some((epoch.parse().ok()?, step.parse().ok()?))
 }
 
-/// Keep the `keep_max` newest checkpoints named by [`file_name`] in `dir` (by step, then epoch)
-/// and delete the rest; `keep_max == 0` keeps everything. Returns the deleted paths.
-pub fn rotate(dir: impl AsRef<Path>, prefix: &str, keep_max: usize) -> Result<Vec<PathBuf>> {
+/// The checkpoints named by [`file_name`] with this prefix in `dir`, as `(step, epoch, path)`,
+/// oldest first (by step, then epoch). Other files (a `.tmp` left by a crash among them) are
+/// ignored.
+pub fn list(dir: impl AsRef<Path>, prefix: &str) -> Result<Vec<(u64, u64, PathBuf)>> {
     let dir = dir.as_ref();
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -592,10 +593,17 @@ pub fn rotate(dir: impl AsRef<Path>, prefix: &str, keep_max: usize) -> Result<Ve
             found.push((step, epoch, entry.path()));
         }
     }
+    found.sort();
+    Ok(found)
+}
+
+/// Keep the `keep_max` newest checkpoints named by [`file_name`] in `dir` (by step, then epoch)
+/// and delete the rest; `keep_max == 0` keeps everything. Returns the deleted paths.
+pub fn rotate(dir: impl AsRef<Path>, prefix: &str, keep_max: usize) -> Result<Vec<PathBuf>> {
+    let found = list(dir, prefix)?;
     if keep_max == 0 || found.len() <= keep_max {
         return Ok(Vec::new());
     }
-    found.sort();
     let excess = found.len() - keep_max;
     let mut deleted = Vec::with_capacity(excess);
     for (_, _, path) in found.into_iter().take(excess) {

@@ -11,4 +11,5 @@ pub mod export;
 pub mod ops;
 pub mod params;
 pub mod plan;
+pub mod report;
 pub mod train;

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use inception_engine::cli::{bench, eval, export, import, inspect, pack, predict, selftest, train};
+use inception_engine::cli::{
+    bench, eval, export, import, inspect, pack, plot, predict, selftest, train,
+};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +36,8 @@ enum Command {
     Eval(eval::Args),
     /// Classify images with a checkpoint.
     Predict(predict::Args),
+    /// Draw the training curves of one or more runs on the same axes.
+    Plot(plot::Args),
     /// Pack an image folder into one memory-mapped file.
     Pack(pack::Args),
     /// Export a checkpoint to ONNX or a timm state dict.
@@ -65,6 +69,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Pack(a) => pack::run(a),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),

@@ -331,6 +331,19 @@ fn rotate_keeps_the_newest_by_step() {
     }
     std::fs::write(d.join("other-e1-s1.safetensors"), b"x").unwrap();
     std::fs::write(d.join("inception-v4-e1-sX.safetensors"), b"x").unwrap();
+    // A save cut off by a crash leaves a .tmp, which is no checkpoint.
+    std::fs::write(d.join("inception-v4-e11-s200.safetensors.tmp"), b"x").unwrap();
+    let listed: Vec<(u64, u64)> = checkpoint::list(d, "inception-v4")
+        .unwrap()
+        .into_iter()
+        .map(|(s, e, _)| (s, e))
+        .collect();
+    assert_eq!(
+        listed,
+        [(5, 1), (10, 2), (20, 4), (100, 10)],
+        "oldest first, by step"
+    );
+    std::fs::remove_file(d.join("inception-v4-e11-s200.safetensors.tmp")).unwrap();
     assert!(checkpoint::rotate(d, "inception-v4", 0).unwrap().is_empty());
     let mut deleted = checkpoint::rotate(d, "inception-v4", 2).unwrap();
     deleted.sort();

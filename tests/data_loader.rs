@@ -4,7 +4,7 @@
 mod helpers;
 
 use helpers::*;
-use inception_engine::data::{Batch, Dataset, Loader, LoaderConfig};
+use inception_engine::data::{Batch, Dataset, EpochPosition, Loader, LoaderConfig};
 use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
@@ -258,6 +258,42 @@ fn bad_files_are_skipped_counted_and_batches_stay_full() {
     // Still deterministic across worker counts.
     let again = collect(&Loader::new(ds, train_cfg(4, 5)).unwrap(), 0);
     assert_eq!(again, batches);
+}
+
+#[test]
+fn an_epoch_resumed_from_any_position_hands_out_the_same_remaining_batches() {
+    // Bad files (skips shift the batch boundaries) and a wrap past the shard's end (four bad
+    // files in 21 leave fewer than 5 batches of 4 in one pass).
+    let (_dir, ds, _bad) = folder_with_bad_files();
+    let loader = Loader::new(ds.clone(), train_cfg(4, 2)).unwrap();
+    let mut epoch = loader.epoch(1);
+    let mut positions = vec![epoch.position()];
+    let mut batches = Vec::new();
+    while let Some(b) = epoch.next() {
+        batches.push(b);
+        positions.push(epoch.position());
+    }
+    assert_eq!(batches.len(), 5);
+    assert_eq!(positions[0], EpochPosition::default());
+    assert!(
+        positions.last().unwrap().position > 20,
+        "the stream wrapped: {positions:?}"
+    );
+    assert!(
+        positions.iter().any(|p| p.position != p.batches * 4),
+        "skips moved a boundary: {positions:?}"
+    );
+    for (k, &from) in positions.iter().enumerate() {
+        assert_eq!(from.batches, k);
+        for workers in [1, 3] {
+            let other = Loader::new(ds.clone(), train_cfg(4, workers)).unwrap();
+            let mut resumed = other.epoch_from(1, from);
+            let rest: Vec<Batch> = resumed.by_ref().collect();
+            assert_eq!(rest, batches[k..], "from batch {k}, {workers} workers");
+            assert_eq!(resumed.position(), *positions.last().unwrap());
+            assert_eq!(resumed.skipped(), epoch.skipped());
+        }
+    }
 }
 
 #[test]

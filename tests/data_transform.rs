@@ -5,8 +5,9 @@ mod helpers;
 
 use helpers::*;
 use inception_engine::data::transform::{
-    eval_transform, random_resized_crop_box, resize_crop, resize_shorter_and_centre_crop,
-    train_transform, CropBox,
+    check_crop_pct, eval_resize, eval_transform, eval_transform_crop, random_resized_crop_box,
+    resize_crop, resize_shorter_and_centre_crop, resize_shorter_then_centre_crop, train_transform,
+    CropBox,
 };
 use inception_engine::data::{AugmentConfig, DecodedImage, Normalization, MEAN, STD};
 use rand::SeedableRng;
@@ -116,6 +117,95 @@ fn eval_centre_crops_the_longer_side() {
     }
     let out = resize_shorter_and_centre_crop(&tall, 3);
     assert!(out.chunks(3).all(|px| px[1] > 200.0), "{out:?}");
+}
+
+/// A 200x100 image whose red channel is the column and green channel the row: resampling a
+/// linear ramp gives back the source coordinate each output pixel is centred on, so the output
+/// shows the resize-then-crop geometry directly.
+fn ramp() -> DecodedImage {
+    let (w, h) = (200, 100);
+    let mut pixels = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            pixels.extend([x as u8, y as u8, 0]);
+        }
+    }
+    DecodedImage {
+        width: w,
+        height: h,
+        pixels,
+    }
+}
+
+/// Where output pixel `o` of an axis of source length `len` samples the source (in pixel
+/// values of the ramp), when the shorter side `short` is resized to `resize` and the centre
+/// `size` pixels are cut out (torchvision's Resize + CenterCrop, rounding half to even).
+fn expected_coordinate(len: usize, short: usize, resize: usize, size: usize, o: usize) -> f64 {
+    let rlen = if len == short {
+        resize
+    } else {
+        resize * len / short
+    };
+    let offset = ((rlen - size) as f64 / 2.0).round_ties_even();
+    (offset + o as f64 + 0.5) * len as f64 / rlen as f64 - 0.5
+}
+
+#[test]
+fn crop_pct_resizes_the_shorter_side_to_size_over_crop_pct_then_centre_crops() {
+    assert_eq!(eval_resize(96, 0.875), 109);
+    assert_eq!(eval_resize(224, 0.875), 256);
+    assert_eq!(eval_resize(299, 1.0), 299);
+    assert_eq!(eval_resize(32, 0.5), 64);
+    assert!(check_crop_pct(0.0).is_err() && check_crop_pct(1.5).is_err());
+    assert!(check_crop_pct(1.0).is_ok() && check_crop_pct(0.875).is_ok());
+    let img = ramp();
+    let size = 32;
+    // 1.0: the shorter side (100) to 32, the longer to 64; 0.5: to 64 and 128, then the centre
+    // 32x32; 0.86: to 37 and 74, an odd margin (5 rows) whose half rounds to even (2).
+    for (crop_pct, resize) in [(1.0, 32), (0.5, 64), (0.86, 37)] {
+        assert_eq!(eval_resize(size, crop_pct), resize);
+        let out = eval_transform_crop(
+            &img,
+            size,
+            crop_pct,
+            &Normalization {
+                mean: [0.0; 3],
+                std: [1.0 / 255.0; 3],
+            },
+        );
+        let raw = resize_shorter_then_centre_crop(&img, resize, size);
+        assert!(out.iter().zip(&raw).all(|(a, b)| (a - b).abs() < 1e-3));
+        for o in 1..size - 1 {
+            // Red along the middle row, green down the middle column; the outermost pixels are
+            // left out, where the filter meets the image border at crop_pct 1. The tolerance
+            // covers the sampled triangle filter's centroid error; a crop off by one resized
+            // pixel would be off by 100 / resize >= 1.5 here.
+            let red = out[((size / 2) * size + o) * 3] as f64;
+            let green = out[(o * size + size / 2) * 3 + 1] as f64;
+            let (ex, ey) = (
+                expected_coordinate(200, 100, resize, size, o),
+                expected_coordinate(100, 100, resize, size, o),
+            );
+            assert!(
+                (red - ex).abs() < 0.15,
+                "crop_pct {crop_pct} column {o}: {red} vs {ex}"
+            );
+            assert!(
+                (green - ey).abs() < 0.15,
+                "crop_pct {crop_pct} row {o}: {green} vs {ey}"
+            );
+        }
+    }
+    // At 1 it is the plain evaluation transform.
+    let n = Normalization::IMAGENET;
+    assert_eq!(
+        eval_transform_crop(&img, 24, 1.0, &n),
+        eval_transform(&img, 24, &n)
+    );
+    assert_ne!(
+        eval_transform_crop(&img, 24, 0.875, &n),
+        eval_transform(&img, 24, &n)
+    );
 }
 
 #[test]

@@ -11,17 +11,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The emulated GPU still compiles the kernels with NVRTC: as tests/kernels_compile.rs, a missing
-/// libnvrtc fails the test unless INCEPTION_ALLOW_NO_NVRTC=1 says skipping is intended.
+#[path = "common/tool_groups.rs"]
+mod tool_groups;
+
+/// The NVRTC wheels' folder when known: the environment's, else the project's `.venv`.
+fn cuda_home() -> Option<PathBuf> {
+    std::env::var_os("INCEPTION_CUDA_HOME")
+        .map(PathBuf::from)
+        .or_else(tool_groups::venv_cuda_home)
+}
+
+/// The emulated GPU still compiles the kernels with NVRTC (for their names and resources): under
+/// tools/test.sh a missing NVRTC fails these tests, under a plain `cargo test` it skips them.
 fn nvrtc_available() -> bool {
-    match inception_engine::backend::cuda::libs::ensure_nvrtc() {
-        Ok(()) => true,
-        Err(e) if std::env::var("INCEPTION_ALLOW_NO_NVRTC").as_deref() == Ok("1") => {
-            eprintln!("skipping the emulated-GPU tests (INCEPTION_ALLOW_NO_NVRTC=1): {e:#}");
-            false
-        }
-        Err(e) => panic!("{e:#}\n(set INCEPTION_ALLOW_NO_NVRTC=1 to skip deliberately)"),
-    }
+    let probe = match cuda_home() {
+        Some(h) if h.join("lib/libnvrtc.so.13").is_file() => Ok(()),
+        _ => inception_engine::backend::cuda::libs::ensure_nvrtc()
+            .map_err(|e| format!("NVRTC not found: {e:#}")),
+    };
+    tool_groups::available("the emulated-GPU tests (tests/emu_gpu.rs)", probe)
 }
 
 fn bin() -> &'static str {
@@ -33,6 +41,9 @@ fn engine(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(bin());
     c.args(args)
         .env("INCEPTION_CUDA_DRIVER", inception_emu::driver_path());
+    if let Some(home) = cuda_home() {
+        c.env("INCEPTION_CUDA_HOME", home);
+    }
     for (k, v) in env {
         c.env(k, v);
     }
@@ -420,4 +431,33 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(last_json(&o)["logits"].as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn a_plan_larger_than_device_memory_is_a_clear_error() {
+    if !nvrtc_available() {
+        return;
+    }
+    let o = engine(
+        &[
+            "bench",
+            "train",
+            "--plan",
+            "v4",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "64",
+            "--steps",
+            "1",
+        ],
+        &[("INCEPTION_EMU_MEMORY_MB", "512")],
+    );
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(
+        all.contains("not enough device memory") && all.contains("use a smaller --batch-size"),
+        "{all}"
+    );
+    assert!(!all.contains("panicked"), "{all}");
 }

@@ -1,10 +1,14 @@
 //! ONNX export checked by onnx's checker and run by onnxruntime against the CPU backend.
 //!
-//! Needs `python3` with `onnx`, `onnxruntime` and `numpy` (.ci/run installs them). Without them
-//! the tests fail, unless `INCEPTION_ALLOW_NO_ONNXRUNTIME=1` lets them pass with a note.
+//! Needs python with `onnx`, `onnxruntime` and `numpy` (tools/test.sh installs them in `.venv`;
+//! see `tool_groups::python` for which python runs). Without them a plain `cargo test` skips
+//! these tests with a note, and tools/test.sh (INCEPTION_REQUIRE_ALL=1) fails them.
 
 #[path = "interop_util.rs"]
 mod util;
+
+#[path = "common/tool_groups.rs"]
+mod tool_groups;
 
 use inception_engine::backend::cpu::{CpuExecutor, Mode};
 use inception_engine::checkpoint::Checkpoint;
@@ -12,22 +16,25 @@ use std::path::Path;
 use std::process::Command;
 use util::*;
 
-/// Whether onnxruntime can be used; panics if it cannot and that is not allowed.
+/// Whether onnxruntime can be used; panics if it cannot and every group is required.
 fn onnxruntime_available() -> bool {
-    let ok = Command::new("python3")
+    let python = tool_groups::python();
+    let probe = Command::new(&python)
         .args(["-c", "import onnx, onnxruntime, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let allowed = std::env::var("INCEPTION_ALLOW_NO_ONNXRUNTIME").is_ok_and(|v| v == "1");
-        assert!(
-            allowed,
-            "python3 with onnx, onnxruntime and numpy is needed (pip install onnx onnxruntime \
-             numpy), or set INCEPTION_ALLOW_NO_ONNXRUNTIME=1 to skip"
-        );
-        eprintln!("onnxruntime missing: ONNX test skipped (INCEPTION_ALLOW_NO_ONNXRUNTIME=1)");
-    }
-    ok
+        .output();
+    let probe = match probe {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "{} cannot import onnx, onnxruntime and numpy: {}",
+            python.display(),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        )),
+        Err(e) => Err(format!("cannot run {}: {e}", python.display())),
+    };
+    tool_groups::available("the ONNX export tests (tests/interop_onnx.rs)", probe)
 }
 
 /// Engine CPU logits of `n` real images, the same images as NCHW, and the checkpoint. With
@@ -71,7 +78,7 @@ fn run_onnx(
     engine(&args);
     write_f32(&input, nchw);
     let shape = format!("{n},3,{SIZE},{SIZE}");
-    let out = Command::new("python3")
+    let out = Command::new(tool_groups::python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tools/interop_run_onnx.py"

@@ -60,6 +60,7 @@ fn tiny_config(data: PathBuf, out: PathBuf, epochs: usize) -> TrainConfig {
             ..Default::default()
         },
         save_every_epochs: 1,
+        save_every_steps: 0,
         keep_max: 0,
         eval_every_epochs: 1,
         log_every: 1,
@@ -344,4 +345,351 @@ fn v4_trains_on_mixed_jpegs_at_any_size_from_75() {
         );
         assert!(summary.epoch_losses[0].is_finite());
     }
+}
+
+/// Every tensor of two checkpoints, bit for bit.
+fn assert_same_weights(a: &Path, b: &Path) {
+    let (a, b) = (Checkpoint::load(a).unwrap(), Checkpoint::load(b).unwrap());
+    assert_eq!(a.meta.step, b.meta.step);
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, t) in &a.tensors {
+        let same = t
+            .data
+            .iter()
+            .zip(&b.tensors[name].data)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{name} differs");
+    }
+}
+
+/// Checkpoint file names in a folder, sorted.
+fn checkpoints(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The step of the last `start` line of a run's metrics: where its last attempt began.
+fn last_start_step(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["event"] == "start")
+        .unwrap()["step"]
+        .as_u64()
+        .unwrap()
+}
+
+/// 25 files of which one is unreadable: batches of 8 then do not start at multiples of 8 in
+/// the shuffled order, so a resume must restore the stream position, not just count batches.
+fn folder_with_a_bad_file(dir: &Path) -> PathBuf {
+    let data = small_folder(dir, 6);
+    std::fs::write(data.join("1-trouser/broken.png"), b"\x89PNG not really").unwrap();
+    data
+}
+
+#[test]
+fn mid_epoch_resume_is_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = folder_with_a_bad_file(dir.path());
+    // 25 files, batch 8: 3 steps per epoch.
+    let straight = train(&tiny_config(data.clone(), dir.path().join("straight"), 3)).unwrap();
+    assert_eq!(straight.steps, 9);
+    let mut saving = tiny_config(data.clone(), dir.path().join("saving"), 3);
+    saving.save_every_steps = 2;
+    let saved = train(&saving).unwrap();
+    assert_same_weights(
+        straight.last_checkpoint.as_ref().unwrap(),
+        saved.last_checkpoint.as_ref().unwrap(),
+    );
+    // Saves at steps 2, 4, 6, 8 (mid-epoch) and at the end of each epoch (3, 6, 9); step 6 is
+    // both, saved once after the epoch.
+    assert_eq!(
+        checkpoints(&dir.path().join("saving")),
+        [
+            "inception-e0-s2.safetensors",
+            "inception-e1-s3.safetensors",
+            "inception-e1-s4.safetensors",
+            "inception-e2-s6.safetensors",
+            "inception-e2-s8.safetensors",
+            "inception-e3-s9.safetensors",
+        ]
+    );
+    // Resume from each mid-epoch checkpoint alone in a fresh folder, with another worker count.
+    for (name, epoch_of_it) in [
+        ("inception-e0-s2.safetensors", 0),
+        ("inception-e1-s4.safetensors", 1),
+        ("inception-e2-s8.safetensors", 2),
+    ] {
+        let out = dir.path().join(format!("resumed-{name}"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::copy(dir.path().join("saving").join(name), out.join(name)).unwrap();
+        let mut cfg = tiny_config(data.clone(), out.clone(), 3);
+        cfg.workers = 3;
+        cfg.resume = Some(out.join(name));
+        let resumed = train(&cfg).unwrap();
+        assert_eq!(resumed.steps, 9, "{name}");
+        assert_same_weights(
+            straight.last_checkpoint.as_ref().unwrap(),
+            resumed.last_checkpoint.as_ref().unwrap(),
+        );
+        // The interrupted epoch's mean loss covers all of its steps, as in the straight run.
+        assert_eq!(
+            resumed.epoch_losses[0].to_bits(),
+            straight.epoch_losses[epoch_of_it].to_bits(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn mid_epoch_checkpoints_count_against_keep_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_folder(dir.path(), 6);
+    let mut cfg = tiny_config(data, dir.path().join("out"), 2);
+    cfg.save_every_steps = 1;
+    cfg.keep_max = 2;
+    train(&cfg).unwrap();
+    assert_eq!(
+        checkpoints(&dir.path().join("out")),
+        ["inception-e1-s5.safetensors", "inception-e2-s6.safetensors"]
+    );
+}
+
+#[test]
+fn resume_auto_starts_fresh_in_an_empty_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_folder(dir.path(), 4);
+    let plain = train(&tiny_config(data.clone(), dir.path().join("plain"), 1)).unwrap();
+    let mut cfg = tiny_config(data, dir.path().join("auto"), 1);
+    cfg.resume = Some(PathBuf::from("auto"));
+    let auto = train(&cfg).unwrap();
+    assert_eq!(auto.steps, plain.steps);
+    assert_eq!(last_start_step(&dir.path().join("auto")), 0);
+    assert_same_weights(
+        plain.last_checkpoint.as_ref().unwrap(),
+        auto.last_checkpoint.as_ref().unwrap(),
+    );
+}
+
+#[test]
+fn resume_auto_takes_the_newest_valid_checkpoint_and_skips_a_truncated_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = folder_with_a_bad_file(dir.path());
+    let straight = train(&tiny_config(data.clone(), dir.path().join("straight"), 3)).unwrap();
+    let out = dir.path().join("run");
+    // A run "preempted" after step 8: 2 epochs and 2 steps of 3 epochs, saved every 2 steps.
+    let mut first = tiny_config(data.clone(), out.clone(), 3);
+    first.save_every_steps = 2;
+    train(&first).unwrap();
+    std::fs::remove_file(out.join("inception-e3-s9.safetensors")).unwrap();
+    let mut again = first.clone();
+    again.resume = Some(PathBuf::from("auto"));
+    let resumed = train(&again).unwrap();
+    assert_eq!(last_start_step(&out), 8, "the newest checkpoint is step 8");
+    assert_same_weights(
+        straight.last_checkpoint.as_ref().unwrap(),
+        resumed.last_checkpoint.as_ref().unwrap(),
+    );
+    // Now the newest (step 9) is cut short and step 8's is gone: auto falls back to step 6.
+    let newest = out.join("inception-e3-s9.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(out.join("inception-e2-s8.safetensors")).unwrap();
+    let resumed = train(&again).unwrap();
+    assert_eq!(
+        last_start_step(&out),
+        6,
+        "the truncated step-9 file is skipped"
+    );
+    assert_eq!(resumed.steps, 9);
+    assert_same_weights(
+        straight.last_checkpoint.as_ref().unwrap(),
+        resumed.last_checkpoint.as_ref().unwrap(),
+    );
+    // The metrics read back as one run: each epoch once, in order.
+    let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    let epochs: Vec<&str> = summary
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(epochs, ["1", "2", "3"], "{summary}");
+    // A finished run restarted with the same command line has nothing to do.
+    let done = train(&again).unwrap();
+    assert!(done.epoch_losses.is_empty());
+    assert_eq!(done.steps, 9);
+}
+
+fn run_cli(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_inception-engine"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+#[test]
+fn train_draws_curves_and_summary_csv_plot_draws_several_runs_eval_takes_size_and_crop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_folder(dir.path(), 4);
+    let runs = [dir.path().join("a"), dir.path().join("b")];
+    for (run, epochs) in runs.iter().zip(["2", "3"]) {
+        let args = [
+            os("train"),
+            os("--plan"),
+            os("tiny"),
+            os("--image-size"),
+            os("32"),
+            os("--batch-size"),
+            os("8"),
+            os("--epochs"),
+            os(epochs),
+            os("--device"),
+            os("cpu"),
+            os("--log-every"),
+            os("1"),
+            os("--data"),
+            data.as_os_str(),
+            os("--eval-data"),
+            data.as_os_str(),
+            os("--out"),
+            run.as_os_str(),
+        ];
+        run_cli(&args);
+        let csv = std::fs::read_to_string(run.join("summary.csv")).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr"
+        );
+        let rows = &lines[1..];
+        assert_eq!(rows.len().to_string(), epochs, "{csv}");
+        for (i, row) in rows.iter().enumerate() {
+            let cells: Vec<&str> = row.split(',').collect();
+            assert_eq!(cells.len(), 6, "{row}");
+            assert_eq!(cells[0], (i + 1).to_string());
+            for c in &cells[1..] {
+                let v: f64 = c.parse().unwrap_or_else(|_| panic!("{row}"));
+                assert!(v.is_finite() && v >= 0.0, "{row}");
+            }
+            let top1: f64 = cells[3].parse().unwrap();
+            assert!(top1 <= 100.0, "top-1 in percent: {row}");
+        }
+        let png = image::open(run.join("curves.png")).unwrap();
+        assert_eq!((png.width(), png.height()), (1500, 900));
+        let svg = std::fs::read_to_string(run.join("curves.svg")).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("Loss"),
+            "{}",
+            &svg[..200]
+        );
+    }
+    // Both runs on one picture: each run's colour appears.
+    let both = dir.path().join("both.png");
+    let args = [
+        os("plot"),
+        runs[0].as_os_str(),
+        runs[1].as_os_str(),
+        os("--out"),
+        both.as_os_str(),
+    ];
+    run_cli(&args);
+    let img = image::open(&both).unwrap().to_rgb8();
+    let count = |rgb: [u8; 3]| img.pixels().filter(|p| p.0 == rgb).count();
+    assert!(count([31, 119, 180]) > 500, "first run's blue");
+    assert!(count([255, 127, 14]) > 500, "second run's orange");
+    let one = image::open(runs[0].join("curves.png")).unwrap().to_rgb8();
+    assert_eq!(
+        one.pixels().filter(|p| p.0 == [255, 127, 14]).count(),
+        0,
+        "a single run has no second colour"
+    );
+
+    // Evaluation at another size and crop than the checkpoint's (trained at 32).
+    let ckpt = runs[0].join("inception-e2-s4.safetensors");
+    let args = [
+        os("eval"),
+        os("--json"),
+        os("--image-size"),
+        os("40"),
+        os("--crop-pct"),
+        os("0.875"),
+        os("--data"),
+        data.as_os_str(),
+        os("--checkpoint"),
+        ckpt.as_os_str(),
+    ];
+    let stdout = run_cli(&args);
+    assert!(
+        stdout.contains(
+            "image size 40, crop_pct 0.875 (shorter side resized to 45, centre crop 40x40; trained at 32)"
+        ),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (v["image_size"].as_u64(), v["crop_pct"].as_f64()),
+        (Some(40), Some(0.875))
+    );
+    assert_eq!(v["images"], 16);
+    let default = run_cli(&[
+        os("eval"),
+        os("--json"),
+        os("--data"),
+        data.as_os_str(),
+        os("--checkpoint"),
+        ckpt.as_os_str(),
+    ]);
+    let d: serde_json::Value = serde_json::from_str(default.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (d["image_size"].as_u64(), d["crop_pct"].as_f64()),
+        (Some(32), Some(1.0))
+    );
+    assert_ne!(d["loss"], v["loss"], "another input gives another loss");
+    let image = std::fs::read_dir(data.join("1-trouser"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let pred = run_cli(&[
+        os("predict"),
+        os("--json"),
+        os("--image-size"),
+        os("48"),
+        os("--crop-pct"),
+        os("0.9"),
+        os("--checkpoint"),
+        ckpt.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let p: serde_json::Value = serde_json::from_str(pred.trim()).unwrap();
+    assert_eq!(
+        (p["image_size"].as_u64(), p["crop_pct"].as_f64()),
+        (Some(48), Some(0.9))
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_inception-engine"))
+        .args([os("eval"), os("--crop-pct"), os("1.5"), os("--data")])
+        .arg(&data)
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--crop-pct"));
 }

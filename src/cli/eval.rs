@@ -2,6 +2,7 @@
 
 use crate::backend::Device;
 use crate::checkpoint::Checkpoint;
+use crate::data::transform::{check_crop_pct, eval_resize};
 use crate::data::{Dataset, Loader, LoaderConfig};
 use crate::train::eval::{evaluate, inference_backend};
 use anyhow::{bail, Result};
@@ -20,6 +21,14 @@ pub struct Args {
     pub checkpoint: PathBuf,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Square input size (default: the checkpoint's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// The centre crop's share of the resized image, as timm's crop_pct: the shorter side is
+    /// resized to floor(image_size / crop_pct), then the centre image_size x image_size is cut
+    /// out. 1 resizes the shorter side to image_size itself.
+    #[arg(long, default_value_t = 1.0)]
+    pub crop_pct: f64,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
     /// Loader threads (0: one per core).
@@ -31,6 +40,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_crop_pct(args.crop_pct)?;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let set = Arc::new(Dataset::open(&args.data)?);
     if set.classes() != ckpt.meta.class_names.as_slice() {
@@ -41,18 +51,21 @@ pub fn run(args: Args) -> Result<()> {
             ckpt.meta.class_names
         );
     }
-    let (plan, mut backend) = inference_backend(&ckpt, args.batch_size, args.device)?;
-    let size = ckpt.meta.preprocessing.image_size;
+    let trained = ckpt.meta.preprocessing.image_size;
+    let size = args.image_size.unwrap_or(trained);
+    let (plan, mut backend) = inference_backend(&ckpt, args.batch_size, Some(size), args.device)?;
     let loader = Loader::new(
         set.clone(),
         LoaderConfig {
             workers: args.workers,
             normalization: ckpt.meta.preprocessing.normalization(),
+            crop_pct: args.crop_pct,
             ..LoaderConfig::eval(args.batch_size, size)
         },
     )?;
+    let preprocessing = describe(size, args.crop_pct, trained);
     eprintln!(
-        "evaluating {} on {} images at {size}x{size} with {}",
+        "evaluating {} on {} images with {}: {preprocessing}",
         args.checkpoint.display(),
         set.len(),
         backend.name()
@@ -70,11 +83,26 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("{} unreadable files skipped", r.skipped);
     }
     println!("{}", r.seed_line());
+    println!("{preprocessing}");
     if args.json {
         println!(
             "{}",
-            json!({"loss": r.loss, "top1": r.top1, "top5": r.top5, "images": r.images, "skipped": r.skipped})
+            json!({"loss": r.loss, "top1": r.top1, "top5": r.top5, "images": r.images, "skipped": r.skipped, "image_size": size, "crop_pct": args.crop_pct})
         );
     }
     Ok(())
+}
+
+/// The evaluation preprocessing in words, e.g. `image size 96, crop_pct 0.875 (shorter side
+/// resized to 109, centre crop 96x96; trained at 75)`.
+pub fn describe(size: usize, crop_pct: f64, trained: usize) -> String {
+    let at = if trained == size {
+        String::new()
+    } else {
+        format!("; trained at {trained}")
+    };
+    format!(
+        "image size {size}, crop_pct {crop_pct} (shorter side resized to {}, centre crop {size}x{size}{at})",
+        eval_resize(size, crop_pct)
+    )
 }

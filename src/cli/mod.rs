@@ -6,6 +6,7 @@ pub mod export;
 pub mod import;
 pub mod inspect;
 pub mod pack;
+pub mod plot;
 pub mod predict;
 pub mod selftest;
 pub mod train;

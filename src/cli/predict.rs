@@ -2,7 +2,9 @@
 
 use crate::backend::Device;
 use crate::checkpoint::Checkpoint;
-use crate::data::{decode_image, transform::eval_transform};
+use crate::cli::eval::describe;
+use crate::data::decode_image;
+use crate::data::transform::{check_crop_pct, eval_transform_crop};
 use crate::train::eval::inference_backend;
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -19,6 +21,12 @@ pub struct Args {
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
+    /// Square input size (default: the checkpoint's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// The centre crop's share of the resized image (timm's crop_pct; see `eval --help`).
+    #[arg(long, default_value_t = 1.0)]
+    pub crop_pct: f64,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
     /// One JSON object per image (file, top classes, full logits).
@@ -27,8 +35,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_crop_pct(args.crop_pct)?;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
-    let size = ckpt.meta.preprocessing.image_size;
+    let trained = ckpt.meta.preprocessing.image_size;
+    let size = args.image_size.unwrap_or(trained);
     let norm = ckpt.meta.preprocessing.normalization();
     let mut inputs = Vec::with_capacity(args.images.len() * size * size * 3);
     for path in &args.images {
@@ -36,9 +46,12 @@ pub fn run(args: Args) -> Result<()> {
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let img = decode_image(&bytes)
             .with_context(|| format!("{} is not a readable image", path.display()))?;
-        inputs.extend(eval_transform(&img, size, &norm));
+        inputs.extend(eval_transform_crop(&img, size, args.crop_pct, &norm));
     }
-    let (plan, mut backend) = inference_backend(&ckpt, args.images.len(), args.device)?;
+    let (plan, mut backend) = inference_backend(&ckpt, args.images.len(), Some(size), args.device)?;
+    if !args.json {
+        println!("{}", describe(size, args.crop_pct, trained));
+    }
     let logits = backend.infer(&inputs)?;
     let k = plan.config.num_classes;
     for (path, row) in args.images.iter().zip(logits.chunks(k)) {
@@ -65,7 +78,10 @@ pub fn run(args: Args) -> Result<()> {
                 .iter()
                 .map(|(i, name, p)| json!({"index": i, "class": name, "probability": p}))
                 .collect();
-            println!("{}", json!({"file": path, "top": top_json, "logits": row}));
+            println!(
+                "{}",
+                json!({"file": path, "image_size": size, "crop_pct": args.crop_pct, "top": top_json, "logits": row})
+            );
         } else {
             println!("{}", path.display());
             for (i, name, p) in top {

@@ -73,8 +73,13 @@ pub struct Args {
     /// Colour jitter strength (brightness, contrast, saturation); 0 disables it.
     #[arg(long, default_value_t = 0.4)]
     pub jitter: f32,
+    /// Save a checkpoint every this many epochs (and after the last).
     #[arg(long, default_value_t = 1)]
     pub save_every_epochs: usize,
+    /// Also save every this many global steps, mid-epoch included (0: never). A run resumed
+    /// from a mid-epoch checkpoint continues at the same batch of the same epoch's shuffle.
+    #[arg(long, default_value_t = 0)]
+    pub save_every_steps: usize,
     /// Keep at most this many checkpoints in --out (0 keeps all).
     #[arg(long, default_value_t = 10)]
     pub keep_max: usize,
@@ -83,7 +88,10 @@ pub struct Args {
     /// Write a metrics line every this many steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
-    /// Continue a run from a checkpoint written by train (weights, optimizer, step, scaler).
+    /// Continue a run from a checkpoint written by train (weights, optimizer, step, scaler,
+    /// position in the epoch). `auto`: the newest valid checkpoint in --out (a truncated or
+    /// corrupt one is skipped with a warning), or a fresh start when there is none, so a
+    /// preempted job restarts with the same command line.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// TOML file of flags (keys are the long flag names, with - or _).
@@ -105,6 +113,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(p) = summary.last_checkpoint {
         println!("checkpoint: {}", p.display());
+    }
+    let curves = cfg.out.join(crate::report::CURVES_PNG);
+    if curves.is_file() {
+        println!(
+            "curves: {} (and {}, {})",
+            curves.display(),
+            crate::report::CURVES_SVG,
+            crate::report::SUMMARY_FILE
+        );
     }
     Ok(())
 }
@@ -164,6 +181,7 @@ pub fn config_from(a: &Args) -> Result<TrainConfig> {
             ..Default::default()
         },
         save_every_epochs: a.save_every_epochs,
+        save_every_steps: a.save_every_steps,
         keep_max: a.keep_max,
         eval_every_epochs: a.eval_every_epochs,
         log_every: a.log_every.max(1),

@@ -55,18 +55,20 @@ impl Region {
         }
     }
 
-    /// Evaluation's window (torchvision's `Resize(size)` then `CenterCrop(size)`) in the
+    /// Evaluation's window (torchvision's `Resize(resize)` then `CenterCrop(size)`) in the
     /// coordinates of the `full` image decoded at `decoded`.
-    pub fn eval(full: (usize, usize), decoded: (usize, usize), size: usize) -> Self {
+    pub fn eval(full: (usize, usize), decoded: (usize, usize), resize: usize, size: usize) -> Self {
         let short = full.0.min(full.1);
-        // torchvision truncates the longer side: int(size * long / short).
+        let resize = resize.max(size);
+        // torchvision truncates the longer side: int(resize * long / short).
         let axis = |len: usize, dec: usize| {
             let rlen = if len == short {
-                size
+                resize
             } else {
-                (size * len / short).max(size)
+                (resize * len / short).max(resize)
             };
-            let offset = ((rlen - size) as f64 / 2.0).round();
+            // CenterCrop's int(round((rlen - size) / 2)): Python rounds half to even.
+            let offset = ((rlen - size) as f64 / 2.0).round_ties_even();
             let step = len as f64 / rlen as f64;
             let s = dec as f64 / len as f64;
             (offset * step * s, size as f64 * step * s)
@@ -155,16 +157,17 @@ pub fn train_u8_into(
     Ok(())
 }
 
-/// The evaluation transform in u8 (resize the shorter side, centre crop) of the `full` image
-/// decoded as `img`.
+/// The evaluation transform in u8 (resize the shorter side to `resize`, centre crop `size`) of
+/// the `full` image decoded as `img`.
 pub fn eval_u8_into(
     img: &DecodedImage,
     full: (usize, usize),
+    resize: usize,
     size: usize,
     out: &mut [u8],
     scratch: &mut Scratch,
 ) -> Result<()> {
-    let region = Region::eval(full, (img.width, img.height), size);
+    let region = Region::eval(full, (img.width, img.height), resize, size);
     resize_region_u8(img, region, size, out, scratch)
 }
 

@@ -48,6 +48,9 @@ pub struct LoaderConfig {
     pub augment: AugmentConfig,
     /// Pixel normalisation (training and evaluation).
     pub normalization: Normalization,
+    /// Evaluation: the centre crop's share of the resized shorter side (timm's `crop_pct`; 1:
+    /// resize the shorter side to `image_size`).
+    pub crop_pct: f64,
     /// How many batches the workers may prepare ahead of the consumer.
     pub prefetch: usize,
     /// The JPEG decoder.
@@ -68,6 +71,7 @@ impl LoaderConfig {
             train: true,
             augment: AugmentConfig::default(),
             normalization: Normalization::IMAGENET,
+            crop_pct: 1.0,
             prefetch: 4,
             jpeg: JpegBackend::Auto,
             scaled_decode: true,
@@ -158,6 +162,7 @@ impl Loader {
             cfg.world_size
         );
         cfg.augment.validate()?;
+        super::transform::check_crop_pct(cfg.crop_pct)?;
         Decoder::new(cfg.jpeg)?;
         if cfg.workers == 0 {
             cfg.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -256,6 +261,13 @@ impl Loader {
 
     /// Starts the workers for `epoch` and returns its batches. Dropping the iterator stops them.
     pub fn epoch(&self, epoch: usize) -> Epoch {
+        self.epoch_from(epoch, EpochPosition::default())
+    }
+
+    /// The batches of `epoch` after the point `from` (taken from [`Epoch::position`] of the same
+    /// epoch with the same dataset, seed and batch size): the same batches an uninterrupted epoch
+    /// hands out from there, bit for bit.
+    pub fn epoch_from(&self, epoch: usize, from: EpochPosition) -> Epoch {
         let order = self.shard(epoch);
         let chunk = self.cfg.batch_size.div_ceil(self.cfg.workers).max(1);
         let chunks_per_batch = self.cfg.batch_size.div_ceil(chunk);
@@ -267,7 +279,12 @@ impl Loader {
             order,
             chunk,
             window: (self.cfg.prefetch + 1) * chunks_per_batch,
-            state: Mutex::new(Window::default()),
+            total_batches: self.batches_per_epoch(),
+            state: Mutex::new(Window {
+                next_chunk: from.position / chunk,
+                consumed: from.position / chunk,
+                stop: false,
+            }),
             wake: Condvar::new(),
             warned: self.warned.clone(),
             stats: self.stats.clone(),
@@ -281,17 +298,39 @@ impl Loader {
                 std::thread::spawn(move || worker(&shared, &tx))
             })
             .collect();
-        Epoch {
+        let mut epoch = Epoch {
             shared,
             rx,
             workers,
             pending: BTreeMap::new(),
-            position: 0,
-            batches_left: self.batches_per_epoch(),
-            skipped: 0,
-            good_since_wrap: 0,
+            position: from.position - from.position % chunk,
+            batches_left: self.batches_per_epoch().saturating_sub(from.batches),
+            skipped: from.skipped,
+            good_since_wrap: from.good_since_wrap,
+        };
+        // The workers start at the chunk holding `from.position`; the items before it in that
+        // chunk were consumed before the interruption.
+        while epoch.position < from.position {
+            if epoch.next_item(None).is_none() {
+                break;
+            }
         }
+        epoch
     }
+}
+
+/// Where an epoch's stream of batches stands: what a mid-epoch checkpoint records so a resumed
+/// run continues from the same image of the same shuffle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EpochPosition {
+    /// Batches handed out so far.
+    pub batches: usize,
+    /// Next stream position (images read, bad ones included; past the shard when it wrapped).
+    pub position: usize,
+    /// Bad files skipped so far.
+    pub skipped: usize,
+    /// Good images since the stream last passed a shard boundary.
+    pub good_since_wrap: usize,
 }
 
 const ORDER_TAG: u64 = 0x6f_7264_6572; // "order"
@@ -346,6 +385,8 @@ struct Shared {
     chunk: usize,
     /// Chunks the workers may run ahead of the consumer.
     window: usize,
+    /// Batches of a whole (training) epoch.
+    total_batches: usize,
     state: Mutex<Window>,
     wake: Condvar,
     warned: Arc<Mutex<HashSet<usize>>>,
@@ -369,6 +410,11 @@ impl Shared {
         }
         s.next_chunk += 1;
         Some(k)
+    }
+
+    /// Evaluation: the shorter side's length before the centre crop.
+    fn eval_resize(&self) -> usize {
+        super::transform::eval_resize(self.cfg.image_size, self.cfg.crop_pct)
     }
 
     fn warn(&self, index: usize, e: &anyhow::Error) {
@@ -422,7 +468,7 @@ impl Shared {
         });
         let min_side = match &draws {
             Some(d) => d.crop.width.min(d.crop.height) as f64,
-            None => Region::eval(full, full, size).min_side(),
+            None => Region::eval(full, full, self.eval_resize(), size).min_side(),
         };
         let denom = if self.cfg.scaled_decode && header.jpeg && w.decoder.uses_turbo() {
             scale_denominator(min_side, size)
@@ -435,7 +481,7 @@ impl Shared {
         let t = add_ns(&self.stats.decode_ns, t);
         match &draws {
             Some(d) => train_u8_into(&w.decoded, full, d, size, slot, &mut w.scratch),
-            None => eval_u8_into(&w.decoded, full, size, slot, &mut w.scratch),
+            None => eval_u8_into(&w.decoded, full, self.eval_resize(), size, slot, &mut w.scratch),
         }
         .with_context(describe)?;
         add_ns(&self.stats.transform_ns, t);
@@ -507,9 +553,21 @@ impl Epoch {
         self.skipped
     }
 
+    /// How far this epoch has come, for [`Loader::epoch_from`]. Training epochs only: an
+    /// evaluation stream has no batch budget to resume.
+    pub fn position(&self) -> EpochPosition {
+        let total = self.shared.total_batches;
+        EpochPosition {
+            batches: total - self.batches_left,
+            position: self.position,
+            skipped: self.skipped,
+            good_since_wrap: self.good_since_wrap,
+        }
+    }
+
     /// The item at the current position, waiting for its chunk if needed; a good item's pixels
-    /// are normalised into `dst`. `None`: stream over.
-    fn next_item(&mut self, dst: &mut [f32]) -> Option<Item> {
+    /// are normalised into `dst` (skipped when `None`). `None`: stream over.
+    fn next_item(&mut self, dst: Option<&mut [f32]>) -> Option<Item> {
         let sh = self.shared.clone();
         if sh.stream_len.is_some_and(|len| self.position >= len) {
             return None;
@@ -524,7 +582,7 @@ impl Epoch {
         }
         let (chunk, i) = self.pending.get_mut(&k).unwrap();
         let item = chunk.items[*i];
-        if item.is_some() {
+        if let (Some(_), Some(dst)) = (item, dst) {
             let t = Instant::now();
             let n = dst.len();
             normalize_u8_into(&chunk.pixels[*i * n..(*i + 1) * n], dst, &sh.cfg.normalization);
@@ -586,7 +644,7 @@ impl Iterator for Epoch {
         };
         while batch.len < b {
             let slot = batch.len * pixels..(batch.len + 1) * pixels;
-            let Some(item) = self.next_item(&mut batch.images[slot]) else {
+            let Some(item) = self.next_item(Some(&mut batch.images[slot])) else {
                 break;
             };
             match item {

@@ -22,7 +22,7 @@ pub mod transform;
 pub use dataset::Dataset;
 pub use decode::{decode_image, DecodedImage, Decoder, ImageHeader, JpegBackend};
 pub use folder::ImageFolder;
-pub use loader::{Batch, Epoch, Loader, LoaderConfig, StageTimes};
+pub use loader::{Batch, Epoch, EpochPosition, Loader, LoaderConfig, StageTimes};
 pub use packed::PackedFile;
 pub use transform::{AugmentConfig, Normalization, MEAN, STD};
 

@@ -1,7 +1,9 @@
 //! Training and evaluation transforms: decoded RGB u8 image -> normalised f32 HWC tensor.
 //!
 //! Training follows torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` + `ColorJitter`
-//! (what the MindSpore recipe uses); evaluation resizes the shorter side and centre-crops.
+//! (what the MindSpore recipe uses); evaluation resizes the shorter side and centre-crops, to
+//! the output size itself or, with a crop fraction below 1 (timm's `crop_pct`), to
+//! `floor(size / crop_pct)` first.
 //! Resizing is bilinear with a triangle filter widened when shrinking (like PIL and torchvision's
 //! antialiased resize), so downscaled images do not alias.
 
@@ -155,9 +157,36 @@ pub fn train_transform(
 /// Evaluation transform: resize the shorter side to `size`, centre crop `size` x `size`,
 /// normalise.
 pub fn eval_transform(img: &DecodedImage, size: usize, norm: &Normalization) -> Vec<f32> {
-    let mut out = resize_shorter_and_centre_crop(img, size);
+    eval_transform_crop(img, size, 1.0, norm)
+}
+
+/// Evaluation transform with timm's crop fraction: resize the shorter side to
+/// [`eval_resize`]`(size, crop_pct)`, centre crop `size` x `size`, normalise.
+pub fn eval_transform_crop(
+    img: &DecodedImage,
+    size: usize,
+    crop_pct: f64,
+    norm: &Normalization,
+) -> Vec<f32> {
+    let mut out = resize_shorter_then_centre_crop(img, eval_resize(size, crop_pct), size);
     normalize(&mut out, norm);
     out
+}
+
+/// The shorter side's length before the centre crop of `size` pixels covering the fraction
+/// `crop_pct` of it: timm's `floor(size / crop_pct)` (`size` itself at 1).
+pub fn eval_resize(size: usize, crop_pct: f64) -> usize {
+    // The epsilon keeps an exact quotient (224 / 0.875 = 256) from landing just below.
+    ((size as f64 / crop_pct + 1e-9).floor() as usize).max(size)
+}
+
+/// Checks a crop fraction: `0 < crop_pct <= 1`.
+pub fn check_crop_pct(crop_pct: f64) -> Result<()> {
+    ensure!(
+        crop_pct > 0.0 && crop_pct <= 1.0,
+        "--crop-pct must be in (0, 1], not {crop_pct}"
+    );
+    Ok(())
 }
 
 fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
@@ -237,22 +266,30 @@ pub fn resize_crop(img: &DecodedImage, crop: CropBox, size: usize) -> Vec<f32> {
     resample(img, &ax, &ay)
 }
 
-/// torchvision's `Resize(size)` + `CenterCrop(size)` done as one resampling pass: the crop
-/// window is mapped back to source coordinates, so nothing outside it is computed.
+/// torchvision's `Resize(size)` + `CenterCrop(size)` done as one resampling pass.
 pub fn resize_shorter_and_centre_crop(img: &DecodedImage, size: usize) -> Vec<f32> {
+    resize_shorter_then_centre_crop(img, size, size)
+}
+
+/// torchvision's `Resize(resize)` + `CenterCrop(size)` (`resize >= size`) done as one resampling
+/// pass: the crop window is mapped back to source coordinates, so nothing outside it is
+/// computed.
+pub fn resize_shorter_then_centre_crop(img: &DecodedImage, resize: usize, size: usize) -> Vec<f32> {
     let (w, h) = (img.width, img.height);
     let short = w.min(h);
-    // torchvision truncates the longer side: int(size * long / short).
+    let resize = resize.max(size);
+    // torchvision truncates the longer side: int(resize * long / short).
     let resized = |len: usize| {
         if len == short {
-            size
+            resize
         } else {
-            (size * len / short).max(size)
+            (resize * len / short).max(resize)
         }
     };
     let axis = |len: usize| {
         let rlen = resized(len);
-        let offset = ((rlen - size) as f64 / 2.0).round();
+        // CenterCrop's int(round((rlen - size) / 2)): Python rounds half to even.
+        let offset = ((rlen - size) as f64 / 2.0).round_ties_even();
         let step = len as f64 / rlen as f64;
         AxisTaps::new(0, len, offset * step, step, size)
     };

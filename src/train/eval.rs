@@ -66,16 +66,18 @@ pub fn evaluate(
     })
 }
 
-/// Build the checkpoint's plan for `batch` images and a backend holding its weights.
+/// Build the checkpoint's plan for `batch` images of `image_size` (None: the size it was trained
+/// or imported at) and a backend holding its weights.
 pub fn inference_backend(
     ckpt: &Checkpoint,
     batch: usize,
+    image_size: Option<usize>,
     device: Device,
 ) -> Result<(Plan, Box<dyn Backend>)> {
     let mut config: PlanConfig = serde_json::from_value(ckpt.meta.plan_config.clone())
         .context("the checkpoint's plan configuration is unreadable")?;
     config.batch = batch;
-    config.image_size = ckpt.meta.preprocessing.image_size;
+    config.image_size = image_size.unwrap_or(ckpt.meta.preprocessing.image_size);
     let plan = plan::build(&ckpt.meta.plan_name, config)?;
     ckpt.check_compatible(&plan)?;
     let mut model = ModelState::zeros(&plan);

@@ -49,12 +49,14 @@ impl RunLog {
 pub struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
+    /// Steps already done when the bar started (a resumed epoch): the ETA counts from there.
+    first: u64,
     every: u64,
     start: Instant,
 }
 
 impl Progress {
-    pub fn new(total: u64, prefix: String, every: u64) -> Self {
+    pub fn new(total: u64, first: u64, prefix: String, every: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
@@ -63,11 +65,14 @@ impl Progress {
                     .progress_chars("=> "),
             );
             bar.set_prefix(prefix);
+            bar.set_position(first);
+            bar.reset_eta();
             bar
         });
         Progress {
             bar,
             total,
+            first,
             every: every.max(1),
             start: Instant::now(),
         }
@@ -81,8 +86,9 @@ impl Progress {
                 bar.set_message(msg);
             }
             None if done.is_multiple_of(self.every) || done == self.total => {
-                let eta = self.start.elapsed().as_secs_f64() / done.max(1) as f64
-                    * (self.total - done) as f64;
+                let ran = done.saturating_sub(self.first).max(1);
+                let eta = self.start.elapsed().as_secs_f64() / ran as f64
+                    * self.total.saturating_sub(done) as f64;
                 eprintln!("  step {done}/{} {msg} ETA {eta:.0}s", self.total);
             }
             None => {}

@@ -6,7 +6,7 @@ use super::log::{Progress, RunLog};
 use super::{LossScaler, RmsProp, RmsPropConfig, Schedule};
 use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState};
-use crate::data::{AugmentConfig, Dataset, Loader, LoaderConfig, Normalization};
+use crate::data::{AugmentConfig, Dataset, EpochPosition, Loader, LoaderConfig, Normalization};
 use crate::export::engine_preprocessing;
 use crate::params::{ModelState, ParamLayout};
 use crate::plan::{self, Plan, PlanConfig};
@@ -46,11 +46,25 @@ pub struct TrainConfig {
     pub loss_scaler: Option<LossScaler>,
     pub augment: AugmentConfig,
     pub save_every_epochs: usize,
+    /// Also save every this many global steps, mid-epoch included (0: never).
+    #[serde(default)]
+    pub save_every_steps: usize,
     pub keep_max: usize,
     pub eval_every_epochs: usize,
     pub log_every: usize,
+    /// A checkpoint to continue from, or `auto` ([`RESUME_AUTO`]): the newest valid checkpoint in
+    /// `out`, or a fresh start when there is none.
     pub resume: Option<PathBuf>,
 }
+
+/// The `--resume` value that picks the newest valid checkpoint in `--out` (a file of that name
+/// is given as `./auto`).
+pub const RESUME_AUTO: &str = "auto";
+
+/// rng.extra keys of a mid-epoch checkpoint: where the epoch's batch stream stands and the loss
+/// tally of its steps so far.
+const EXTRA_EPOCH_POSITION: &str = "epoch_position";
+const EXTRA_EPOCH_TALLY: &str = "epoch_tally";
 
 /// What a finished run reports.
 #[derive(Debug)]
@@ -64,8 +78,25 @@ pub struct TrainSummary {
 /// Mutable run state that a checkpoint captures.
 struct RunState {
     step: u64,
+    /// Completed epochs.
     epoch: usize,
     scaler: LossScaler,
+    /// How far the current epoch has come (all zero at an epoch boundary).
+    position: EpochPosition,
+    /// The current epoch's loss tally so far.
+    tally: Tally,
+}
+
+impl RunState {
+    fn fresh(scaler: LossScaler) -> Self {
+        RunState {
+            step: 0,
+            epoch: 0,
+            scaler,
+            position: EpochPosition::default(),
+            tally: Tally::default(),
+        }
+    }
 }
 
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
@@ -90,7 +121,24 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let amp = cfg.amp.unwrap_or(Amp::default_for(device));
     let scaler = cfg.loss_scaler.unwrap_or(LossScaler::for_amp(amp));
-    let (model, optim, mut run) = initial_state(cfg, &plan, scaler)?;
+    let resume = resume_checkpoint(cfg, &plan)?;
+    if let Some((path, ckpt)) = &resume {
+        if ckpt.meta.epoch as usize >= cfg.epochs && is_auto(cfg) {
+            eprintln!(
+                "{} is already at epoch {} of {}: the run is complete, nothing to do",
+                path.display(),
+                ckpt.meta.epoch,
+                cfg.epochs
+            );
+            return Ok(TrainSummary {
+                epoch_losses: Vec::new(),
+                last_checkpoint: Some(path.clone()),
+                eval: None,
+                steps: ckpt.meta.step,
+            });
+        }
+    }
+    let (model, optim, mut run) = initial_state(cfg, &plan, scaler, resume, steps_per_epoch)?;
     let meta = CheckpointMeta::new(
         &plan,
         classes.clone(),
@@ -113,6 +161,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         cfg.lr_max,
         scaler_name(&run.scaler)
     );
+    log.metrics(json!({"event": "start", "plan": plan.name, "device": backend.name(), "steps_per_epoch": steps_per_epoch, "batch_size": cfg.batch_size, "image_size": cfg.image_size, "epochs": cfg.epochs, "step": run.step}))?;
     let mut summary = TrainSummary {
         epoch_losses: Vec::new(),
         last_checkpoint: None,
@@ -129,9 +178,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             &mut run,
             &mut log,
             epoch,
-            summary.last_checkpoint.as_deref(),
+            &meta,
+            &mut summary.last_checkpoint,
         )?;
         run.epoch = epoch;
+        run.position = EpochPosition::default();
+        run.tally = Tally::default();
         summary.epoch_losses.push(mean_loss);
         let last = epoch == cfg.epochs;
         if let Some(set) = &eval_set {
@@ -141,13 +193,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                     set,
                     cfg,
                     &plan,
-                    epoch,
+                    (epoch, run.step),
                     &mut log,
                 )?);
             }
         }
-        if last || (cfg.save_every_epochs > 0 && epoch % cfg.save_every_epochs == 0) {
+        let step_due =
+            cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
+        if last || step_due || (cfg.save_every_epochs > 0 && epoch % cfg.save_every_epochs == 0) {
             summary.last_checkpoint = Some(save_checkpoint(backend.as_mut(), cfg, &meta, &run)?);
+        }
+        if let Err(e) = crate::report::refresh(&cfg.out) {
+            eprintln!("warning: could not draw the training curves: {e:#}");
         }
     }
     summary.steps = run.step;
@@ -186,26 +243,54 @@ fn open_eval_set(path: &Path, classes: &[String]) -> Result<Dataset> {
     Ok(set)
 }
 
+fn is_auto(cfg: &TrainConfig) -> bool {
+    cfg.resume.as_deref() == Some(Path::new(RESUME_AUTO))
+}
+
+/// The checkpoint `--resume` names, loaded; for `auto`, the newest one in `--out` that loads
+/// (a truncated or corrupt one is skipped with a warning), or None when there is none.
+fn resume_checkpoint(cfg: &TrainConfig, plan: &Plan) -> Result<Option<(PathBuf, Checkpoint)>> {
+    let Some(path) = &cfg.resume else {
+        return Ok(None);
+    };
+    if !is_auto(cfg) {
+        return Ok(Some((path.clone(), Checkpoint::load(path)?)));
+    }
+    let found = if cfg.out.is_dir() {
+        checkpoint::list(&cfg.out, CHECKPOINT_PREFIX)?
+    } else {
+        Vec::new()
+    };
+    for (_, _, path) in found.into_iter().rev() {
+        match Checkpoint::load(&path) {
+            Ok(ckpt) => {
+                ckpt.check_compatible(plan)
+                    .with_context(|| format!("cannot resume from {}", path.display()))?;
+                return Ok(Some((path, ckpt)));
+            }
+            Err(e) => eprintln!("warning: --resume auto skips {}: {e:#}", path.display()),
+        }
+    }
+    eprintln!(
+        "--resume auto: no usable checkpoint in {}, starting a new run",
+        cfg.out.display()
+    );
+    Ok(None)
+}
+
 /// Fresh weights, or everything a checkpoint holds when resuming.
 fn initial_state(
     cfg: &TrainConfig,
     plan: &Plan,
     scaler: LossScaler,
+    resume: Option<(PathBuf, Checkpoint)>,
+    steps_per_epoch: usize,
 ) -> Result<(ModelState, RmsProp, RunState)> {
     let mut model = ModelState::init(plan, cfg.seed);
     let mut optim = RmsProp::new(cfg.rmsprop, &ParamLayout::new(plan));
-    let Some(path) = &cfg.resume else {
-        return Ok((
-            model,
-            optim,
-            RunState {
-                step: 0,
-                epoch: 0,
-                scaler,
-            },
-        ));
+    let Some((path, ckpt)) = resume else {
+        return Ok((model, optim, RunState::fresh(scaler)));
     };
-    let ckpt = Checkpoint::load(path)?;
     ckpt.check_compatible(plan)
         .with_context(|| format!("cannot resume from {}", path.display()))?;
     if !ckpt.has_optimizer() {
@@ -220,12 +305,42 @@ fn initial_state(
             m.epoch
         );
     }
-    eprintln!(
-        "resuming from {} at epoch {} step {}",
-        path.display(),
-        m.epoch,
-        m.step
-    );
+    let (position, tally) = mid_epoch_state(&ckpt, &path)?;
+    if position.batches > 0 {
+        let expected = m.epoch * steps_per_epoch as u64 + position.batches as u64;
+        if position.batches >= steps_per_epoch || m.step != expected {
+            bail!(
+                "{} was saved after {} batches of epoch {} (step {}), which does not fit {} steps per epoch: resume mid-epoch with the same data and batch size",
+                path.display(),
+                position.batches,
+                m.epoch + 1,
+                m.step,
+                steps_per_epoch
+            );
+        }
+        if m.rng.seed != cfg.seed {
+            bail!(
+                "{} was saved mid-epoch by a run with --seed {}; resuming it needs the same seed (not {}) to continue the same shuffle",
+                path.display(),
+                m.rng.seed,
+                cfg.seed
+            );
+        }
+        eprintln!(
+            "resuming from {} in epoch {} after batch {} (step {})",
+            path.display(),
+            m.epoch + 1,
+            position.batches,
+            m.step
+        );
+    } else {
+        eprintln!(
+            "resuming from {} at epoch {} step {}",
+            path.display(),
+            m.epoch,
+            m.step
+        );
+    }
     Ok((
         model,
         optim,
@@ -233,15 +348,72 @@ fn initial_state(
             step: m.step,
             epoch: m.epoch as usize,
             scaler: m.loss_scaler,
+            position,
+            tally,
         },
     ))
 }
 
+/// The epoch position and loss tally a mid-epoch checkpoint records (defaults otherwise).
+fn mid_epoch_state(ckpt: &Checkpoint, path: &Path) -> Result<(EpochPosition, Tally)> {
+    let extra = &ckpt.meta.rng.extra;
+    let parse = |key: &str| -> Result<Option<serde_json::Value>> {
+        extra
+            .get(key)
+            .map(|v| serde_json::from_str(v))
+            .transpose()
+            .with_context(|| format!("{}: the entry rng.{key} is invalid", path.display()))
+    };
+    let position = match parse(EXTRA_EPOCH_POSITION)? {
+        Some(v) => serde_json::from_value(v)?,
+        None => EpochPosition::default(),
+    };
+    let tally = match parse(EXTRA_EPOCH_TALLY)? {
+        Some(v) => serde_json::from_value::<TallyState>(v)?.into(),
+        None => Tally::default(),
+    };
+    Ok((position, tally))
+}
+
+/// A [`Tally`] as a checkpoint stores it (JSON has no NaN).
+#[derive(Serialize, Deserialize)]
+struct TallyState {
+    sum: f64,
+    count: usize,
+    last_loss: Option<f32>,
+}
+
+impl From<&Tally> for TallyState {
+    fn from(t: &Tally) -> Self {
+        TallyState {
+            sum: t.sum,
+            count: t.count,
+            last_loss: t.last_loss.is_finite().then_some(t.last_loss),
+        }
+    }
+}
+
+impl From<TallyState> for Tally {
+    fn from(t: TallyState) -> Self {
+        Tally {
+            sum: t.sum,
+            count: t.count,
+            last_loss: t.last_loss.unwrap_or(f32::NAN),
+            ..Tally::default()
+        }
+    }
+}
+
 /// The losses of an epoch's settled steps, with the checks each outcome gets.
+#[derive(Clone)]
 struct Tally {
     sum: f64,
     count: usize,
     last_loss: f32,
+    /// Losses since the last metrics line (not kept in a checkpoint: the next line after a
+    /// resume covers the steps since the resume).
+    interval_sum: f64,
+    interval_count: usize,
 }
 
 impl Default for Tally {
@@ -250,6 +422,8 @@ impl Default for Tally {
             sum: 0.0,
             count: 0,
             last_loss: f32::NAN,
+            interval_sum: 0.0,
+            interval_count: 0,
         }
     }
 }
@@ -282,30 +456,43 @@ impl Tally {
             self.sum += out.loss as f64;
             self.count += 1;
             self.last_loss = out.loss;
+            self.interval_sum += out.loss as f64;
+            self.interval_count += 1;
         }
         Ok(())
     }
+
+    /// The mean loss of the steps settled since the last call (None if there were none).
+    fn take_interval(&mut self) -> Option<f64> {
+        let mean =
+            (self.interval_count > 0).then(|| self.interval_sum / self.interval_count as f64);
+        self.interval_sum = 0.0;
+        self.interval_count = 0;
+        mean
+    }
 }
 
-/// The "step" record of every `log_every`-th step of an epoch, written when that step's outcome
-/// settles, with its own step number, loss and learning rate: on CUDA a step's outcome arrives
-/// during the next step, so the loop's current values would be one step off (and the first step's
-/// loss missing).
+/// The "step" record of every `log_every`-th step of an epoch (counting from the epoch's first
+/// step, `first_step`), written when that step's outcome settles, with its own step number, loss
+/// and learning rate, and the mean loss of the interval's settled steps: on CUDA a step's outcome
+/// arrives during the next step, so the loop's current values would be one step off (and the
+/// first step's loss missing). Call it after `tally.record(out)`.
 #[allow(clippy::too_many_arguments)]
 fn log_interval(
     cfg: &TrainConfig,
     log: &mut RunLog,
     schedule: &Schedule,
     run: &RunState,
-    epoch: usize,
-    first_step: u64,
+    (epoch, first_step): (usize, u64),
     out: &StepOutcome,
+    tally: &mut Tally,
     ips: f64,
 ) -> Result<()> {
-    if (out.step - first_step + 1) % cfg.log_every as u64 != 0 {
+    if !(out.step - first_step + 1).is_multiple_of(cfg.log_every as u64) {
         return Ok(());
     }
-    log.metrics(json!({"event": "step", "epoch": epoch, "step": out.step + 1, "loss": out.loss, "skipped": out.skipped, "lr": schedule.lr(out.step), "loss_scale": run.scaler.scale(), "images_per_sec": ips}))
+    let mean = tally.take_interval();
+    log.metrics(json!({"event": "step", "epoch": epoch, "step": out.step + 1, "loss": out.loss, "skipped": out.skipped, "mean_loss": mean, "lr": schedule.lr(out.step), "loss_scale": run.scaler.scale(), "images_per_sec": ips}))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -317,48 +504,92 @@ fn run_epoch(
     run: &mut RunState,
     log: &mut RunLog,
     epoch: usize,
-    last_ckpt: Option<&Path>,
+    meta: &CheckpointMeta,
+    last_ckpt: &mut Option<PathBuf>,
 ) -> Result<f64> {
     let steps = loader.batches_per_epoch();
+    let done_before = run.position.batches;
     let progress = Progress::new(
         steps as u64,
+        done_before as u64,
         format!("epoch {epoch}/{}", cfg.epochs),
         cfg.log_every as u64,
     );
     let start = Instant::now();
-    let mut tally = Tally::default();
-    let mut batches = loader.epoch(epoch - 1);
-    let first_step = run.step;
-    for (i, batch) in (&mut batches).enumerate() {
-        let lr = schedule.lr(run.step);
+    let mut tally = std::mem::take(&mut run.tally);
+    let mut batches = loader.epoch_from(epoch - 1, run.position);
+    let mut lr = schedule.lr(run.step);
+    let mut i = done_before;
+    // The global step of this epoch's first batch: an outcome's place in the epoch.
+    let first_step = run.step - done_before as u64;
+    while let Some(batch) = batches.next() {
+        lr = schedule.lr(run.step);
         let outcomes =
             backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
         loader.recycle(batch);
         run.step += 1;
-        let ips = ((i + 1) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
+        i += 1;
+        let ips = ((i - done_before) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
         for out in outcomes {
-            log_interval(cfg, log, schedule, run, epoch, first_step, &out, ips)?;
-            tally.record(out, log, epoch, last_ckpt)?;
+            tally.record(out, log, epoch, last_ckpt.as_deref())?;
+            log_interval(
+                cfg,
+                log,
+                schedule,
+                run,
+                (epoch, first_step),
+                &out,
+                &mut tally,
+                ips,
+            )?;
         }
         // Before the first outcome settles (dynamic scaling on CUDA) there is no loss to show.
         let loss = match tally.count {
             0 => "-".to_string(),
             _ => format!("{:.4}", tally.last_loss),
         };
-        progress.update(
-            i as u64 + 1,
-            format!("loss {loss} lr {lr:.3e} {ips:.1} img/s"),
-        );
+        progress.update(i as u64, format!("loss {loss} lr {lr:.3e} {ips:.1} img/s"));
+        // A save at the epoch's last step is the epoch-end save (after the evaluation).
+        let save_due =
+            cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
+        if save_due && i < steps {
+            for out in backend.settle(&mut run.scaler)? {
+                tally.record(out, log, epoch, last_ckpt.as_deref())?;
+                log_interval(
+                    cfg,
+                    log,
+                    schedule,
+                    run,
+                    (epoch, first_step),
+                    &out,
+                    &mut tally,
+                    ips,
+                )?;
+            }
+            run.position = batches.position();
+            run.tally = tally.clone();
+            *last_ckpt = Some(save_checkpoint(backend, cfg, meta, run)?);
+        }
     }
     // The last step's outcome may still be on the device (dynamic scaling on CUDA); the scaler
     // must be settled before the checkpoint saves it.
-    let ips = (steps * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
+    let ips = ((i - done_before) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
     for out in backend.settle(&mut run.scaler)? {
-        log_interval(cfg, log, schedule, run, epoch, first_step, &out, ips)?;
-        tally.record(out, log, epoch, last_ckpt)?;
+        tally.record(out, log, epoch, last_ckpt.as_deref())?;
+        log_interval(
+            cfg,
+            log,
+            schedule,
+            run,
+            (epoch, first_step),
+            &out,
+            &mut tally,
+            ips,
+        )?;
     }
     progress.finish();
     let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+    let ran = (i - done_before).max(1);
     let (sum, count, last_loss) = (tally.sum, tally.count, tally.last_loss);
     let mean = sum / count.max(1) as f64;
     log.line(&format!(
@@ -367,10 +598,10 @@ fn run_epoch(
     ))?;
     log.line(&format!(
         "Epoch time: {elapsed:.3} ms, per step time: {:.3} ms",
-        elapsed / steps.max(1) as f64
+        elapsed / ran as f64
     ))?;
-    let ips = (steps * cfg.batch_size) as f64 / (elapsed / 1000.0);
-    log.metrics(json!({"event": "epoch", "epoch": epoch, "step": run.step, "mean_loss": mean, "last_loss": last_loss, "epoch_ms": elapsed, "images_per_sec": ips, "skipped_files": batches.skipped()}))?;
+    let ips = (ran * cfg.batch_size) as f64 / (elapsed / 1000.0);
+    log.metrics(json!({"event": "epoch", "epoch": epoch, "step": run.step, "mean_loss": mean, "last_loss": last_loss, "lr": lr, "epoch_ms": elapsed, "images_per_sec": ips, "skipped_files": batches.skipped()}))?;
     eprintln!("epoch {epoch}: mean loss {mean:.4}, last {last_loss:.4}, {:.1} s, {ips:.1} img/s, {} unreadable files skipped", elapsed / 1000.0, batches.skipped());
     Ok(mean)
 }
@@ -380,7 +611,7 @@ fn run_eval(
     set: &Arc<Dataset>,
     cfg: &TrainConfig,
     plan: &Plan,
-    epoch: usize,
+    (epoch, step): (usize, u64),
     log: &mut RunLog,
 ) -> Result<EvalResult> {
     let loader = Loader::new(
@@ -397,7 +628,7 @@ fn run_eval(
         r.seed_line()
     );
     log.line(&r.seed_line())?;
-    log.metrics(json!({"event": "eval", "epoch": epoch, "loss": r.loss, "top1": r.top1, "top5": r.top5, "images": r.images}))?;
+    log.metrics(json!({"event": "eval", "epoch": epoch, "step": step, "loss": r.loss, "top1": r.top1, "top5": r.top5, "images": r.images}))?;
     Ok(r)
 }
 
@@ -418,6 +649,16 @@ fn save_checkpoint(
         step: run.step,
         ..Default::default()
     };
+    if run.position.batches > 0 {
+        meta.rng.extra.insert(
+            EXTRA_EPOCH_POSITION.into(),
+            serde_json::to_string(&run.position)?,
+        );
+        meta.rng.extra.insert(
+            EXTRA_EPOCH_TALLY.into(),
+            serde_json::to_string(&TallyState::from(&run.tally))?,
+        );
+    }
     meta.extra
         .insert("train_config".into(), serde_json::to_string(cfg)?);
     let path = cfg.out.join(checkpoint::file_name(
