@@ -90,3 +90,43 @@ fn inspect_estimates_cuda_memory_per_level_without_a_gpu() {
     assert!(bytes("infer_O2") < bytes("train_O2"));
     assert_eq!(v["cuda_batch_size"], 8);
 }
+
+#[test]
+fn bench_loader_cycles_epochs_and_reports_the_stages() {
+    // 20 images at batch 20: one batch per epoch, so the timed batches come from later epochs
+    // (this used to time nothing and print 0 images/s).
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..20 {
+        let class = dir.path().join(format!("c{}", k % 2));
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/astronaut_500x375_baseline.jpg"),
+            class.join(format!("{k}.jpg")),
+        )
+        .unwrap();
+    }
+    let data = dir.path().to_str().unwrap();
+    let out = engine(&[
+        "bench", "loader", "--data", data, "--batch-size", "20", "--batches", "3", "--workers",
+        "2", "--image-size", "64", "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("per image (thread time): read"), "{stdout}");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["images"], 60);
+    assert!(last["images_per_sec"].as_f64().unwrap() > 0.0);
+    for stage in ["read", "decode", "transform", "pack"] {
+        let ms = last["stage_ms_per_image"][stage].as_f64().unwrap();
+        assert!(ms >= 0.0, "{stage}: {ms}");
+    }
+    assert!(last["stage_ms_per_image"]["decode"].as_f64().unwrap() > 0.0);
+    // Forcing zune-jpeg works everywhere.
+    let out = engine(&[
+        "bench", "loader", "--data", data, "--batch-size", "10", "--batches", "2", "--jpeg",
+        "zune", "--image-size", "32", "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("\"jpeg\":\"zune\""), "{stdout}");
+}

@@ -102,6 +102,25 @@ else
   SUMMARY+=("$(printf '%-18s %-24s %5ss' torch-baseline "SKIP (no script)" 0)")
 fi
 
+# The data loader on all cores against torchvision + PIL (same transforms, same JPEGs): the two
+# stand-in sets of tools/make_loader_sets.py (bench/loader-data, made here when missing and
+# scikit-image is installed). The engine's line says which JPEG decoder it found.
+LOADER_DATA=${LOADER_DATA:-bench/loader-data}
+if [ ! -d "$LOADER_DATA/progressive-512" ]; then
+  python3 tools/make_loader_sets.py --out "$LOADER_DATA" >"$OUT/loader-data.log" 2>&1
+fi
+if [ -d "$LOADER_DATA/progressive-512" ]; then
+  CORES=$(nproc)
+  for set in progressive-512 baseline-500x375; do
+    step "loader-$set" 60 "$BIN" bench loader --data "$LOADER_DATA/$set" --workers "$CORES" \
+      --batch-size 128 --batches 20 --json
+    step "loader-torch-$set" 60 python3 tools/loader_baseline.py --data "$LOADER_DATA/$set" \
+      --workers "$CORES" --batch-size 128 --batches 20 --json
+  done
+else
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' loader "SKIP (no loader data)" 0)")
+fi
+
 # bench (issue 6): every conv shape vs cuDNN (cudnnFind per shape and mode), FC vs cuBLAS, bandwidth
 # kernels; the --json report goes to bench-kernels.json (--out) so the console keeps the text rows.
 step bench-kernels 240 "$BIN" bench kernels --out "$OUT/bench-kernels.json"

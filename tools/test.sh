@@ -2,8 +2,8 @@
 # The whole test suite on a fresh machine in one command: installs what the tests need, then
 # runs cargo test --release. Extra arguments go to cargo test (tools/test.sh --test train_loop).
 #
-# - System packages, through apt-get and only where missing: a C/C++ compiler and python3 with
-#   venv. Rust itself comes from rustup.
+# - System packages, through apt-get and only where missing: a C/C++ compiler, python3 with
+#   venv, and libturbojpeg0 (the loader's libjpeg-turbo decoder). Rust itself comes from rustup.
 # - Python packages (tools/test-requirements.txt: the NVRTC wheels, onnx, onnxruntime) in a
 #   project-local virtual environment, .venv/ (ignored by git; delete it to start over).
 # - INCEPTION_REQUIRE_ALL=1: a test group that cannot find its tools fails instead of skipping.
@@ -16,6 +16,8 @@ missing=()
 command -v cc >/dev/null && command -v g++ >/dev/null || missing+=(build-essential)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# libjpeg-turbo: the loader's faster JPEG decoder (opened at run time; zune-jpeg without it).
+ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so\.0' || missing+=(libturbojpeg0)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tools/test.sh: installing ${missing[*]} with apt-get" >&2
   sudo=""
