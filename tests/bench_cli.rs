@@ -100,18 +100,36 @@ fn bench_loader_cycles_epochs_and_reports_the_stages() {
         let class = dir.path().join(format!("c{}", k % 2));
         std::fs::create_dir_all(&class).unwrap();
         std::fs::copy(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/astronaut_500x375_baseline.jpg"),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/astronaut_500x375_baseline.jpg"
+            ),
             class.join(format!("{k}.jpg")),
         )
         .unwrap();
     }
     let data = dir.path().to_str().unwrap();
     let out = engine(&[
-        "bench", "loader", "--data", data, "--batch-size", "20", "--batches", "3", "--workers",
-        "2", "--image-size", "64", "--json",
+        "bench",
+        "loader",
+        "--data",
+        data,
+        "--batch-size",
+        "20",
+        "--batches",
+        "3",
+        "--workers",
+        "2",
+        "--image-size",
+        "64",
+        "--json",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("per image (thread time): read"), "{stdout}");
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(last["images"], 60);
@@ -123,8 +141,19 @@ fn bench_loader_cycles_epochs_and_reports_the_stages() {
     assert!(last["stage_ms_per_image"]["decode"].as_f64().unwrap() > 0.0);
     // Forcing zune-jpeg works everywhere.
     let out = engine(&[
-        "bench", "loader", "--data", data, "--batch-size", "10", "--batches", "2", "--jpeg",
-        "zune", "--image-size", "32", "--json",
+        "bench",
+        "loader",
+        "--data",
+        data,
+        "--batch-size",
+        "10",
+        "--batches",
+        "2",
+        "--jpeg",
+        "zune",
+        "--image-size",
+        "32",
+        "--json",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");

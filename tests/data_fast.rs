@@ -243,7 +243,10 @@ fn scaled_decoding_gives_the_same_crop() {
             height: 0,
             pixels: vec![],
         };
-        assert_eq!(turbo.decode_into(&bytes, denom, &mut scaled).unwrap(), denom);
+        assert_eq!(
+            turbo.decode_into(&bytes, denom, &mut scaled).unwrap(),
+            denom
+        );
         assert_eq!(
             (scaled.width, scaled.height),
             (1024usize.div_ceil(denom), 768usize.div_ceil(denom))
@@ -287,7 +290,11 @@ fn pack_max_side_resizes_large_images_only_and_records_n() {
         panic!("not a pack")
     };
     assert_eq!(p.max_side(), None);
-    assert_eq!(fs::read(&plain).unwrap()[8], 1, "version 1 without --max-side");
+    assert_eq!(
+        fs::read(&plain).unwrap()[8],
+        1,
+        "version 1 without --max-side"
+    );
 
     let out = dir.path().join("max.pack");
     let opts = packed::PackOptions {
@@ -304,11 +311,21 @@ fn pack_max_side_resizes_large_images_only_and_records_n() {
     // Order: a/big.jpg, a/small.jpg, b/broken.jpg, b/wide.png.
     let big_img = ds.read(0).unwrap();
     assert_eq!((big_img.width, big_img.height), (427, 320));
-    assert_eq!(p.bytes(1), &small[..], "small images are stored as they were");
-    assert!(ds.read(2).is_err(), "a broken file stays broken (skipped by the loader)");
+    assert_eq!(
+        p.bytes(1),
+        &small[..],
+        "small images are stored as they were"
+    );
+    assert!(
+        ds.read(2).is_err(),
+        "a broken file stays broken (skipped by the loader)"
+    );
     let wide = ds.read(3).unwrap();
     assert_eq!((wide.width, wide.height), (480, 320));
-    assert_eq!(image::guess_format(p.bytes(3)).unwrap(), image::ImageFormat::Png);
+    assert_eq!(
+        image::guess_format(p.bytes(3)).unwrap(),
+        image::ImageFormat::Png
+    );
     // The picture survives: the resized photo against the original resized the same way.
     let reference = photo("astronaut_500x375_baseline.jpg");
     let mut scratch = Scratch::default();

@@ -338,8 +338,10 @@ fn bench_loader(a: LoaderArgs) -> Result<()> {
         .collect();
     println!("per image (thread time): {}", split.join(", "));
     if a.json {
-        let stage_ms: serde_json::Map<String, serde_json::Value> =
-            stages.iter().map(|(n, ms)| (n.to_string(), json!(ms))).collect();
+        let stage_ms: serde_json::Map<String, serde_json::Value> = stages
+            .iter()
+            .map(|(n, ms)| (n.to_string(), json!(ms)))
+            .collect();
         println!(
             "{}",
             json!({"images_per_sec": ips, "images": images, "seconds": secs, "threads": threads,

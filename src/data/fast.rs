@@ -204,11 +204,11 @@ fn blend_const(plane: &mut [f32], f: f32, m: f32) {
     let mut c = plane.chunks_exact_mut(8);
     for v in &mut c {
         for v in v.iter_mut() {
-            *v = (f * *v + m).max(0.0).min(255.0);
+            *v = (f * *v + m).clamp(0.0, 255.0);
         }
     }
     for v in c.into_remainder() {
-        *v = (f * *v + m).max(0.0).min(255.0);
+        *v = (f * *v + m).clamp(0.0, 255.0);
     }
 }
 
@@ -260,7 +260,7 @@ fn apply_ops(planes: &mut [f32], n: usize, ops: &[(u8, f32)], mean: f32, avx2: b
                     // SAFETY: as above.
                     done = unsafe { simd::saturate(r, g, b, f) };
                 }
-                let c = |v: f32| v.max(0.0).min(255.0);
+                let c = |v: f32| v.clamp(0.0, 255.0);
                 let rem = r[done..].iter_mut().zip(&mut g[done..]).zip(&mut b[done..]);
                 for ((r, g), b) in rem {
                     let m = k * (0.299 * *r + 0.587 * *g + 0.114 * *b);
@@ -294,7 +294,7 @@ mod simd {
             i += 8;
         }
         for v in &mut p[n8..] {
-            *v = (f * *v + m).max(0.0).min(255.0);
+            *v = (f * *v + m).clamp(0.0, 255.0);
         }
     }
 

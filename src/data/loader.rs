@@ -25,8 +25,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -481,7 +481,14 @@ impl Shared {
         let t = add_ns(&self.stats.decode_ns, t);
         match &draws {
             Some(d) => train_u8_into(&w.decoded, full, d, size, slot, &mut w.scratch),
-            None => eval_u8_into(&w.decoded, full, self.eval_resize(), size, slot, &mut w.scratch),
+            None => eval_u8_into(
+                &w.decoded,
+                full,
+                self.eval_resize(),
+                size,
+                slot,
+                &mut w.scratch,
+            ),
         }
         .with_context(describe)?;
         add_ns(&self.stats.transform_ns, t);
@@ -516,7 +523,13 @@ fn worker(shared: &Shared, tx: &Sender<(usize, Chunk)>) {
         let end = (k + 1) * shared.chunk;
         let end = shared.stream_len.map_or(end, |len| len.min(end));
         let start = k * shared.chunk;
-        let mut buf = shared.reuse.chunks.lock().unwrap().pop().unwrap_or_default();
+        let mut buf = shared
+            .reuse
+            .chunks
+            .lock()
+            .unwrap()
+            .pop()
+            .unwrap_or_default();
         buf.resize((end - start) * pixels, 0);
         let items = (start..end)
             .zip(buf.chunks_exact_mut(pixels))
@@ -585,7 +598,11 @@ impl Epoch {
         if let (Some(_), Some(dst)) = (item, dst) {
             let t = Instant::now();
             let n = dst.len();
-            normalize_u8_into(&chunk.pixels[*i * n..(*i + 1) * n], dst, &sh.cfg.normalization);
+            normalize_u8_into(
+                &chunk.pixels[*i * n..(*i + 1) * n],
+                dst,
+                &sh.cfg.normalization,
+            );
             add_ns(&sh.stats.pack_ns, t);
             sh.stats.images.fetch_add(1, Ordering::Relaxed);
         }

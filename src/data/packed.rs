@@ -284,9 +284,15 @@ pub fn stored_bytes(bytes: Vec<u8>, opts: PackOptions) -> Result<(Vec<u8>, bool)
     // The shorter side becomes exactly N; the longer keeps the aspect ratio (rounded).
     let scale = max_side as f64 / short as f64;
     let (w, h) = if img.width <= img.height {
-        (max_side, ((img.height as f64 * scale).round() as usize).max(1))
+        (
+            max_side,
+            ((img.height as f64 * scale).round() as usize).max(1),
+        )
     } else {
-        (((img.width as f64 * scale).round() as usize).max(1), max_side)
+        (
+            ((img.width as f64 * scale).round() as usize).max(1),
+            max_side,
+        )
     };
     let resized = resize_whole(&img, w, h)?;
     let mut out = Vec::new();
