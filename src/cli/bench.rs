@@ -314,15 +314,15 @@ fn bench_loader(a: LoaderArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let after = loader.stage_times();
     let ips = images as f64 / secs;
-    let per_image = |x: f64, y: f64| {
-        let n = (after.images - before.images).max(1) as f64;
-        (x - y) / n * 1e3
-    };
+    // Worker stages per image the workers finished, packing per image packed.
+    let loaded = (after.loaded - before.loaded).max(1) as f64;
+    let packed = (after.images - before.images).max(1) as f64;
+    let ms = |x: f64, y: f64, n: f64| (x - y) / n * 1e3;
     let stages = [
-        ("read", per_image(after.read, before.read)),
-        ("decode", per_image(after.decode, before.decode)),
-        ("transform", per_image(after.transform, before.transform)),
-        ("pack", per_image(after.pack, before.pack)),
+        ("read", ms(after.read, before.read, loaded)),
+        ("decode", ms(after.decode, before.decode, loaded)),
+        ("transform", ms(after.transform, before.transform, loaded)),
+        ("pack", ms(after.pack, before.pack, packed)),
     ];
     let total: f64 = stages.iter().map(|s| s.1).sum();
     println!(

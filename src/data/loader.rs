@@ -131,8 +131,10 @@ pub struct StageTimes {
     pub transform: f64,
     /// Normalising the slots into the batch's f32 buffer (on the consumer's thread).
     pub pack: f64,
-    /// Images that went through every stage.
+    /// Images packed into batches.
     pub images: u64,
+    /// Images the workers read, decoded and transformed (the workers may be ahead).
+    pub loaded: u64,
 }
 
 #[derive(Default)]
@@ -142,6 +144,8 @@ struct Stats {
     transform_ns: AtomicU64,
     pack_ns: AtomicU64,
     images: AtomicU64,
+    /// Images the workers finished (may run ahead of `images`, which are packed).
+    loaded: AtomicU64,
 }
 
 fn add_ns(counter: &AtomicU64, since: Instant) -> Instant {
@@ -212,6 +216,7 @@ impl Loader {
             transform: s(&self.stats.transform_ns),
             pack: s(&self.stats.pack_ns),
             images: self.stats.images.load(Ordering::Relaxed),
+            loaded: self.stats.loaded.load(Ordering::Relaxed),
         }
     }
 
@@ -276,6 +281,10 @@ impl Loader {
             cfg: self.cfg.clone(),
             epoch,
             stream_len: (!self.cfg.train).then_some(order.len()),
+            soft_len: self
+                .cfg
+                .train
+                .then(|| self.batches_per_epoch() * self.cfg.batch_size),
             order,
             chunk,
             window: (self.cfg.prefetch + 1) * chunks_per_batch,
@@ -283,6 +292,7 @@ impl Loader {
             state: Mutex::new(Window {
                 next_chunk: from.position / chunk,
                 consumed: from.position / chunk,
+                wanted: 0,
                 stop: false,
             }),
             wake: Condvar::new(),
@@ -370,6 +380,9 @@ struct WorkerState {
 struct Window {
     next_chunk: usize,
     consumed: usize,
+    /// The furthest chunk the consumer has waited for (past `Shared::soft_len` only when bad
+    /// files made the epoch need more images).
+    wanted: usize,
     stop: bool,
 }
 
@@ -381,6 +394,9 @@ struct Shared {
     order: Vec<usize>,
     /// Evaluation streams end with the shard; training streams wrap around it.
     stream_len: Option<usize>,
+    /// Training: the positions the epoch's batches take when no file is bad. Workers go past it
+    /// only when the consumer asks (skips), so no work is wasted after the epoch's last batch.
+    soft_len: Option<usize>,
     /// Positions per work chunk.
     chunk: usize,
     /// Chunks the workers may run ahead of the consumer.
@@ -400,7 +416,12 @@ impl Shared {
     /// Waits until chunk `next_chunk` is inside the window, then claims it. `None`: stop.
     fn claim(&self) -> Option<usize> {
         let mut s = self.state.lock().unwrap();
-        while !s.stop && s.next_chunk >= s.consumed + self.window {
+        let beyond = |k: usize, wanted: usize| {
+            self.soft_len.is_some_and(|len| k * self.chunk >= len) && k > wanted
+        };
+        while !s.stop
+            && (s.next_chunk >= s.consumed + self.window || beyond(s.next_chunk, s.wanted))
+        {
             s = self.wake.wait(s).unwrap();
         }
         let k = s.next_chunk;
@@ -492,6 +513,7 @@ impl Shared {
         }
         .with_context(describe)?;
         add_ns(&self.stats.transform_ns, t);
+        self.stats.loaded.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -586,6 +608,13 @@ impl Epoch {
             return None;
         }
         let k = self.position / sh.chunk;
+        if !self.pending.contains_key(&k) {
+            let mut s = sh.state.lock().unwrap();
+            if s.wanted < k {
+                s.wanted = k;
+                sh.wake.notify_all();
+            }
+        }
         while !self.pending.contains_key(&k) {
             let (number, chunk) = self
                 .rx
