@@ -7,6 +7,8 @@ with Pillow:
 
   OUT/progressive-512/<photo>/<n>.jpg   512x512, progressive, quality 90, 4:2:0
   OUT/baseline-500x375/<photo>/<n>.jpg  500x375, baseline, quality 90, 4:2:0
+  OUT/large-1000x750/<photo>/<n>.jpg    1000x750, baseline, quality 90 (only with --large: the
+                                        500x375 crops enlarged, for the scaled-decoding figure)
 
 Usage: python3 tools/make_loader_sets.py --out bench/loader-data [--per-photo 8]
 Needs scikit-image and Pillow (pip install scikit-image pillow).
@@ -44,6 +46,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--per-photo", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--large", action="store_true")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     sets = [
@@ -65,6 +68,15 @@ def main():
                           subsampling=2, optimize=False, **opts)
                 n += 1
         print(f"{set_name}: {n} images of {size[0]}x{size[1]} in {os.path.join(args.out, set_name)}")
+    if args.large:
+        src = os.path.join(args.out, "baseline-500x375")
+        dst = os.path.join(args.out, "large-1000x750")
+        for photo in PHOTOS:
+            os.makedirs(os.path.join(dst, photo), exist_ok=True)
+            for name in sorted(os.listdir(os.path.join(src, photo))):
+                img = Image.open(os.path.join(src, photo, name)).resize((1000, 750), Image.BICUBIC)
+                img.save(os.path.join(dst, photo, name), "JPEG", quality=90, subsampling=2)
+        print(f"large-1000x750: the baseline set enlarged, in {dst}")
 
 
 if __name__ == "__main__":
