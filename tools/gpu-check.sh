@@ -103,19 +103,20 @@ else
 fi
 
 # The data loader on all cores against torchvision + PIL (same transforms, same JPEGs): the two
-# stand-in sets of tools/make_loader_sets.py (bench/loader-data, made here when missing and
+# stand-in sets of tools/make_loader_sets.py (bench/loader-data-384, made here when missing and
 # scikit-image is installed). The engine's line says which JPEG decoder it found.
-LOADER_DATA=${LOADER_DATA:-bench/loader-data}
+# 384 images a set, so that batches of 64 make six per epoch.
+LOADER_DATA=${LOADER_DATA:-bench/loader-data-384}
 if [ ! -d "$LOADER_DATA/progressive-512" ]; then
-  python3 tools/make_loader_sets.py --out "$LOADER_DATA" >"$OUT/loader-data.log" 2>&1
+  python3 tools/make_loader_sets.py --out "$LOADER_DATA" --per-photo 64 >"$OUT/loader-data.log" 2>&1
 fi
 if [ -d "$LOADER_DATA/progressive-512" ]; then
   CORES=$(nproc)
   for set in progressive-512 baseline-500x375; do
     step "loader-$set" 60 "$BIN" bench loader --data "$LOADER_DATA/$set" --workers "$CORES" \
-      --batch-size 128 --batches 20 --json
+      --batch-size 64 --batches 40 --json
     step "loader-torch-$set" 60 python3 tools/loader_baseline.py --data "$LOADER_DATA/$set" \
-      --workers "$CORES" --batch-size 128 --batches 20 --json
+      --workers "$CORES" --batch-size 64 --batches 40 --json
   done
 else
   SUMMARY+=("$(printf '%-18s %-24s %5ss' loader "SKIP (no loader data)" 0)")
