@@ -774,11 +774,13 @@ API CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, uns
     if (f->kernel->launch_bounds && threads > f->kernel->launch_bounds)
         return launch_error(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "%lld threads exceed __launch_bounds__(%lld)", name,
                             threads, f->kernel->launch_bounds);
-    if ((long long)smem > f->max_dyn_smem)
+    // Without the opt-in, static and dynamic shared memory share the default 48 KiB.
+    long long dyn_limit = f->max_dyn_smem > SMEM_DEFAULT ? f->max_dyn_smem : SMEM_DEFAULT - f->static_smem;
+    if ((long long)smem > dyn_limit)
         return launch_error(CUDA_ERROR_INVALID_VALUE,
                             "%lld bytes of dynamic shared memory exceed the function's limit of %lld "
                             "(raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)",
-                            name, smem, f->max_dyn_smem);
+                            name, smem, dyn_limit);
     if (f->registers && (long long)f->registers * threads > REGS_PER_BLOCK)
         return launch_error(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "%lld registers per thread x %lld threads exceed 65536",
                             name, f->registers, threads);
