@@ -21,10 +21,11 @@ struct ConvParams {
 
 /// An empty 1x1 convolution (no image, no output channel): the kernel touches no memory.
 fn empty_conv() -> ConvParams {
-    let mut p = ConvParams::default();
-    // n h w cin cout kh kw stride pad_top pad_left oh ow ldc c_offset accumulate k_tiles
-    p.ints = [0, 1, 1, 8, 0, 1, 1, 1, 0, 0, 1, 1, 8, 0, 0, 1];
-    p
+    ConvParams {
+        // n h w cin cout kh kw stride pad_top pad_left oh ow ldc c_offset accumulate k_tiles
+        ints: [0, 1, 1, 8, 0, 1, 1, 1, 0, 0, 1, 1, 8, 0, 0, 1],
+        ..Default::default()
+    }
 }
 
 #[test]
