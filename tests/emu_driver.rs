@@ -1,6 +1,7 @@
 //! The emulated CUDA driver's own checks, through cudarc's driver calls as the engine makes them:
-//! launches that break sm_90's limits are refused, and queued work runs only when the host waits
-//! for it (so a host reading pinned memory too early sees stale data, as it might on a GPU).
+//! launches that break sm_90's limits are refused, queued work runs only when the host waits for
+//! it (so a host reading pinned memory too early sees stale data, as it might on a GPU), and CUDA
+//! graphs captured from a stream replay what it queued.
 
 use std::ffi::{c_void, CString};
 
@@ -108,5 +109,55 @@ fn the_emulated_driver_enforces_limits_and_stream_order() {
         assert!(pinned.iter().all(|&b| b == 7));
         result::free_host(host as *mut c_void).unwrap();
         result::free_sync(dev).unwrap();
+    }
+    graphs_capture_and_replay(&ctx);
+}
+
+/// A stream capture records what the stream queues; each launch of the graph runs it again on the
+/// buffers' current contents; a host wait during the capture invalidates it.
+fn graphs_capture_and_replay(ctx: &std::sync::Arc<CudaContext>) {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let stream = ctx.new_stream().unwrap();
+    let s = stream.cu_stream();
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
+    unsafe {
+        let (a, b) = (
+            result::malloc_sync(64).unwrap(),
+            result::malloc_sync(64).unwrap(),
+        );
+        let host = result::malloc_host(64, 0).unwrap() as *mut u8;
+        let pinned = std::slice::from_raw_parts_mut(host, 64);
+        result::memset_d8_async(a, 1, 64, s).unwrap();
+        stream.synchronize().unwrap();
+        stream.begin_capture(mode).unwrap();
+        result::memcpy_dtod_async(b, a, 64, s).unwrap();
+        result::memcpy_dtoh_async(pinned, b, s).unwrap();
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .unwrap();
+        stream.synchronize().unwrap();
+        assert!(
+            pinned.iter().all(|&v| v == 0xff),
+            "captured work ran at capture"
+        );
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        assert!(pinned.iter().all(|&v| v == 1));
+        result::memset_d8_async(a, 5, 64, s).unwrap();
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        assert!(
+            pinned.iter().all(|&v| v == 5),
+            "a replay reads the buffers' current contents"
+        );
+        stream.begin_capture(mode).unwrap();
+        assert!(stream.synchronize().is_err());
+        match stream.end_capture(CUgraphInstantiate_flags(0)) {
+            Err(e) => assert_eq!(e.0, CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
+            Ok(_) => panic!("a capture with a host wait in it must be invalidated"),
+        }
+        drop(graph);
+        result::free_host(host as *mut c_void).unwrap();
     }
 }
