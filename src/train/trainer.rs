@@ -475,7 +475,7 @@ impl Tally {
 /// Where an epoch's interval records go: every `log_every`-th step counted from the epoch's first
 /// step.
 struct Intervals<'a> {
-    cfg: &'a TrainConfig,
+    log_every: usize,
     schedule: &'a Schedule,
     epoch: usize,
     first_step: u64,
@@ -499,7 +499,7 @@ impl Intervals<'_> {
     ) -> Result<()> {
         for out in outcomes {
             tally.record(out, log, self.epoch, last_ckpt)?;
-            if !(out.step - self.first_step + 1).is_multiple_of(self.cfg.log_every as u64) {
+            if !(out.step - self.first_step + 1).is_multiple_of(self.log_every as u64) {
                 continue;
             }
             let mean = tally.take_interval();
@@ -535,7 +535,7 @@ fn run_epoch(
     let mut lr = schedule.lr(run.step);
     let mut i = done_before;
     let intervals = Intervals {
-        cfg,
+        log_every: cfg.log_every,
         schedule,
         epoch,
         first_step: run.step - done_before as u64,
@@ -701,6 +701,46 @@ mod tests {
             metrics.contains(r#""step":2"#),
             "1-based step of the skipped one: {metrics}"
         );
+    }
+
+    #[test]
+    fn interval_records_carry_the_settled_steps_own_loss_and_step() {
+        // Outcomes arriving one step late, as on CUDA: step k's during step k+1's call, the last
+        // one at the epoch's end. Epoch 2 starts at global step 4, logging every 2nd step.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RunLog::open(dir.path()).unwrap();
+        let schedule = Schedule::for_batch(64, 4, 3);
+        let at = Intervals {
+            log_every: 2,
+            schedule: &schedule,
+            epoch: 2,
+            first_step: 4,
+        };
+        let mut t = Tally::default();
+        let losses = [2.0, 1.5, 1.25, 1.0];
+        for call in 0..=4u64 {
+            let settled: Vec<StepOutcome> = call
+                .checked_sub(1)
+                .map(|k| outcome(4 + k, losses[k as usize], false))
+                .into_iter()
+                .collect();
+            at.settle(settled, &mut t, &mut log, 1024.0, None, 10.0)
+                .unwrap();
+        }
+        let records: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .filter(|v: &serde_json::Value| v["event"] == "step")
+                .collect();
+        assert_eq!(records.len(), 2);
+        for (r, (step, loss, mean)) in records.iter().zip([(6, 1.5, 1.75), (8, 1.0, 1.125)]) {
+            assert_eq!(r["step"], step);
+            assert_eq!(r["loss"], loss);
+            assert_eq!(r["mean_loss"], mean);
+            assert_eq!(r["lr"], schedule.lr(step - 1) as f64);
+        }
     }
 
     #[test]
