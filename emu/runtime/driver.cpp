@@ -769,6 +769,24 @@ API CUresult cuFuncGetAttribute(int* v, int attr, void* fn) {
     return CUDA_SUCCESS;
 }
 
+// INCEPTION_EMU_STATS=1: the launches per kernel, printed to stderr at exit (for counting the
+// launches of a training step: run one and two steps and take the difference).
+static void count_launch(const std::string& name) {
+    static const bool on = getenv("INCEPTION_EMU_STATS") && !strcmp(getenv("INCEPTION_EMU_STATS"), "1");
+    if (!on) return;
+    static std::map<std::string, uint64_t>* counts = [] {
+        auto* m = new std::map<std::string, uint64_t>();
+        atexit([] {
+            uint64_t total = 0;
+            for (auto& [k, n] : *counts) total += n;
+            fprintf(stderr, "emulated GPU: %llu kernel launches\n", (unsigned long long)total);
+            for (auto& [k, n] : *counts) fprintf(stderr, "  %-28s %llu\n", k.c_str(), (unsigned long long)n);
+        });
+        return m;
+    }();
+    ++(*counts)[name];
+}
+
 // A test switch that puts a launcher bug back: INCEPTION_EMU_SWAP_ARGS=KERNEL:I:J exchanges
 // arguments I and J (of equal size) of every launch of KERNEL, as a launcher passing them in the
 // wrong order would (tests/emu_gpu.rs checks that the self-test catches it).
@@ -840,6 +858,7 @@ API CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, uns
         L->args.push_back(&L->storage[at]);
         at += (n + 15) / 16 * 2;
     }
+    count_launch(f->name);
     swap_args_if_asked(*L);
     Op op{OpKind::Kernel, 0, std::move(L)};
     enqueue(std::move(op), stream);
