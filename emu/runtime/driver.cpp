@@ -56,6 +56,8 @@ enum : int {
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
     CUDA_ERROR_UNKNOWN = 999,
 };
 
@@ -90,7 +92,7 @@ enum class OpKind { Kernel, Copy, Memset, Record, Free, HostFn };
 struct Op {
     OpKind kind;
     uint64_t seq;
-    std::unique_ptr<EmuLaunch> launch;
+    std::shared_ptr<const EmuLaunch> launch;  // shared by the replays of a graph
     void* dst = nullptr;
     const void* src = nullptr;
     size_t bytes = 0;
@@ -113,6 +115,10 @@ struct State {
     std::unordered_map<std::string, const EmuKernel*> kernels;
     void* kernels_lib = nullptr;
     int primary_refs = 0;
+    // Stream capture (one at a time): what the capturing stream queues goes into `captured`.
+    void* capture_stream = nullptr;
+    bool capturing = false, capture_invalid = false;
+    std::vector<Op> captured;
     int ctx_token = 0;  // the primary context's handle points here
     const char* flavour = "plain";
 };
@@ -192,8 +198,28 @@ CUresult flush(uint64_t seq) {
 
 CUresult flush_all() { return flush(S().issued); }
 
-uint64_t enqueue(Op op) {
+// A host wait while a stream captures: the capture is invalidated, as with the global capture mode.
+CUresult capture_wait_refused() {
     State& s = S();
+    if (!s.capturing) return CUDA_SUCCESS;
+    s.capture_invalid = true;
+    fprintf(stderr, "emulated GPU: a host synchronisation during stream capture invalidates the capture\n");
+    return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+}
+
+bool capturing(void* stream) {
+    State& s = S();
+    return s.capturing && stream == s.capture_stream;
+}
+
+// Queues `op` on `stream`, or records it into the graph being captured there. Returns its
+// sequence number (0 when captured).
+uint64_t enqueue(Op op, void* stream) {
+    State& s = S();
+    if (capturing(stream)) {
+        s.captured.push_back(std::move(op));
+        return 0;
+    }
     op.seq = ++s.issued;
     s.queue.push_back(std::move(op));
     // Bound the queue (and the staged copies it holds) on long runs without a synchronisation.
@@ -399,6 +425,7 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
 
 API CUresult cuCtxSynchronize() {
     LOCK;
+    if (CUresult r = capture_wait_refused()) return r;
     return flush_all();
 }
 
@@ -432,8 +459,9 @@ API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return device_alloc(p, bytes);
 }
 
-API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) {
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
     LOCK;
+    if (capturing(stream)) return CUDA_ERROR_NOT_SUPPORTED;  // no memory nodes in graphs here
     return device_alloc(p, bytes);
 }
 
@@ -447,12 +475,13 @@ API CUresult cuMemFree_v2(CUdeviceptr p) {
     return CUDA_SUCCESS;
 }
 
-API CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
+API CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
     LOCK;
     if (!s.device.count(p)) return CUDA_ERROR_INVALID_VALUE;
+    if (capturing(stream)) return CUDA_ERROR_NOT_SUPPORTED;
     Op op{OpKind::Free, 0, nullptr};
     op.dst = reinterpret_cast<void*>(p);
-    enqueue(std::move(op));
+    enqueue(std::move(op), stream);
     return CUDA_SUCCESS;
 }
 
@@ -480,41 +509,45 @@ API CUresult cuMemFreeHost(void* p) {
     return CUDA_SUCCESS;
 }
 
-static CUresult queue_copy(void* dst, const void* src, size_t bytes, bool stage_src) {
+static CUresult queue_copy(void* dst, const void* src, size_t bytes, bool stage_src, void* stream) {
     Op op{OpKind::Copy, 0, nullptr};
     op.dst = dst;
     op.src = src;
     op.bytes = bytes;
-    if (stage_src) op.staged.assign(static_cast<const unsigned char*>(src), static_cast<const unsigned char*>(src) + bytes);
-    enqueue(std::move(op));
+    // A captured copy reads its source when the graph runs, as a graph's memcpy node does.
+    if (stage_src && !capturing(stream))
+        op.staged.assign(static_cast<const unsigned char*>(src), static_cast<const unsigned char*>(src) + bytes);
+    enqueue(std::move(op), stream);
     return CUDA_SUCCESS;
 }
 
-API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void*) {
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void* stream) {
     LOCK;
     STICKY;
     if (!in_map(s.device, reinterpret_cast<void*>(dst), bytes)) return CUDA_ERROR_INVALID_VALUE;
-    return queue_copy(reinterpret_cast<void*>(dst), src, bytes, !in_map(s.pinned, src, bytes));
+    return queue_copy(reinterpret_cast<void*>(dst), src, bytes, !in_map(s.pinned, src, bytes), stream);
 }
 
-API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void*) {
+API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void* stream) {
     LOCK;
     STICKY;
     if (!in_map(s.device, reinterpret_cast<void*>(src), bytes)) return CUDA_ERROR_INVALID_VALUE;
-    if (in_map(s.pinned, dst, bytes)) return queue_copy(dst, reinterpret_cast<void*>(src), bytes, false);
+    if (in_map(s.pinned, dst, bytes) || capturing(stream))
+        return queue_copy(dst, reinterpret_cast<void*>(src), bytes, false, stream);
     // Into pageable memory the copy is synchronous.
+    if (CUresult r = capture_wait_refused()) return r;
     CUresult r = flush_all();
     if (r) return r;
     memcpy(dst, reinterpret_cast<void*>(src), bytes);
     return CUDA_SUCCESS;
 }
 
-API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void*) {
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void* stream) {
     LOCK;
     STICKY;
     if (!in_map(s.device, reinterpret_cast<void*>(dst), bytes) || !in_map(s.device, reinterpret_cast<void*>(src), bytes))
         return CUDA_ERROR_INVALID_VALUE;
-    return queue_copy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), bytes, false);
+    return queue_copy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), bytes, false, stream);
 }
 
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
@@ -534,7 +567,7 @@ API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
     return CUDA_SUCCESS;
 }
 
-API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) {
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* stream) {
     LOCK;
     STICKY;
     if (!in_map(s.device, reinterpret_cast<void*>(dst), n)) return CUDA_ERROR_INVALID_VALUE;
@@ -542,7 +575,7 @@ API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) 
     op.dst = reinterpret_cast<void*>(dst);
     op.bytes = n;
     op.value = v;
-    enqueue(std::move(op));
+    enqueue(std::move(op), stream);
     return CUDA_SUCCESS;
 }
 
@@ -575,11 +608,13 @@ API CUresult cuStreamDestroy_v2(void* stream) {
 
 API CUresult cuStreamSynchronize(void*) {
     LOCK;
+    if (CUresult r = capture_wait_refused()) return r;
     return flush_all();
 }
 
 API CUresult cuStreamQuery(void*) {
     LOCK;
+    if (CUresult r = capture_wait_refused()) return r;
     return flush_all();
 }
 
@@ -590,13 +625,13 @@ API CUresult cuStreamWaitEvent(void*, void* ev, unsigned) {
     return ev ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
-API CUresult cuLaunchHostFunc(void*, void (*fn)(void*), void* user) {
+API CUresult cuLaunchHostFunc(void* stream, void (*fn)(void*), void* user) {
     LOCK;
     STICKY;
     Op op{OpKind::HostFn, 0, nullptr};
     op.fn = fn;
     op.user = user;
-    enqueue(std::move(op));
+    enqueue(std::move(op), stream);
     return CUDA_SUCCESS;
 }
 
@@ -617,15 +652,18 @@ API CUresult cuEventDestroy_v2(void* ev) {
     return CUDA_SUCCESS;
 }
 
-API CUresult cuEventRecord(void* ev, void*) {
+API CUresult cuEventRecord(void* ev, void* stream) {
     LOCK;
     STICKY;
     if (!ev) return CUDA_ERROR_INVALID_HANDLE;
     auto* e = static_cast<Event*>(ev);
     Op op{OpKind::Record, 0, nullptr};
     op.event = e;
-    e->record_seq = enqueue(std::move(op));
-    e->recorded = true;
+    uint64_t seq = enqueue(std::move(op), stream);
+    if (seq) {  // a captured record takes effect when the graph runs
+        e->record_seq = seq;
+        e->recorded = true;
+    }
     return CUDA_SUCCESS;
 }
 
@@ -634,6 +672,7 @@ API CUresult cuEventRecordWithFlags(void* ev, void* stream, unsigned) { return c
 API CUresult cuEventSynchronize(void* ev) {
     LOCK;
     if (!ev) return CUDA_ERROR_INVALID_HANDLE;
+    if (CUresult r = capture_wait_refused()) return r;
     return flush(static_cast<Event*>(ev)->record_seq);
 }
 
@@ -730,6 +769,24 @@ API CUresult cuFuncGetAttribute(int* v, int attr, void* fn) {
     return CUDA_SUCCESS;
 }
 
+// INCEPTION_EMU_STATS=1: the launches per kernel, printed to stderr at exit (for counting the
+// launches of a training step: run one and two steps and take the difference).
+static void count_launch(const std::string& name) {
+    static const bool on = getenv("INCEPTION_EMU_STATS") && !strcmp(getenv("INCEPTION_EMU_STATS"), "1");
+    if (!on) return;
+    static std::map<std::string, uint64_t>* counts = [] {
+        auto* m = new std::map<std::string, uint64_t>();
+        atexit([] {
+            uint64_t total = 0;
+            for (auto& [k, n] : *counts) total += n;
+            fprintf(stderr, "emulated GPU: %llu kernel launches\n", (unsigned long long)total);
+            for (auto& [k, n] : *counts) fprintf(stderr, "  %-28s %llu\n", k.c_str(), (unsigned long long)n);
+        });
+        return m;
+    }();
+    ++(*counts)[name];
+}
+
 // A test switch that puts a launcher bug back: INCEPTION_EMU_SWAP_ARGS=KERNEL:I:J exchanges
 // arguments I and J (of equal size) of every launch of KERNEL, as a launcher passing them in the
 // wrong order would (tests/emu_gpu.rs checks that the self-test catches it).
@@ -756,7 +813,7 @@ static CUresult launch_error(CUresult code, const char* fmt, const char* name, l
 }
 
 API CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                            unsigned smem, void*, void** params, void** extra) {
+                            unsigned smem, void* stream, void** params, void** extra) {
     LOCK;
     STICKY;
     auto* f = static_cast<Func*>(fn);
@@ -774,11 +831,13 @@ API CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, uns
     if (f->kernel->launch_bounds && threads > f->kernel->launch_bounds)
         return launch_error(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "%lld threads exceed __launch_bounds__(%lld)", name,
                             threads, f->kernel->launch_bounds);
-    if ((long long)smem > f->max_dyn_smem)
+    // Without the opt-in, static and dynamic shared memory share the default 48 KiB.
+    long long dyn_limit = f->max_dyn_smem > SMEM_DEFAULT ? f->max_dyn_smem : SMEM_DEFAULT - f->static_smem;
+    if ((long long)smem > dyn_limit)
         return launch_error(CUDA_ERROR_INVALID_VALUE,
                             "%lld bytes of dynamic shared memory exceed the function's limit of %lld "
                             "(raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)",
-                            name, smem, f->max_dyn_smem);
+                            name, smem, dyn_limit);
     if (f->registers && (long long)f->registers * threads > REGS_PER_BLOCK)
         return launch_error(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "%lld registers per thread x %lld threads exceed 65536",
                             name, f->registers, threads);
@@ -799,8 +858,91 @@ API CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, uns
         L->args.push_back(&L->storage[at]);
         at += (n + 15) / 16 * 2;
     }
+    count_launch(f->name);
     swap_args_if_asked(*L);
     Op op{OpKind::Kernel, 0, std::move(L)};
-    enqueue(std::move(op));
+    enqueue(std::move(op), stream);
+    return CUDA_SUCCESS;
+}
+
+// ---- Graphs: stream capture and replay ----
+// A captured graph is the list of operations the capturing stream queued; launching it queues
+// them again, in order (the kernels' arguments as captured, so a replay reads the same buffers).
+
+namespace {
+struct Graph {
+    std::vector<Op> ops;
+};
+}  // namespace
+
+API CUresult cuStreamBeginCapture_v2(void* stream, int) {
+    LOCK;
+    STICKY;
+    if (!stream) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // the legacy stream cannot capture
+    if (s.capturing) return CUDA_ERROR_NOT_SUPPORTED;           // one capture at a time here
+    s.capturing = true;
+    s.capture_invalid = false;
+    s.capture_stream = stream;
+    s.captured.clear();
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuStreamEndCapture(void* stream, void** graph) {
+    LOCK;
+    if (!s.capturing || stream != s.capture_stream) return CUDA_ERROR_INVALID_VALUE;
+    s.capturing = false;
+    s.capture_stream = nullptr;
+    if (s.capture_invalid) {
+        s.captured.clear();
+        return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+    }
+    auto* captured = new Graph();
+    captured->ops = std::move(s.captured);
+    s.captured.clear();
+    *graph = captured;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuStreamIsCapturing(void* stream, int* status) {
+    LOCK;
+    *status = capturing(stream) ? (s.capture_invalid ? 2 : 1) : 0;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    LOCK;
+    if (!graph) return CUDA_ERROR_INVALID_VALUE;
+    *exec = new Graph(*static_cast<Graph*>(graph));
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphLaunch(void* exec, void* stream) {
+    LOCK;
+    STICKY;
+    if (!exec) return CUDA_ERROR_INVALID_HANDLE;
+    for (const Op& op : static_cast<Graph*>(exec)->ops) {
+        uint64_t seq = enqueue(Op(op), stream);
+        if (op.kind == OpKind::Record && seq) {
+            op.event->record_seq = seq;
+            op.event->recorded = true;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphUpload(void* exec, void*) {
+    LOCK;
+    return exec ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+API CUresult cuGraphExecDestroy(void* exec) {
+    LOCK;
+    delete static_cast<Graph*>(exec);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphDestroy(void* graph) {
+    LOCK;
+    delete static_cast<Graph*>(graph);
     return CUDA_SUCCESS;
 }

@@ -42,9 +42,9 @@ pub struct Args {
     #[arg(long)]
     pub image_size: Option<usize>,
     /// Shapes of the checks: `full` (every InceptionV4 layer at 299x299, whole steps at batch 8),
-    /// `reduced` (v4 at 75x75 and batch 1, whole steps of tiny and of v4 at 75x75, chosen so every
-    /// kernel entry point and code path still runs), or `auto`: reduced on the emulated GPU,
-    /// full on a real one.
+    /// `reduced` (v4 at 75x75 and batch 1, whole steps of tiny and of v4 at 139x139 and batch 2,
+    /// chosen so every kernel entry point and code path still runs), or `auto`: reduced on the
+    /// emulated GPU, full on a real one.
     #[arg(long, default_value = "auto", value_parser = ["auto", "full", "reduced"])]
     pub shapes: String,
     /// Seed of the random inputs.

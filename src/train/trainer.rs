@@ -472,27 +472,41 @@ impl Tally {
     }
 }
 
-/// The "step" record of every `log_every`-th step of an epoch (counting from the epoch's first
-/// step, `first_step`), written when that step's outcome settles, with its own step number, loss
-/// and learning rate, and the mean loss of the interval's settled steps: on CUDA a step's outcome
-/// arrives during the next step, so the loop's current values would be one step off (and the
-/// first step's loss missing). Call it after `tally.record(out)`.
-#[allow(clippy::too_many_arguments)]
-fn log_interval(
-    cfg: &TrainConfig,
-    log: &mut RunLog,
-    schedule: &Schedule,
-    run: &RunState,
-    (epoch, first_step): (usize, u64),
-    out: &StepOutcome,
-    tally: &mut Tally,
-    ips: f64,
-) -> Result<()> {
-    if !(out.step - first_step + 1).is_multiple_of(cfg.log_every as u64) {
-        return Ok(());
+/// Where an epoch's interval records go: every `log_every`-th step counted from the epoch's first
+/// step.
+struct Intervals<'a> {
+    log_every: usize,
+    schedule: &'a Schedule,
+    epoch: usize,
+    first_step: u64,
+}
+
+impl Intervals<'_> {
+    /// Takes in settled outcomes: the tally's checks, then, for every `log_every`-th step, its
+    /// "step" record with its own step number, loss and learning rate and the mean loss of the
+    /// interval's settled steps. The record is written when the outcome settles: on CUDA a step's
+    /// outcome arrives during the next step, so the loop's current values would be one step off
+    /// (and the first step's loss missing).
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        outcomes: Vec<StepOutcome>,
+        tally: &mut Tally,
+        log: &mut RunLog,
+        scale: f32,
+        last_ckpt: Option<&Path>,
+        ips: f64,
+    ) -> Result<()> {
+        for out in outcomes {
+            tally.record(out, log, self.epoch, last_ckpt)?;
+            if !(out.step - self.first_step + 1).is_multiple_of(self.log_every as u64) {
+                continue;
+            }
+            let mean = tally.take_interval();
+            log.metrics(json!({"event": "step", "epoch": self.epoch, "step": out.step + 1, "loss": out.loss, "skipped": out.skipped, "mean_loss": mean, "lr": self.schedule.lr(out.step), "loss_scale": scale, "images_per_sec": ips}))?;
+        }
+        Ok(())
     }
-    let mean = tally.take_interval();
-    log.metrics(json!({"event": "step", "epoch": epoch, "step": out.step + 1, "loss": out.loss, "skipped": out.skipped, "mean_loss": mean, "lr": schedule.lr(out.step), "loss_scale": run.scaler.scale(), "images_per_sec": ips}))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -520,8 +534,12 @@ fn run_epoch(
     let mut batches = loader.epoch_from(epoch - 1, run.position);
     let mut lr = schedule.lr(run.step);
     let mut i = done_before;
-    // The global step of this epoch's first batch: an outcome's place in the epoch.
-    let first_step = run.step - done_before as u64;
+    let intervals = Intervals {
+        log_every: cfg.log_every,
+        schedule,
+        epoch,
+        first_step: run.step - done_before as u64,
+    };
     while let Some(batch) = batches.next() {
         lr = schedule.lr(run.step);
         let outcomes =
@@ -530,19 +548,8 @@ fn run_epoch(
         run.step += 1;
         i += 1;
         let ips = ((i - done_before) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
-        for out in outcomes {
-            tally.record(out, log, epoch, last_ckpt.as_deref())?;
-            log_interval(
-                cfg,
-                log,
-                schedule,
-                run,
-                (epoch, first_step),
-                &out,
-                &mut tally,
-                ips,
-            )?;
-        }
+        let scale = run.scaler.scale();
+        intervals.settle(outcomes, &mut tally, log, scale, last_ckpt.as_deref(), ips)?;
         // Before the first outcome settles (dynamic scaling on CUDA) there is no loss to show.
         let loss = match tally.count {
             0 => "-".to_string(),
@@ -553,19 +560,9 @@ fn run_epoch(
         let save_due =
             cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
         if save_due && i < steps {
-            for out in backend.settle(&mut run.scaler)? {
-                tally.record(out, log, epoch, last_ckpt.as_deref())?;
-                log_interval(
-                    cfg,
-                    log,
-                    schedule,
-                    run,
-                    (epoch, first_step),
-                    &out,
-                    &mut tally,
-                    ips,
-                )?;
-            }
+            let settled = backend.settle(&mut run.scaler)?;
+            let scale = run.scaler.scale();
+            intervals.settle(settled, &mut tally, log, scale, last_ckpt.as_deref(), ips)?;
             run.position = batches.position();
             run.tally = tally.clone();
             *last_ckpt = Some(save_checkpoint(backend, cfg, meta, run)?);
@@ -574,19 +571,9 @@ fn run_epoch(
     // The last step's outcome may still be on the device (dynamic scaling on CUDA); the scaler
     // must be settled before the checkpoint saves it.
     let ips = ((i - done_before) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
-    for out in backend.settle(&mut run.scaler)? {
-        tally.record(out, log, epoch, last_ckpt.as_deref())?;
-        log_interval(
-            cfg,
-            log,
-            schedule,
-            run,
-            (epoch, first_step),
-            &out,
-            &mut tally,
-            ips,
-        )?;
-    }
+    let settled = backend.settle(&mut run.scaler)?;
+    let scale = run.scaler.scale();
+    intervals.settle(settled, &mut tally, log, scale, last_ckpt.as_deref(), ips)?;
     progress.finish();
     let elapsed = start.elapsed().as_secs_f64() * 1000.0;
     let ran = (i - done_before).max(1);
@@ -715,6 +702,46 @@ mod tests {
             metrics.contains(r#""step":2"#),
             "1-based step of the skipped one: {metrics}"
         );
+    }
+
+    #[test]
+    fn interval_records_carry_the_settled_steps_own_loss_and_step() {
+        // Outcomes arriving one step late, as on CUDA: step k's during step k+1's call, the last
+        // one at the epoch's end. Epoch 2 starts at global step 4, logging every 2nd step.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RunLog::open(dir.path()).unwrap();
+        let schedule = Schedule::for_batch(64, 4, 3);
+        let at = Intervals {
+            log_every: 2,
+            schedule: &schedule,
+            epoch: 2,
+            first_step: 4,
+        };
+        let mut t = Tally::default();
+        let losses = [2.0, 1.5, 1.25, 1.0];
+        for call in 0..=4u64 {
+            let settled: Vec<StepOutcome> = call
+                .checked_sub(1)
+                .map(|k| outcome(4 + k, losses[k as usize], false))
+                .into_iter()
+                .collect();
+            at.settle(settled, &mut t, &mut log, 1024.0, None, 10.0)
+                .unwrap();
+        }
+        let records: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .filter(|v: &serde_json::Value| v["event"] == "step")
+                .collect();
+        assert_eq!(records.len(), 2);
+        for (r, (step, loss, mean)) in records.iter().zip([(6, 1.5, 1.75), (8, 1.0, 1.125)]) {
+            assert_eq!(r["step"], step);
+            assert_eq!(r["loss"], loss);
+            assert_eq!(r["mean_loss"], mean);
+            assert_eq!(r["lr"], schedule.lr(step - 1) as f64);
+        }
     }
 
     #[test]

@@ -100,11 +100,13 @@ impl CudaBackend {
                 funcs.insert(k.name.clone(), f);
             }
         }
+        let device_name = ctx.name()?;
+        let registry = Self::registry_name(&arch, &device_name);
         let backend = Self {
             stream: ctx.default_stream(),
-            device_name: ctx.name()?,
+            device_name,
             ctx,
-            verified: Mutex::new(Self::load_verified(&arch)),
+            verified: Mutex::new(Self::load_verified(&registry)),
             arch,
             num_sms,
             funcs,
@@ -156,15 +158,25 @@ impl CudaBackend {
         self.verified.lock().unwrap().insert(key);
     }
 
-    /// File holding the verified keys of this architecture and exact kernel sources.
-    fn verified_file(arch: &str) -> Option<PathBuf> {
-        let name = format!("verified-{arch}-{}.txt", nvrtc::sources_digest());
+    /// The registry's name: the architecture, and `-emulated` for the emulated GPU, whose passes
+    /// must not stand in for a real card's.
+    fn registry_name(arch: &str, device_name: &str) -> String {
+        if device_name.contains("emulated") {
+            format!("{arch}-emulated")
+        } else {
+            arch.to_string()
+        }
+    }
+
+    /// File holding the verified keys of this registry and exact kernel sources.
+    fn verified_file(registry: &str) -> Option<PathBuf> {
+        let name = format!("verified-{registry}-{}.txt", nvrtc::sources_digest());
         nvrtc::cache_dir().map(|d| d.join(name))
     }
 
-    /// Keys verified by an earlier run with the same kernels on the same architecture.
-    fn load_verified(arch: &str) -> HashSet<String> {
-        Self::verified_file(arch)
+    /// Keys verified by an earlier run with the same kernels on the same kind of device.
+    fn load_verified(registry: &str) -> HashSet<String> {
+        Self::verified_file(registry)
             .and_then(|f| std::fs::read_to_string(f).ok())
             .map(|t| t.lines().map(str::to_string).collect())
             .unwrap_or_default()
@@ -173,7 +185,8 @@ impl CudaBackend {
     /// Persists the verified keys next to the CUBIN cache (best effort), so later runs use the
     /// fast kernels without repeating the check.
     pub fn save_verified(&self) -> Result<()> {
-        let Some(file) = Self::verified_file(&self.arch) else {
+        let Some(file) = Self::verified_file(&Self::registry_name(&self.arch, &self.device_name))
+        else {
             return Ok(());
         };
         let mut keys: Vec<String> = self.verified.lock().unwrap().iter().cloned().collect();
