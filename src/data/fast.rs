@@ -174,9 +174,20 @@ pub fn eval_u8_into(
 /// Splits one interleaved RGB row into the three planes (eight pixels at a time, so that it
 /// vectorises).
 #[inline(always)]
-fn load_row(row: &[u8], planes: &mut [f32], n: usize) {
+fn load_row(row: &[u8], planes: &mut [f32], n: usize, avx2: bool) {
     let (r, rest) = planes.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is only true when the CPU has AVX2.
+        let done = unsafe { simd::load_row(&row[..3 * n], r, g, b) };
+        for i in done..n {
+            r[i] = row[3 * i] as f32;
+            g[i] = row[3 * i + 1] as f32;
+            b[i] = row[3 * i + 2] as f32;
+        }
+        return;
+    }
     let full = n / 8 * 8;
     for (((px, r), g), b) in row[..3 * full]
         .chunks_exact(24)
@@ -214,9 +225,18 @@ fn blend_const(plane: &mut [f32], f: f32, m: f32) {
 
 /// The sum of the grey values of one row's planes, in eight lanes (so that it vectorises).
 #[inline(always)]
-fn grey_sum(planes: &[f32], n: usize) -> f64 {
+fn grey_sum(planes: &[f32], n: usize, avx2: bool) -> f64 {
     let (r, rest) = planes.split_at(n);
     let (g, b) = rest.split_at(n);
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: as in `load_row`.
+        let (mut sum, done) = unsafe { simd::grey_sum(r, &g[..n], &b[..n]) };
+        for j in done..n {
+            sum += (0.299 * r[j] + 0.587 * g[j] + 0.114 * b[j]) as f64;
+        }
+        return sum;
+    }
     let mut acc = [0.0f32; 8];
     let mut i = 0;
     while i + 8 <= n {
@@ -330,12 +350,171 @@ mod simd {
         }
         n8
     }
+
+    /// `pshufb` masks that gather channel `ch` of 16 RGB pixels from the 16-byte block `o` of
+    /// their 48 bytes (-128: no byte from this block).
+    const fn load_mask(ch: usize, o: usize) -> [i8; 16] {
+        let mut m = [-128i8; 16];
+        let mut t = 0;
+        while t < 16 {
+            let g = 3 * t + ch;
+            if g >= 16 * o && g < 16 * o + 16 {
+                m[t] = (g - 16 * o) as i8;
+            }
+            t += 1;
+        }
+        m
+    }
+
+    /// The masks that place pixel bytes of channel `ch` into the 16-byte output block `o`.
+    const fn store_mask(o: usize, ch: usize) -> [i8; 16] {
+        let mut m = [-128i8; 16];
+        let mut t = 0;
+        while t < 16 {
+            let g = 16 * o + t;
+            if g % 3 == ch {
+                m[t] = (g / 3) as i8;
+            }
+            t += 1;
+        }
+        m
+    }
+
+    const LOAD: [[[i8; 16]; 3]; 3] = {
+        let mut m = [[[0i8; 16]; 3]; 3];
+        let mut ch = 0;
+        while ch < 3 {
+            let mut o = 0;
+            while o < 3 {
+                m[ch][o] = load_mask(ch, o);
+                o += 1;
+            }
+            ch += 1;
+        }
+        m
+    };
+
+    const STORE: [[[i8; 16]; 3]; 3] = {
+        let mut m = [[[0i8; 16]; 3]; 3];
+        let mut o = 0;
+        while o < 3 {
+            let mut ch = 0;
+            while ch < 3 {
+                m[o][ch] = store_mask(o, ch);
+                ch += 1;
+            }
+            o += 1;
+        }
+        m
+    };
+
+    #[inline(always)]
+    unsafe fn mask(m: &[i8; 16]) -> __m128i {
+        _mm_loadu_si128(m.as_ptr() as *const __m128i)
+    }
+
+    /// Splits 16 pixels at a time of an RGB row into planes; returns the pixels done.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn load_row(row: &[u8], r: &mut [f32], g: &mut [f32], b: &mut [f32]) -> usize {
+        let n16 = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
+        let src = row.as_ptr();
+        let planes = [r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr()];
+        let mut i = 0;
+        while i < n16 {
+            let blocks = [
+                _mm_loadu_si128(src.add(3 * i) as *const __m128i),
+                _mm_loadu_si128(src.add(3 * i + 16) as *const __m128i),
+                _mm_loadu_si128(src.add(3 * i + 32) as *const __m128i),
+            ];
+            for (ch, dst) in planes.iter().enumerate() {
+                let bytes = _mm_or_si128(
+                    _mm_or_si128(
+                        _mm_shuffle_epi8(blocks[0], mask(&LOAD[ch][0])),
+                        _mm_shuffle_epi8(blocks[1], mask(&LOAD[ch][1])),
+                    ),
+                    _mm_shuffle_epi8(blocks[2], mask(&LOAD[ch][2])),
+                );
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+                _mm256_storeu_ps(dst.add(i), lo);
+                _mm256_storeu_ps(dst.add(i + 8), hi);
+            }
+            i += 16;
+        }
+        n16
+    }
+
+    /// Sixteen values in 0..=255 rounded to bytes.
+    #[inline(always)]
+    unsafe fn to_bytes(p: *const f32) -> __m128i {
+        let half = _mm256_set1_ps(0.5);
+        let a = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_loadu_ps(p), half));
+        let b = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_loadu_ps(p.add(8)), half));
+        let a16 = _mm_packus_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        let b16 = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        _mm_packus_epi16(a16, b16)
+    }
+
+    /// Interleaves 16 pixels at a time of the planes (values in 0..=255) into an RGB row,
+    /// rounded; returns the pixels done.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn store_row(r: &[f32], g: &[f32], b: &[f32], row: &mut [u8]) -> usize {
+        let n16 = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
+        let dst = row.as_mut_ptr();
+        let mut i = 0;
+        while i < n16 {
+            let ch = [
+                to_bytes(r.as_ptr().add(i)),
+                to_bytes(g.as_ptr().add(i)),
+                to_bytes(b.as_ptr().add(i)),
+            ];
+            for o in 0..3 {
+                let block = _mm_or_si128(
+                    _mm_or_si128(
+                        _mm_shuffle_epi8(ch[0], mask(&STORE[o][0])),
+                        _mm_shuffle_epi8(ch[1], mask(&STORE[o][1])),
+                    ),
+                    _mm_shuffle_epi8(ch[2], mask(&STORE[o][2])),
+                );
+                _mm_storeu_si128(dst.add(3 * i + 16 * o) as *mut __m128i, block);
+            }
+            i += 16;
+        }
+        n16
+    }
+
+    /// The sum of the grey values of the first multiple of eight pixels, and how many.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn grey_sum(r: &[f32], g: &[f32], b: &[f32]) -> (f64, usize) {
+        let n8 = r.len().min(g.len()).min(b.len()) / 8 * 8;
+        let (wr, wg, wb) = (
+            _mm256_set1_ps(0.299),
+            _mm256_set1_ps(0.587),
+            _mm256_set1_ps(0.114),
+        );
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n8 {
+            let grey = _mm256_add_ps(
+                _mm256_add_ps(
+                    _mm256_mul_ps(wr, _mm256_loadu_ps(r.as_ptr().add(i))),
+                    _mm256_mul_ps(wg, _mm256_loadu_ps(g.as_ptr().add(i))),
+                ),
+                _mm256_mul_ps(wb, _mm256_loadu_ps(b.as_ptr().add(i))),
+            );
+            acc = _mm256_add_ps(acc, grey);
+            i += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        (lanes.iter().map(|&v| v as f64).sum(), n8)
+    }
 }
 
 /// Interleaves the planes back into a u8 row (rounded), mirrored when `flip`. Values are in
 /// 0..=255 already.
 #[inline(always)]
-fn store_row(planes: &mut [f32], n: usize, row: &mut [u8], flip: bool) {
+fn store_row(planes: &mut [f32], n: usize, row: &mut [u8], flip: bool, avx2: bool) {
     let (r, rest) = planes.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
     if flip {
@@ -344,6 +523,17 @@ fn store_row(planes: &mut [f32], n: usize, row: &mut [u8], flip: bool) {
         b.reverse();
     }
     let q = |v: f32| (v + 0.5) as i32 as u8;
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: as in `load_row`.
+        let done = unsafe { simd::store_row(r, &g[..n], &b[..n], &mut row[..3 * n]) };
+        for i in done..n {
+            row[3 * i] = q(r[i]);
+            row[3 * i + 1] = q(g[i]);
+            row[3 * i + 2] = q(b[i]);
+        }
+        return;
+    }
     let full = n / 8 * 8;
     for (((px, r), g), b) in row[..3 * full]
         .chunks_exact_mut(24)
@@ -410,16 +600,16 @@ fn jitter_rows(
     if let Some(k) = ops.iter().position(|o| o.0 == 1) {
         let mut sum = 0.0f64;
         for row in img.chunks_exact(row_len) {
-            load_row(row, planes, size);
+            load_row(row, planes, size, avx2);
             apply_ops(planes, size, &ops[..k], 0.0, avx2);
-            sum += grey_sum(planes, size);
+            sum += grey_sum(planes, size, avx2);
         }
         mean = (sum / (size * size) as f64) as f32;
     }
     for row in img.chunks_exact_mut(row_len) {
-        load_row(row, planes, size);
+        load_row(row, planes, size, avx2);
         apply_ops(planes, size, ops, mean, avx2);
-        store_row(planes, size, row, flip);
+        store_row(planes, size, row, flip, avx2);
     }
 }
 
