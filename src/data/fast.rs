@@ -468,13 +468,13 @@ mod simd {
                 to_bytes(g.as_ptr().add(i)),
                 to_bytes(b.as_ptr().add(i)),
             ];
-            for o in 0..3 {
+            for (o, m) in STORE.iter().enumerate() {
                 let block = _mm_or_si128(
                     _mm_or_si128(
-                        _mm_shuffle_epi8(ch[0], mask(&STORE[o][0])),
-                        _mm_shuffle_epi8(ch[1], mask(&STORE[o][1])),
+                        _mm_shuffle_epi8(ch[0], mask(&m[0])),
+                        _mm_shuffle_epi8(ch[1], mask(&m[1])),
                     ),
-                    _mm_shuffle_epi8(ch[2], mask(&STORE[o][2])),
+                    _mm_shuffle_epi8(ch[2], mask(&m[2])),
                 );
                 _mm_storeu_si128(dst.add(3 * i + 16 * o) as *mut __m128i, block);
             }
