@@ -5,7 +5,7 @@
 //! and top-5, learning rate, images/s, the loss scale with skipped (overflowed) steps marked, and
 //! a text summary per run. One colour per run.
 
-use super::RunMetrics;
+use super::{RunMetrics, StepPoint};
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -129,8 +129,13 @@ where
     let x = 0.0..x_max * 1.02;
     loss_panel(&panels[0], runs, x.clone())?;
     accuracy_panel(&panels[1], runs, x.clone())?;
-    lr_panel(&panels[2], runs, x.clone())?;
-    speed_panel(&panels[3], runs, x.clone())?;
+    let (lr_fmt, ips_fmt) = (|v: &f64| format!("{v:.1e}"), |v: &f64| format!("{v:.0}"));
+    let lr = ("Learning rate", "lr");
+    line_panel(&panels[2], runs, x.clone(), lr, &lr_fmt, |s| s.lr)?;
+    let speed = ("Throughput", "images/s");
+    line_panel(&panels[3], runs, x.clone(), speed, &ips_fmt, |s| {
+        s.images_per_sec
+    })?;
     scale_panel(&panels[4], runs, x)?;
     summary_panel(&panels[5], runs)?;
     Ok(())
@@ -344,54 +349,28 @@ where
     Ok(())
 }
 
-fn lr_panel<DB: DrawingBackend>(
+/// One per-interval series of every run (from zero up) against epochs: the learning rate, images/s.
+fn line_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     runs: &[RunMetrics],
     x: std::ops::Range<f64>,
+    (caption, y_desc): (&str, &str),
+    y_fmt: &dyn Fn(&f64) -> String,
+    value: fn(&StepPoint) -> f64,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     let (_, hi) = span(
-        runs.iter().flat_map(|r| r.steps.iter().map(|s| s.lr)),
+        runs.iter().flat_map(|r| r.steps.iter().map(value)),
         (0.0, 1.0),
     );
-    let mut c = chart(area, "Learning rate", x, (0.0, hi), "lr", &|v| {
-        format!("{v:.1e}")
-    })?;
+    let mut c = chart(area, caption, x, (0.0, hi), y_desc, y_fmt)?;
     for (i, r) in runs.iter().enumerate() {
         let pts: Vec<(f64, f64)> = r
             .steps
             .iter()
-            .map(|s| (r.epoch_of(s.step), s.lr))
-            .filter(finite)
-            .collect();
-        c.draw_series(LineSeries::new(pts, colour(i).stroke_width(2)))?;
-    }
-    Ok(())
-}
-
-fn speed_panel<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    runs: &[RunMetrics],
-    x: std::ops::Range<f64>,
-) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    let (_, hi) = span(
-        runs.iter()
-            .flat_map(|r| r.steps.iter().map(|s| s.images_per_sec)),
-        (0.0, 1.0),
-    );
-    let mut c = chart(area, "Throughput", x, (0.0, hi), "images/s", &|v| {
-        format!("{v:.0}")
-    })?;
-    for (i, r) in runs.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = r
-            .steps
-            .iter()
-            .map(|s| (r.epoch_of(s.step), s.images_per_sec))
+            .map(|s| (r.epoch_of(s.step), value(s)))
             .filter(finite)
             .collect();
         c.draw_series(LineSeries::new(pts, colour(i).stroke_width(2)))?;
