@@ -1,7 +1,7 @@
 //! Embeds the CUDA kernel sources (kernels/*.cu and *.cuh) into the binary.
 //!
 //! Generates `$OUT_DIR/kernel_sources.rs` with two tables of `(file name, include_str!(...))`;
-//! src/backend/cuda/sources.rs includes it. The kernels are compiled at run time with NVRTC, so
+//! src/gpu/sources.rs includes it. The kernels are compiled at run time with NVRTC, so
 //! building the crate needs no CUDA toolkit.
 
 use std::fmt::Write as _;

@@ -8,12 +8,12 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use inception_engine::backend::{cpu_trainer::CpuTrainer, Backend};
+use inception_engine::backend::{cpu::CpuTrainer, Backend};
 use inception_engine::bench::cases::{self, ConvCase};
 use inception_engine::ops::{batchnorm, conv, pool, relu};
 use inception_engine::params::ModelState;
 use inception_engine::plan::{self, PlanConfig, Pool};
-use inception_engine::train::{LossScaler, RmsProp, RmsPropConfig};
+use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use rand::{Rng, SeedableRng};
 
 const BATCH: usize = 2;

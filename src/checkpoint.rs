@@ -8,7 +8,7 @@
 
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::Plan;
-use crate::train::{LossScaler, RmsProp};
+use crate::optim::{LossScaler, RmsProp};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::{SafeTensorError, SafeTensors};

@@ -3,7 +3,7 @@
 use inception_engine::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing, RngState};
 use inception_engine::params::ModelState;
 use inception_engine::plan::{self, Plan, PlanConfig};
-use inception_engine::train::{LossScaler, RmsProp, RmsPropConfig};
+use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use std::path::{Path, PathBuf};
 
 fn tiny(classes: usize) -> Plan {

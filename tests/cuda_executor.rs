@@ -18,7 +18,7 @@ use inception_engine::params::ParamLayout;
 use inception_engine::plan::backward::{derive, BackwardPlan};
 use inception_engine::plan::memory::{MemoryPlan, ALIGN};
 use inception_engine::plan::{self, Op, Plan, PlanConfig, TensorKind};
-use inception_engine::train::{LossScaler, RmsProp, RmsPropConfig};
+use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 
 fn build(name: &str, batch: usize, size: usize) -> (Plan, BackwardPlan) {
     let config = PlanConfig {

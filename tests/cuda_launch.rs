@@ -17,7 +17,7 @@ use inception_engine::backend::cuda::{bn_workspace, ConvOut, ConvShape, DevPtr};
 use inception_engine::backend::Amp;
 use inception_engine::plan::memory::MemoryPlan;
 use inception_engine::plan::{self, PlanConfig};
-use inception_engine::train::RmsPropConfig;
+use inception_engine::optim::RmsPropConfig;
 
 /// Named buffers at fake, widely spaced base addresses.
 struct Buffers(Vec<(&'static str, DevPtr, usize)>);

@@ -8,7 +8,7 @@ use std::ffi::{c_void, CString};
 use cudarc::driver::result;
 use cudarc::driver::sys::{CUfunction_attribute, CUresult};
 use cudarc::driver::CudaContext;
-use inception_engine::backend::cuda::{libs, nvrtc};
+use inception_engine::gpu::{libs, nvrtc};
 
 #[path = "common/tool_groups.rs"]
 mod tool_groups;

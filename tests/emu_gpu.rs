@@ -26,7 +26,7 @@ fn cuda_home() -> Option<PathBuf> {
 fn nvrtc_available() -> bool {
     let probe = match cuda_home() {
         Some(h) if h.join("lib/libnvrtc.so.13").is_file() => Ok(()),
-        _ => inception_engine::backend::cuda::libs::ensure_nvrtc()
+        _ => inception_engine::gpu::libs::ensure_nvrtc()
             .map_err(|e| format!("NVRTC not found: {e:#}")),
     };
     tool_groups::available("the emulated-GPU tests (tests/emu_gpu.rs)", probe)

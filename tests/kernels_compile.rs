@@ -6,7 +6,8 @@
 
 use std::io::Write;
 
-use inception_engine::backend::cuda::{compile_all, libs};
+use inception_engine::gpu::libs;
+use inception_engine::gpu::nvrtc::compile_all;
 
 #[path = "common/tool_groups.rs"]
 mod tool_groups;

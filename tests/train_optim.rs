@@ -3,9 +3,8 @@
 use inception_engine::params::ParamLayout;
 use inception_engine::plan::{self, PlanConfig};
 use inception_engine::train::loss::{smoothed_ce_reference, smoothed_target, topk_correct};
-use inception_engine::train::{
-    has_overflow, lr_max_for_batch, LossScaler, RmsProp, RmsPropConfig, Schedule,
-};
+use inception_engine::optim::{has_overflow, LossScaler, RmsProp, RmsPropConfig};
+use inception_engine::train::{lr_max_for_batch, Schedule};
 use std::f64::consts::PI;
 
 fn close(a: f32, b: f64, rel: f64) -> bool {

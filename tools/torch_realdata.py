@@ -186,7 +186,7 @@ def run(args):
 
 
 class LossScaler:
-    """The engine's dynamic loss scaler (src/train/loss_scale.rs)."""
+    """The engine's dynamic loss scaler (src/optim/loss_scale.rs)."""
 
     def __init__(self, scale, growth_interval=2000):
         self.scale, self.growth_interval, self.clean = scale, growth_interval, 0

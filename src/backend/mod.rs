@@ -2,11 +2,11 @@
 //! training loop, evaluation and prediction drive.
 
 pub mod cpu;
-pub mod cpu_trainer;
 pub mod cuda;
 
 use crate::params::ModelState;
-use crate::train::{LossScaler, RmsProp};
+pub use crate::precision::Amp;
+use crate::optim::{LossScaler, RmsProp};
 use anyhow::Result;
 
 /// What one training step did.
@@ -62,20 +62,6 @@ pub enum Device {
     Cuda,
 }
 
-/// Mixed-precision level, MindSpore's names: O0 fp32 everywhere, O2 fp16 activations and
-/// convolutions with fp32 BN statistics and master weights, O3 fp16 everywhere including BN.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-pub enum Amp {
-    #[value(name = "O0")]
-    O0,
-    #[value(name = "O2")]
-    O2,
-    #[value(name = "O3")]
-    O3,
-}
-
 impl Amp {
     /// The level a device trains at when `--amp` is not given: O2 on CUDA, fp32 on the CPU.
     pub fn default_for(device: Device) -> Amp {
@@ -102,7 +88,7 @@ pub fn build(
             if amp != Amp::O0 {
                 anyhow::bail!("--amp {amp:?} needs the CUDA backend; the CPU trains in fp32 (O0)");
             }
-            Ok(Box::new(cpu_trainer::CpuTrainer::new(plan, model, optim)?))
+            Ok(Box::new(cpu::CpuTrainer::new(plan, model, optim)?))
         }
     }
 }
@@ -150,8 +136,8 @@ pub fn resolve_device(device: Device) -> Result<Device> {
 
 /// Whether this machine can run the CUDA backend: the driver and NVRTC load and a GPU exists.
 pub fn cuda_probe() -> Result<()> {
-    cuda::libs::ensure_driver()?;
-    cuda::libs::ensure_nvrtc()?;
+    crate::gpu::libs::ensure_driver()?;
+    crate::gpu::libs::ensure_nvrtc()?;
     cudarc::driver::result::init()
         .map_err(|e| anyhow::anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
     let count = cudarc::driver::result::device::get_count()

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use super::cases::{BnCase, Cases, ConvCase, PoolCase, RMSPROP_BYTES_PER_PARAM};
 use super::cudnn::{Dnn, DnnConv};
 use crate::backend::cuda::{
-    bn_workspace, BnArgs, ConvMode, ConvOut, ConvShape, CudaBackend, DevPtr, Labels, RmspropParams,
+    bn_workspace, BnArgs, ConvMode, ConvOut, ConvShape, CudaDevice, DevPtr, Labels, RmspropParams,
     ScaleArg,
 };
 
@@ -83,7 +83,7 @@ pub struct Prepared<'a> {
 
 /// The open GPU: backend (with every kernel loaded), cuDNN and cuBLAS when their libraries load.
 pub struct Gpu {
-    pub be: CudaBackend,
+    pub be: CudaDevice,
     dnn: Result<Dnn, String>,
     blas: Result<CudaBlas, String>,
     cudnn_ws: Option<DevBuf>,
@@ -94,7 +94,7 @@ pub struct Gpu {
 impl Gpu {
     /// Opens GPU 0. Without a GPU, driver or NVRTC this is an error that says so.
     pub fn open(samples: usize) -> Result<Self> {
-        let be = CudaBackend::new(0).context("the kernel benchmarks need an NVIDIA GPU")?;
+        let be = CudaDevice::new(0).context("the kernel benchmarks need an NVIDIA GPU")?;
         let dnn = Dnn::new(&be.stream).map_err(|e| format!("{e:#}"));
         // SAFETY: only tries to dlopen the candidate library names.
         let blas = if unsafe { cublas::sys::is_culib_present() } {

@@ -1,11 +1,11 @@
 //! `inception-engine bench`: time full training steps (`bench train`) or kernels (`bench kernels`).
 
 use crate::backend::cuda::CudaTrainer;
-use crate::backend::{cpu_trainer::CpuTrainer, resolve_device, Amp, Backend, Device};
+use crate::backend::{cpu::CpuTrainer, resolve_device, Amp, Backend, Device};
 pub use crate::bench::KernelArgs;
 use crate::params::ModelState;
 use crate::plan::{self, PlanConfig};
-use crate::train::{LossScaler, RmsProp, RmsPropConfig};
+use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::json;

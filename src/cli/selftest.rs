@@ -9,11 +9,11 @@
 
 use anyhow::{bail, Result};
 
-use crate::backend::cuda::context::launched_entry_points;
+use crate::gpu::device::launched_entry_points;
 use crate::backend::cuda::selftest::{Check, CpuReference, SelfTest};
 use crate::backend::cuda::selftest_ref::OpsReference;
 use crate::backend::cuda::selftest_step;
-use crate::backend::cuda::{compile_all, CudaBackend, KernelInfo};
+use crate::backend::cuda::{compile_all, CudaDevice, KernelInfo};
 use crate::backend::Amp;
 use crate::plan::{self, Plan, PlanConfig};
 
@@ -110,7 +110,7 @@ fn cpu_reference() -> Box<dyn CpuReference> {
 /// The kernel checks at every precision level: O2 (all kernels), then the O0 and O3 variants.
 /// Appends to `checks` even when a level fails to run, and leaves the backend at O2.
 fn run_levels(
-    be: &mut CudaBackend,
+    be: &mut CudaDevice,
     reference: &dyn CpuReference,
     plan: &Plan,
     seed: u64,
@@ -131,7 +131,7 @@ fn run_levels(
 }
 
 fn device_cuda(args: &Args) -> Result<()> {
-    let mut be = CudaBackend::new(0)?;
+    let mut be = CudaDevice::new(0)?;
     println!(
         "device: {}, {} SMs, compiled for {}, {} kernels loaded",
         be.device_name,

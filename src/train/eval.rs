@@ -7,7 +7,7 @@ use crate::ops::softmax_ce;
 use crate::params::ModelState;
 use crate::plan::{self, Plan, PlanConfig};
 use crate::train::loss::topk_correct;
-use crate::train::{RmsProp, RmsPropConfig};
+use crate::optim::{RmsProp, RmsPropConfig};
 use anyhow::{Context, Result};
 use serde::Serialize;
 

@@ -1,13 +1,10 @@
-//! Training: loop, optimizer, learning-rate schedule, loss scaler, metrics, logging.
+//! Training: loop, learning-rate schedule, loss, metrics, logging (the optimizer and loss scaler
+//! are in `optim`, below the backends).
 
-pub mod loss;
-pub mod loss_scale;
-pub mod optimizer;
-pub mod schedule;
-
-pub use loss_scale::{has_overflow, LossScaler, StepDecision};
-pub use optimizer::{RmsProp, RmsPropConfig};
-pub use schedule::{lr_max_for_batch, Schedule};
 pub mod eval;
 pub mod log;
+pub mod loss;
+pub mod schedule;
 pub mod trainer;
+
+pub use schedule::{lr_max_for_batch, Schedule};

@@ -3,7 +3,8 @@
 
 use super::eval::{evaluate, EvalResult};
 use super::log::{Progress, RunLog};
-use super::{LossScaler, RmsProp, RmsPropConfig, Schedule};
+use super::Schedule;
+use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState};
 use crate::data::{AugmentConfig, Dataset, EpochPosition, Loader, LoaderConfig, Normalization};

@@ -267,7 +267,7 @@ pub fn plan_estimate(
     train: bool,
     num_sms: u32,
 ) -> anyhow::Result<MemoryEstimate> {
-    let optim = crate::train::RmsPropConfig::default();
+    let optim = crate::optim::RmsPropConfig::default();
     let (step, mem) =
         super::step_launch::StepLayout::new(plan.clone(), amp, train, num_sms, optim)?;
     Ok(estimate(

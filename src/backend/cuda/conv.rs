@@ -1,6 +1,6 @@
 //! Convolution launchers: forward, data gradient and weight gradient, on the tensor-core implicit
 //! GEMM kernels (kernels/conv_tc.cu) for shapes they support and have passed the self-test on, and
-//! on the plain kernels (kernels/conv_plain.cu) otherwise. At O0 (`CudaBackend::amp`) every
+//! on the plain kernels (kernels/conv_plain.cu) otherwise. At O0 (`CudaDevice::amp`) every
 //! convolution runs on the plain kernels' fp32 `_o0` entry points: the tensor-core kernels are fp16
 //! mma only.
 
@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 use serde::Serialize;
 
-use super::context::{CudaBackend, DevPtr};
+use crate::gpu::device::{CudaDevice, DevPtr};
 use crate::backend::Amp;
 use crate::cuda_launch;
 use crate::plan::Conv2d;
@@ -357,7 +357,7 @@ pub fn wgrad_workspace_elems(s: &ConvShape, num_sms: u32) -> usize {
     m * n * tc.max(plain_wgrad_splits(s, num_sms))
 }
 
-impl CudaBackend {
+impl CudaDevice {
     /// The implementation a launch will use when the caller does not force one: always the plain
     /// kernel at O0 (fp32 operands).
     pub fn choose_conv(&self, s: &ConvShape, mode: ConvMode, out: Option<&ConvOut>) -> ConvImpl {

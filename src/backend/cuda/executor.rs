@@ -42,12 +42,12 @@ use super::step_launch::{
     REPORT_WORDS,
 };
 use super::step_plan::Launch;
-use super::CudaBackend;
+use super::CudaDevice;
 use crate::backend::{Amp, Backend, StepOutcome};
 use crate::params::{ModelState, ParamLayout};
 use crate::plan::memory::MemoryPlan;
 use crate::plan::{Conv2d, Plan, TensorId};
-use crate::train::{LossScaler, RmsProp};
+use crate::optim::{LossScaler, RmsProp};
 
 /// Every device buffer of a training step.
 struct DeviceBuffers {
@@ -90,7 +90,7 @@ struct Pending {
 }
 
 pub struct CudaTrainer {
-    be: CudaBackend,
+    be: CudaDevice,
     /// The step program and where every tensor lives (plan, fusion, arena offsets, slots).
     step: StepLayout,
     layout: ParamLayout,
@@ -125,7 +125,7 @@ impl CudaTrainer {
     ) -> Result<Self> {
         let layout = ParamLayout::new(&plan);
         check_state(&plan, &layout, &model, &optim)?;
-        let mut be = CudaBackend::new(0)?;
+        let mut be = CudaDevice::new(0)?;
         // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
         // parameters and statistics in O3).
         be.set_amp(amp);
@@ -579,7 +579,7 @@ pub fn check_batch(plan: &Plan, images: &[f32], labels: Option<&[u32]>) -> Resul
 
 impl DeviceBuffers {
     fn alloc(
-        be: &CudaBackend,
+        be: &CudaDevice,
         plan: &Plan,
         mem: &MemoryPlan,
         params: &ParamSlots,
@@ -611,7 +611,7 @@ impl DeviceBuffers {
         })
     }
 
-    fn ptrs(&self, be: &CudaBackend) -> Ptrs {
+    fn ptrs(&self, be: &CudaDevice) -> Ptrs {
         let s = &be.stream;
         Ptrs {
             arena: self.arena.device_ptr(s).0,
@@ -636,7 +636,7 @@ impl DeviceBuffers {
 }
 
 impl Pinned {
-    fn alloc(be: &CudaBackend, plan: &Plan) -> Result<Self> {
+    fn alloc(be: &CudaDevice, plan: &Plan) -> Result<Self> {
         let ctx = &be.ctx;
         // SAFETY: the buffers are written by the host before any copy reads them. The input
         // buffers are write-combined (the host only writes them); the report is read by the host,
@@ -660,14 +660,14 @@ impl Pinned {
 }
 
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(
-    be: &CudaBackend,
+    be: &CudaDevice,
     len: usize,
 ) -> std::result::Result<CudaSlice<T>, DriverError> {
     be.stream.alloc_zeros::<T>(len.max(1))
 }
 
 /// Refuses up front when the card has less free memory than the estimate.
-fn check_free_memory(be: &CudaBackend, plan: &Plan, est: &MemoryEstimate) -> Result<()> {
+fn check_free_memory(be: &CudaDevice, plan: &Plan, est: &MemoryEstimate) -> Result<()> {
     let (free, total) = be.ctx.mem_get_info()?;
     if est.total() > free {
         bail!(
@@ -701,7 +701,7 @@ fn oom_error(e: DriverError, plan: &Plan, est: &MemoryEstimate) -> anyhow::Error
 /// Checks the tensor-core kernels at this plan's conv shapes (and the padded stem) against the
 /// plain kernels, so the fast path runs only where it was verified on this card. A failure only
 /// keeps those shapes on the plain kernels.
-fn verify_fast_convs(be: &CudaBackend, plan: &Plan, stem: Option<usize>) {
+fn verify_fast_convs(be: &CudaDevice, plan: &Plan, stem: Option<usize>) {
     let mut shapes = super::selftest::plan_conv_shapes(plan);
     if let Some(s) = stem.and_then(|i| arena::conv_shape(plan, i)) {
         shapes.push(ConvShape {

@@ -4,7 +4,7 @@
 //! Nothing here links CUDA at build time: cudarc loads the driver and NVRTC dynamically, and
 //! [`libs`] turns their absence into errors.
 //!
-//! Conventions of every launcher ([`CudaBackend`] methods in [`conv`] and [`ops`]):
+//! Conventions of every launcher ([`CudaDevice`] methods in [`conv`] and [`ops`]):
 //! - tensors are raw device addresses ([`DevPtr`]) carved from the caller's arena; launchers never
 //!   allocate, and scratch space (`ws`) is sized by `conv_wgrad_workspace` / `bn_workspace`;
 //! - tensor types follow the backend's precision level `amp` (O2 unless `set_amp` says otherwise),
@@ -23,23 +23,19 @@
 //! - all work is queued on the backend's stream; nothing synchronises except `synchronize`.
 
 pub mod arena;
-pub mod context;
 pub mod conv;
 pub mod executor;
 pub mod fusion;
-pub mod libs;
-pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
 mod selftest_ops;
 pub mod selftest_ref;
 pub mod selftest_step;
-pub mod sources;
 pub mod step_launch;
 pub mod step_plan;
 
-pub use context::{amp_variant, arch_for, AmpVariants, CudaBackend, DevPtr};
+pub use crate::gpu::{amp_variant, arch_for, AmpVariants, CudaDevice, DevPtr};
 pub use conv::{ConvImpl, ConvMode, ConvOut, ConvShape, Tile};
 pub use executor::CudaTrainer;
-pub use nvrtc::{compile_all, Compiled, KernelInfo};
+pub use crate::gpu::nvrtc::{compile_all, Compiled, KernelInfo};
 pub use ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};

@@ -1,13 +1,13 @@
 //! Launchers of the non-convolution kernels: batchnorm, ReLU, pooling, dropout, softmax
 //! cross-entropy, the fully connected layer, RMSProp, the overflow check, casts and channel copies.
 //! None allocates: scratch space (`ws`) is passed in, sized by the `*_workspace` functions.
-//! Launchers of activation kernels pick the entry point for `self.amp` ([`CudaBackend::amp_kernel`]);
+//! Launchers of activation kernels pick the entry point for `self.amp` ([`CudaDevice::amp_kernel`]);
 //! RMSProp, the overflow check and the casts take explicit types instead.
 
 use anyhow::{Context, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
-use super::context::{CudaBackend, DevPtr, BLOCK};
+use crate::gpu::device::{CudaDevice, DevPtr, BLOCK};
 use super::conv::{ConvImpl, ConvOut, ConvShape};
 use crate::cuda_launch;
 use crate::plan::Pool;
@@ -156,7 +156,7 @@ impl ScaleArg {
     }
 }
 
-impl CudaBackend {
+impl CudaDevice {
     fn bn_grid(&self, m: usize, c: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (c.div_ceil(32) as u32, bn_splits(m as u64) as u32, 1),

@@ -2,7 +2,7 @@
 //! with outputs poisoned (NaN) first, and compares against an oracle with fp16 tolerances (fp32
 //! ones for the O0 variants).
 //!
-//! A [`SelfTest`] checks the kernels of its backend's precision level (`CudaBackend::amp`): every
+//! A [`SelfTest`] checks the kernels of its backend's precision level (`CudaDevice::amp`): every
 //! kernel at O2, the fp32 `_o0` variants at O0, the fp16-statistics BN variants at O3. Buffers
 //! take the level's types ([`AnyBuf`]); checks of a variant are reported as `kernel [O0]`.
 //!
@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::context::{CudaBackend, DevPtr};
+use crate::gpu::device::{CudaDevice, DevPtr};
 use super::conv::{self, ConvImpl, ConvMode, ConvOut, ConvShape};
 use super::ops::PoolShape;
 use crate::backend::Amp;
@@ -195,7 +195,7 @@ pub fn compare(got: &[f32], want: &[f32], tol: f32) -> (Status, f32, f32) {
 
 /// The self-test driver: owns the random source and the report.
 pub struct SelfTest<'a> {
-    pub(super) be: &'a CudaBackend,
+    pub(super) be: &'a CudaDevice,
     pub(super) reference: &'a dyn CpuReference,
     pub(super) rng: ChaCha8Rng,
     pub checks: Vec<Check>,
@@ -223,7 +223,7 @@ impl AnyBuf {
 }
 
 impl<'a> SelfTest<'a> {
-    pub fn new(be: &'a CudaBackend, reference: &'a dyn CpuReference, seed: u64) -> Self {
+    pub fn new(be: &'a CudaDevice, reference: &'a dyn CpuReference, seed: u64) -> Self {
         Self {
             be,
             reference,
@@ -652,7 +652,7 @@ impl SelfTest<'_> {
 /// registry key ignores the batch) and records the passes, persisting them. The executor calls this
 /// at start-up for its plan so the fast path is used only where it was checked; it needs no CPU
 /// reference. Returns the checks that ran (failures mean those shapes stay on the plain kernels).
-pub fn verify_conv_shapes(be: &CudaBackend, shapes: &[ConvShape]) -> Result<Vec<Check>> {
+pub fn verify_conv_shapes(be: &CudaDevice, shapes: &[ConvShape]) -> Result<Vec<Check>> {
     if be.amp == Amp::O0 {
         return Ok(Vec::new()); // O0 never runs the tensor-core kernels
     }

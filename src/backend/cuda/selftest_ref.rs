@@ -7,7 +7,7 @@ use super::conv::ConvShape;
 use super::ops::PoolShape;
 use super::selftest::{BnBackwardRef, BnCase, BnForwardRef, CpuReference, RmspropHyper};
 use crate::ops;
-use crate::train::optimizer::{RmsProp, RmsPropConfig};
+use crate::optim::{RmsProp, RmsPropConfig};
 
 /// src/ops as the self-test oracle.
 pub struct OpsReference;

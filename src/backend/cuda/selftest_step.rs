@@ -15,13 +15,13 @@ use rand_chacha::ChaCha8Rng;
 use super::executor::CudaTrainer;
 use super::selftest::{Check, Status};
 use crate::backend::cpu::{CpuExecutor, Mode};
-use crate::backend::cpu_trainer::CpuTrainer;
+use crate::backend::cpu::CpuTrainer;
 use crate::backend::{Amp, Backend};
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::backward::derive;
 use crate::plan::memory::lifetimes;
 use crate::plan::{self, PlanConfig, TensorId, TensorKind};
-use crate::train::{LossScaler, RmsProp, RmsPropConfig};
+use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 
 /// A precision level with the tolerances on the relative L2 error of a whole step there: the
 /// loss, and every other tensor (gradients, updates, BN statistics, forward tensors).

@@ -1,7 +1,7 @@
 //! The launches of a CUDA step, apart from the device that runs them: [`StepLayout`] holds the
 //! step program and where every tensor lives (arena offsets, parameter slots, buffer base
 //! addresses), and turns each [`Launch`] into calls of [`StepKernels`]. The executor implements
-//! that trait with the real launchers ([`CudaBackend`]); tests/cuda_launch.rs with a checker that
+//! that trait with the real launchers ([`CudaDevice`]); tests/cuda_launch.rs with a checker that
 //! runs every launch of every program without a GPU and checks each operand against the buffers.
 
 use anyhow::{bail, Context, Result};
@@ -12,13 +12,13 @@ use super::conv::{ConvOut, ConvShape};
 use super::fusion::Fusion;
 use super::ops::{BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
 use super::step_plan::{check_program, Launch, StepProgram};
-use super::{CudaBackend, DevPtr};
+use super::{CudaDevice, DevPtr};
 use crate::backend::Amp;
 use crate::params::ParamLayout;
 use crate::plan::backward::{derive, BackwardPlan};
 use crate::plan::memory::MemoryPlan;
 use crate::plan::{Conv2d, Op, Plan, TensorId};
-use crate::train::RmsPropConfig;
+use crate::optim::RmsPropConfig;
 
 /// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter, and the
 /// device loss scaler's state (scale as f32 bits, clean steps).
@@ -78,7 +78,7 @@ impl StepArgs {
 }
 
 /// The kernel launches a step makes, as the step program calls them (the launchers of
-/// [`CudaBackend`] with the fast-path choice left to them).
+/// [`CudaDevice`] with the fast-path choice left to them).
 #[allow(clippy::too_many_arguments)]
 pub trait StepKernels {
     fn conv_fprop(&self, s: &ConvShape, x: DevPtr, w: DevPtr, out: ConvOut) -> Result<()>;
@@ -250,12 +250,12 @@ pub trait StepKernels {
     ) -> Result<()>;
 }
 
-impl StepKernels for CudaBackend {
+impl StepKernels for CudaDevice {
     fn conv_fprop(&self, s: &ConvShape, x: DevPtr, w: DevPtr, out: ConvOut) -> Result<()> {
-        CudaBackend::conv_fprop(self, s, x, w, out, None).map(|_| ())
+        CudaDevice::conv_fprop(self, s, x, w, out, None).map(|_| ())
     }
     fn conv_dgrad(&self, s: &ConvShape, dy: DevPtr, w: DevPtr, out: ConvOut) -> Result<()> {
-        CudaBackend::conv_dgrad(self, s, dy, w, out, None).map(|_| ())
+        CudaDevice::conv_dgrad(self, s, dy, w, out, None).map(|_| ())
     }
     fn conv_wgrad(
         &self,
@@ -267,13 +267,13 @@ impl StepKernels for CudaBackend {
         ws: DevPtr,
         ws_elems: usize,
     ) -> Result<()> {
-        CudaBackend::conv_wgrad(self, s, x, dy, dw, accumulate, ws, ws_elems, None).map(|_| ())
+        CudaDevice::conv_wgrad(self, s, x, dy, dw, accumulate, ws, ws_elems, None).map(|_| ())
     }
     fn bn_forward_train(&self, a: &BnArgs, x: DevPtr, y: DevPtr, ws: DevPtr) -> Result<()> {
-        CudaBackend::bn_forward_train(self, a, x, y, ws)
+        CudaDevice::bn_forward_train(self, a, x, y, ws)
     }
     fn bn_forward_infer(&self, a: &BnArgs, x: DevPtr, y: DevPtr) -> Result<()> {
-        CudaBackend::bn_forward_infer(self, a, x, y)
+        CudaDevice::bn_forward_infer(self, a, x, y)
     }
     fn bn_backward(
         &self,
@@ -287,10 +287,10 @@ impl StepKernels for CudaBackend {
         accumulate: bool,
         ws: DevPtr,
     ) -> Result<()> {
-        CudaBackend::bn_backward(self, a, x, y, dy, dgamma, dbeta, dx, accumulate, ws)
+        CudaDevice::bn_backward(self, a, x, y, dy, dgamma, dbeta, dx, accumulate, ws)
     }
     fn relu_forward(&self, count: usize, x: DevPtr, y: DevPtr) -> Result<()> {
-        CudaBackend::relu_forward(self, count, x, y)
+        CudaDevice::relu_forward(self, count, x, y)
     }
     fn relu_backward(
         &self,
@@ -300,7 +300,7 @@ impl StepKernels for CudaBackend {
         dx: DevPtr,
         accumulate: bool,
     ) -> Result<()> {
-        CudaBackend::relu_backward(self, count, y, dy, dx, accumulate)
+        CudaDevice::relu_backward(self, count, y, dy, dx, accumulate)
     }
     fn pool_forward(
         &self,
@@ -311,7 +311,7 @@ impl StepKernels for CudaBackend {
         ldy: usize,
         yoff: usize,
     ) -> Result<()> {
-        CudaBackend::pool_forward(self, s, max, x, y, ldy, yoff)
+        CudaDevice::pool_forward(self, s, max, x, y, ldy, yoff)
     }
     fn pool_backward(
         &self,
@@ -324,7 +324,7 @@ impl StepKernels for CudaBackend {
         dx: DevPtr,
         accumulate: bool,
     ) -> Result<()> {
-        CudaBackend::pool_backward(self, s, max, x, dy, ldy, yoff, dx, accumulate)
+        CudaDevice::pool_backward(self, s, max, x, dy, ldy, yoff, dx, accumulate)
     }
     fn global_avgpool_forward(
         &self,
@@ -334,7 +334,7 @@ impl StepKernels for CudaBackend {
         x: DevPtr,
         y: DevPtr,
     ) -> Result<()> {
-        CudaBackend::global_avgpool_forward(self, n, hw, c, x, y)
+        CudaDevice::global_avgpool_forward(self, n, hw, c, x, y)
     }
     fn global_avgpool_backward(
         &self,
@@ -345,7 +345,7 @@ impl StepKernels for CudaBackend {
         dx: DevPtr,
         accumulate: bool,
     ) -> Result<()> {
-        CudaBackend::global_avgpool_backward(self, n, hw, c, dy, dx, accumulate)
+        CudaDevice::global_avgpool_backward(self, n, hw, c, dy, dx, accumulate)
     }
     fn dropout_forward(
         &self,
@@ -356,7 +356,7 @@ impl StepKernels for CudaBackend {
         x: DevPtr,
         y: DevPtr,
     ) -> Result<()> {
-        CudaBackend::dropout_forward(self, count, p, seed, step, x, y)
+        CudaDevice::dropout_forward(self, count, p, seed, step, x, y)
     }
     fn dropout_backward(
         &self,
@@ -368,7 +368,7 @@ impl StepKernels for CudaBackend {
         dx: DevPtr,
         accumulate: bool,
     ) -> Result<()> {
-        CudaBackend::dropout_backward(self, count, p, seed, step, dy, dx, accumulate)
+        CudaDevice::dropout_backward(self, count, p, seed, step, dy, dx, accumulate)
     }
     fn linear_forward(
         &self,
@@ -380,7 +380,7 @@ impl StepKernels for CudaBackend {
         b: DevPtr,
         y: DevPtr,
     ) -> Result<()> {
-        CudaBackend::linear_forward(self, n, in_f, out_f, x, w, b, y, None)
+        CudaDevice::linear_forward(self, n, in_f, out_f, x, w, b, y, None)
     }
     fn linear_backward_data(
         &self,
@@ -392,7 +392,7 @@ impl StepKernels for CudaBackend {
         dx: DevPtr,
         accumulate: bool,
     ) -> Result<()> {
-        CudaBackend::linear_backward_data(self, n, in_f, out_f, dy, w, dx, accumulate, None)
+        CudaDevice::linear_backward_data(self, n, in_f, out_f, dy, w, dx, accumulate, None)
     }
     fn linear_backward_weight(
         &self,
@@ -406,7 +406,7 @@ impl StepKernels for CudaBackend {
         ws: DevPtr,
         ws_elems: usize,
     ) -> Result<()> {
-        CudaBackend::linear_backward_weight(self, n, in_f, out_f, x, dy, dw, db, ws, ws_elems, None)
+        CudaDevice::linear_backward_weight(self, n, in_f, out_f, x, dy, dw, db, ws, ws_elems, None)
     }
     fn softmax_ce(
         &self,
@@ -421,7 +421,7 @@ impl StepKernels for CudaBackend {
         counter: DevPtr,
         dlogits: DevPtr,
     ) -> Result<()> {
-        CudaBackend::softmax_ce(
+        CudaDevice::softmax_ce(
             self, n, k, smoothing, scale, logits, labels, row_loss, loss, counter, dlogits,
         )
     }
@@ -438,7 +438,7 @@ impl StepKernels for CudaBackend {
         zero_to: usize,
         accumulate: bool,
     ) -> Result<()> {
-        CudaBackend::copy_channels(
+        CudaDevice::copy_channels(
             self, rows, c, src, src_ld, src_off, dst, dst_ld, dst_off, zero_to, accumulate,
         )
     }
@@ -450,16 +450,16 @@ impl StepKernels for CudaBackend {
         src: DevPtr,
         dst: DevPtr,
     ) -> Result<()> {
-        CudaBackend::pad_channels(self, rows, c, c_pad, src, dst)
+        CudaDevice::pad_channels(self, rows, c, c_pad, src, dst)
     }
     fn cast_f32_to_f16(&self, src: DevPtr, count: usize, dst: DevPtr) -> Result<()> {
-        CudaBackend::cast_f32_to_f16(self, src, count, dst)
+        CudaDevice::cast_f32_to_f16(self, src, count, dst)
     }
     fn overflow_check(&self, grads: DevPtr, count: usize, f16: bool, flag: DevPtr) -> Result<()> {
-        CudaBackend::overflow_check(self, grads, count, f16, flag)
+        CudaDevice::overflow_check(self, grads, count, f16, flag)
     }
     fn rmsprop(&self, p: RmspropParams, grad_f16: bool) -> Result<()> {
-        CudaBackend::rmsprop(self, p, grad_f16)
+        CudaDevice::rmsprop(self, p, grad_f16)
     }
     fn loss_scale_update(
         &self,
@@ -468,7 +468,7 @@ impl StepKernels for CudaBackend {
         clean: DevPtr,
         growth_interval: u32,
     ) -> Result<()> {
-        CudaBackend::loss_scale_update(self, flag, scale, clean, growth_interval)
+        CudaDevice::loss_scale_update(self, flag, scale, clean, growth_interval)
     }
 }
 

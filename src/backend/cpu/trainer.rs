@@ -1,10 +1,10 @@
 //! The CPU training backend: the reference executor plus the host RMSProp.
 
-use super::cpu::{CpuExecutor, Mode};
-use super::{Backend, StepOutcome};
+use super::executor::{CpuExecutor, Mode};
+use crate::backend::{Backend, StepOutcome};
 use crate::params::ModelState;
 use crate::plan::Plan;
-use crate::train::{has_overflow, LossScaler, RmsProp};
+use crate::optim::{has_overflow, LossScaler, RmsProp};
 use anyhow::{bail, Result};
 
 pub struct CpuTrainer {

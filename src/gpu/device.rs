@@ -11,8 +11,8 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
-use super::{conv, libs, nvrtc};
-use crate::backend::Amp;
+use super::{libs, nvrtc};
+use crate::precision::Amp;
 
 /// A raw device address (`CUdeviceptr`), as carved out of the arena. Launchers take these so they
 /// never allocate and work on any sub-range of one big allocation.
@@ -40,7 +40,7 @@ pub fn amp_variant(amp: Amp, v: AmpVariants) -> &'static str {
     }
 }
 
-pub struct CudaBackend {
+pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     /// The device's name as the driver reports it ("... (emulated on CPU)" on the emulated GPU).
@@ -50,6 +50,8 @@ pub struct CudaBackend {
     pub num_sms: u32,
     funcs: HashMap<String, CudaFunction>,
     verified: Mutex<HashSet<String>>,
+    /// Kernels whose dynamic shared memory limit was raised ([`CudaDevice::opt_in_smem`]).
+    smem_opted: Mutex<HashSet<String>>,
     /// Use fast kernels even for shapes the self-test has not passed (benchmarks; the self-test).
     pub trust_unverified: bool,
     /// Precision level of the tensors the launchers are given (O2 unless set): picks each
@@ -68,7 +70,7 @@ pub fn arch_for(major: i32, minor: i32) -> String {
     }
 }
 
-impl CudaBackend {
+impl CudaDevice {
     /// Opens GPU `ordinal`, compiles (or loads from cache) and loads every kernel. A machine
     /// without the CUDA driver or NVRTC gets an error, never a panic.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -107,27 +109,28 @@ impl CudaBackend {
             device_name,
             ctx,
             verified: Mutex::new(Self::load_verified(&registry)),
+            smem_opted: Mutex::new(HashSet::new()),
             arch,
             num_sms,
             funcs,
             trust_unverified: std::env::var("INCEPTION_TRUST_FAST_KERNELS").as_deref() == Ok("1"),
             amp: Amp::O2,
         };
-        backend.raise_smem_limits()?;
         Ok(backend)
     }
 
-    /// The 128-wide tensor-core tiles use more than the default 48 KiB of dynamic shared memory.
-    fn raise_smem_limits(&self) -> Result<()> {
-        for (name, bytes) in conv::tc_smem_table() {
-            if bytes > 48 * 1024 {
-                let f = self.func(&name)?;
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )?;
-            }
+    /// Lets kernel `name` launch with up to `bytes` of dynamic shared memory: above the default
+    /// 48 KiB a kernel must opt in. The launcher that knows the kernel's need calls this before
+    /// the launch; the attribute is set once per kernel.
+    pub fn opt_in_smem(&self, name: &str, bytes: usize) -> Result<()> {
+        if bytes <= 48 * 1024 || self.smem_opted.lock().unwrap().contains(name) {
+            return Ok(());
         }
+        self.func(name)?.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+        self.smem_opted.lock().unwrap().insert(name.to_string());
         Ok(())
     }
 
@@ -270,7 +273,7 @@ macro_rules! cuda_launch {
     ($b:expr, $name:expr, $cfg:expr $(, $arg:ident)* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
         let f = $b.func($name)?;
-        $crate::backend::cuda::context::note_launch($name);
+        $crate::gpu::device::note_launch($name);
         let mut builder = $b.stream.launch_builder(f);
         $( builder.arg(&$arg); )*
         // SAFETY: the argument list matches the kernel's C signature (kept in sync with

@@ -1,0 +1,14 @@
+//! The CUDA runtime every kernel launcher stands on: library discovery ([`libs`]), the kernel
+//! sources embedded at build time ([`sources`]), NVRTC compilation with a disk cache ([`nvrtc`])
+//! and the device ([`device::CudaDevice`]: context, stream, loaded kernels, the registry of
+//! verified fast-kernel shapes, and the `cuda_launch!` macro).
+//!
+//! Nothing here links CUDA at build time: cudarc loads the driver and NVRTC dynamically, and
+//! [`libs`] turns their absence into errors.
+
+pub mod device;
+pub mod libs;
+pub mod nvrtc;
+pub mod sources;
+
+pub use device::{amp_variant, arch_for, AmpVariants, CudaDevice, DevPtr, BLOCK};
