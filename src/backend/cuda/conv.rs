@@ -77,7 +77,7 @@ impl Tile {
     }
 }
 
-/// Every tensor-core kernel with its dynamic shared memory (the context raises the limit).
+/// Every tensor-core kernel with its dynamic shared memory (each opts in at its first launch).
 pub fn tc_smem_table() -> Vec<(String, usize)> {
     let modes = [ConvMode::Fprop, ConvMode::Dgrad, ConvMode::Wgrad];
     modes
@@ -511,6 +511,7 @@ impl CudaDevice {
                     block_dim: (t.threads(), 1, 1),
                     shared_mem_bytes: t.smem_bytes(mode) as u32,
                 };
+                self.opt_in_smem(&t.kernel(mode), t.smem_bytes(mode))?;
                 cuda_launch!(self, &t.kernel(mode), cfg, p)
             }
             ConvImpl::Plain => {
@@ -557,7 +558,9 @@ impl CudaDevice {
                     block_dim: (t.threads(), 1, 1),
                     shared_mem_bytes: t.smem_bytes(ConvMode::Wgrad) as u32,
                 };
-                cuda_launch!(self, &t.kernel(ConvMode::Wgrad), cfg, p)
+                let name = t.kernel(ConvMode::Wgrad);
+                self.opt_in_smem(&name, t.smem_bytes(ConvMode::Wgrad))?;
+                cuda_launch!(self, &name, cfg, p)
             }
             ConvImpl::Plain => {
                 let mut cfg = self.grid_1d((m * n) as u64)?;
