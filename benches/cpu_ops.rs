@@ -11,9 +11,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Thro
 use inception_engine::backend::{cpu::CpuTrainer, Backend};
 use inception_engine::bench::cases::{self, ConvCase};
 use inception_engine::ops::{batchnorm, conv, pool, relu};
+use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ModelState;
 use inception_engine::plan::{self, PlanConfig, Pool};
-use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use rand::{Rng, SeedableRng};
 
 const BATCH: usize = 2;
@@ -58,7 +58,7 @@ fn conv_benches(c: &mut Criterion) {
         let s = conv::ConvShape::new(k.conv, k.n, k.h, k.w);
         let x = random(k.n * k.h * k.w * k.conv.cin, 1);
         let w = random(k.conv.cout * s.k(), 2);
-        let dy = random(k.n * s.oh * s.ow * k.conv.cout, 3);
+        let dy = random(k.n * s.oh() * s.ow() * k.conv.cout, 3);
         let mut y = vec![0f32; dy.len()];
         let mut dx = vec![0f32; x.len()];
         let mut dw = vec![0f32; w.len()];
@@ -153,7 +153,7 @@ fn memory_benches(c: &mut Criterion) {
         ),
     ] {
         let s = pool::PoolShape::new(pl, BATCH, h, h, ch);
-        let out = BATCH * s.oh * s.ow * ch;
+        let out = BATCH * s.oh() * s.ow() * ch;
         let mut py = vec![0f32; out];
         let pdy = random(out, 6);
         g.throughput(f32s(len + out));

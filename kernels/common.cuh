@@ -9,7 +9,7 @@
 // type S; arithmetic is fp32 in every variant. The launchers pick the entry point from
 // `CudaBackend::amp`.
 //
-// Compiled by NVRTC at run time (see src/backend/cuda/nvrtc.rs); only cuda_fp16.h is included, so
+// Compiled by NVRTC at run time (see src/gpu/nvrtc.rs); only cuda_fp16.h is included, so
 // the sources need no CUDA toolkit beyond the pinned NVRTC wheels.
 #pragma once
 #include <cuda_fp16.h>
@@ -21,7 +21,7 @@ typedef unsigned int u32;
 #define INF_F32 __int_as_float(0x7f800000)
 
 // One parameter block for every convolution kernel (fprop, dgrad, wgrad; tensor-core and plain).
-// Mirrored field for field by `ConvParams` in src/backend/cuda/conv.rs: keep the two in sync.
+// Mirrored field for field by `ConvParams` in src/ops/conv/cuda.rs: keep the two in sync.
 // Tensors are NHWC; weights [cout][kh][kw][cin]. The tensor pointers are untyped because the same
 // block carries fp16 tensors (tensor-core kernels, plain O2) and fp32 ones (plain `_o0` variants);
 // kernels read them through conv_x/conv_w/conv_dy/conv_out with their element type.

@@ -1,5 +1,5 @@
-// Mixed-precision support: overflow check, RMSProp over the flat parameter buffer, casts, and the
-// channel copies (stem channel padding, concat slices).
+// The optimizer: overflow check, RMSProp over the flat parameter buffer, and the device loss
+// scaler.
 #include "common.cuh"
 
 // Sets *flag = 1 if any gradient is inf or NaN. The caller zeroes the flag before the step; many
@@ -18,7 +18,7 @@ extern "C" __global__ void overflow_check_f16(const __half* g, u64 count, int* f
     }
 }
 
-// Mirrored by `RmspropParams` in src/backend/cuda/ops.rs.
+// Mirrored by `RmspropParams` in src/optim/cuda.rs.
 struct RmspropParams {
     float* w;             // fp32 master weights
     __half* w16;          // fp16 working copy (may be null)
@@ -58,45 +58,8 @@ __device__ __forceinline__ void rmsprop(const RmspropParams& p) {
 extern "C" __global__ void rmsprop_f32(const RmspropParams p) { rmsprop<float>(p); }
 extern "C" __global__ void rmsprop_f16(const RmspropParams p) { rmsprop<__half>(p); }
 
-extern "C" __global__ void cast_f32_to_f16(const float* src, u64 count, __half* dst) {
-    GRID_STRIDE(i, count) dst[i] = __float2half_rn(src[i]);
-}
-extern "C" __global__ void cast_f16_to_f32(const __half* src, u64 count, float* dst) {
-    GRID_STRIDE(i, count) dst[i] = __half2float(src[i]);
-}
-
-// Copies rows of `c` channels between two row-strided tensors:
-// dst[r*dst_ld + dst_off + j] (+)= src[r*src_ld + src_off + j] for j < c, and when zero_to > c also
-// zeroes dst channels [c, zero_to). Covers padding the stem to 8 channels (input and weights: both
-// are rows of cin), writing a concat slice, and splitting a concat gradient back to its branches.
-// Element type A: fp16 in `copy_channels` (O2/O3), fp32 in `copy_channels_o0`.
-template <class A>
-__device__ __forceinline__ void copy_channels_impl(const A* src, int src_ld, int src_off, A* dst, int dst_ld,
-                                                   int dst_off, u64 rows, int c, int zero_to, int accumulate) {
-    int width = max(c, zero_to);
-    GRID_STRIDE(i, rows * width) {
-        int j = (int)(i % width);
-        u64 r = i / width;
-        A* d = dst + r * dst_ld + dst_off + j;
-        if (j < c) {
-            store_acc(d, to_f32(src[r * src_ld + src_off + j]), accumulate);
-        } else {
-            *d = from_f32<A>(0.0f);
-        }
-    }
-}
-
-extern "C" __global__ void copy_channels(const __half* src, int src_ld, int src_off, __half* dst, int dst_ld,
-                                         int dst_off, u64 rows, int c, int zero_to, int accumulate) {
-    copy_channels_impl(src, src_ld, src_off, dst, dst_ld, dst_off, rows, c, zero_to, accumulate);
-}
-extern "C" __global__ void copy_channels_o0(const float* src, int src_ld, int src_off, float* dst, int dst_ld,
-                                            int dst_off, u64 rows, int c, int zero_to, int accumulate) {
-    copy_channels_impl(src, src_ld, src_off, dst, dst_ld, dst_off, rows, c, zero_to, accumulate);
-}
-
 // The dynamic loss scaler, kept on the device so no step waits for the host; mirrors
-// LossScaler::update (src/train/loss_scale.rs) operation for operation, so the host copy that
+// LossScaler::update (src/optim/loss_scale.rs) operation for operation, so the host copy that
 // replays the overflow flags a step later stays bit-identical. On overflow: halve the scale (not
 // below 1) and restart the clean count; else count the clean step and double the scale after
 // `growth_interval` of them, if the doubled scale is finite. One thread.

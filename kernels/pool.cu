@@ -1,4 +1,4 @@
-// Max and average pooling (square window, symmetric padding) and global average pooling, NHWC.
+// Max and average pooling (square window, symmetric padding), NHWC.
 // Backward passes are gathers (one thread per input value visits the windows covering it), so
 // overlapping windows need no atomics and results are deterministic.
 // Output/dy tensors of the windowed pools take a row stride and channel offset (ldy, yoff) so a
@@ -7,7 +7,7 @@
 // tensors (O2/O3), `_o0` fp32 ones; sums are fp32 in both.
 #include "common.cuh"
 
-// Mirrored by `PoolParams` in src/backend/cuda/ops.rs. The tensors are untyped so one block serves
+// Mirrored by `PoolParams` in src/ops/pool/cuda.rs. The tensors are untyped so one block serves
 // the fp16 and fp32 entry points; each kernel casts them to its A.
 struct PoolParams {
     const void* x;
@@ -128,30 +128,6 @@ __device__ __forceinline__ void avgpool_bwd_impl(const PoolParams& p) {
     }
 }
 
-// y[n][c] = mean over h*w of x[n][.][.][c]; consecutive threads take consecutive channels so the
-// reads of one pixel row are coalesced.
-template <class A>
-__device__ __forceinline__ void global_avgpool_fwd_impl(const A* x, int n, int hw, int c, A* y) {
-    GRID_STRIDE(i, (u32)n * c) {
-        int ch = (int)(i % c);
-        u32 img = i / c;
-        const A* xp = x + (u64)img * hw * c + ch;
-        float s = 0.0f;
-        for (int q = 0; q < hw; ++q) s += to_f32(xp[(u64)q * c]);
-        y[i] = from_f32<A>(s / (float)hw);
-    }
-}
-
-template <class A>
-__device__ __forceinline__ void global_avgpool_bwd_impl(const A* dy, int n, int hw, int c, A* dx, int accumulate) {
-    float inv = 1.0f / (float)hw;
-    GRID_STRIDE(i, (u32)n * hw * c) {
-        int ch = (int)(i % c);
-        u32 img = i / (u32)(hw * c);
-        store_acc(dx + i, to_f32(dy[(u64)img * c + ch]) * inv, accumulate);
-    }
-}
-
 extern "C" __global__ void maxpool_fwd(const PoolParams p) { maxpool_fwd_impl<__half>(p); }
 extern "C" __global__ void maxpool_fwd_o0(const PoolParams p) { maxpool_fwd_impl<float>(p); }
 extern "C" __global__ void avgpool_fwd(const PoolParams p) { avgpool_fwd_impl<__half>(p); }
@@ -160,16 +136,3 @@ extern "C" __global__ void maxpool_bwd(const PoolParams p) { maxpool_bwd_impl<__
 extern "C" __global__ void maxpool_bwd_o0(const PoolParams p) { maxpool_bwd_impl<float>(p); }
 extern "C" __global__ void avgpool_bwd(const PoolParams p) { avgpool_bwd_impl<__half>(p); }
 extern "C" __global__ void avgpool_bwd_o0(const PoolParams p) { avgpool_bwd_impl<float>(p); }
-
-extern "C" __global__ void global_avgpool_fwd(const __half* x, int n, int hw, int c, __half* y) {
-    global_avgpool_fwd_impl(x, n, hw, c, y);
-}
-extern "C" __global__ void global_avgpool_fwd_o0(const float* x, int n, int hw, int c, float* y) {
-    global_avgpool_fwd_impl(x, n, hw, c, y);
-}
-extern "C" __global__ void global_avgpool_bwd(const __half* dy, int n, int hw, int c, __half* dx, int accumulate) {
-    global_avgpool_bwd_impl(dy, n, hw, c, dx, accumulate);
-}
-extern "C" __global__ void global_avgpool_bwd_o0(const float* dy, int n, int hw, int c, float* dx, int accumulate) {
-    global_avgpool_bwd_impl(dy, n, hw, c, dx, accumulate);
-}

@@ -6,9 +6,9 @@
 //! constants). A sha256 over every tensor (name, shape, bytes) and every other metadata entry is
 //! stored too, so a flipped byte anywhere is an error on load rather than silently wrong weights.
 
+use crate::optim::{LossScaler, RmsProp};
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::Plan;
-use crate::optim::{LossScaler, RmsProp};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::{SafeTensorError, SafeTensors};

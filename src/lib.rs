@@ -15,4 +15,5 @@ pub mod params;
 pub mod plan;
 pub mod precision;
 pub mod report;
+pub mod selftest;
 pub mod train;

@@ -1,9 +1,9 @@
 //! Checkpoint files: round trip, atomic save, rotation, and every bad-file case as an error.
 
 use inception_engine::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing, RngState};
+use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ModelState;
 use inception_engine::plan::{self, Plan, PlanConfig};
-use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use std::path::{Path, PathBuf};
 
 fn tiny(classes: usize) -> Plan {

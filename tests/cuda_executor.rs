@@ -6,19 +6,19 @@
 use inception_engine::backend::cuda::arena::{
     self, elem_bytes, ParamSlots, PARAM_ELEM_BYTES, SLOT_ALIGN,
 };
-use inception_engine::backend::cuda::executor::{check_batch, check_state};
 use inception_engine::backend::cuda::fusion::{channels, Fusion};
-use inception_engine::backend::cuda::step_plan::{
-    accesses, check_program, program_lifetimes, Launch, StepProgram,
+use inception_engine::backend::cuda::program::{
+    accesses, check_program, program_lifetimes, Stage, StepProgram,
 };
+use inception_engine::backend::cuda::trainer::{check_batch, check_state};
 use inception_engine::backend::cuda::CudaTrainer;
 use inception_engine::backend::{self, cuda_probe, resolve_device, Amp, Device};
+use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ModelState;
 use inception_engine::params::ParamLayout;
 use inception_engine::plan::backward::{derive, BackwardPlan};
 use inception_engine::plan::memory::{MemoryPlan, ALIGN};
 use inception_engine::plan::{self, Op, Plan, PlanConfig, TensorKind};
-use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 
 fn build(name: &str, batch: usize, size: usize) -> (Plan, BackwardPlan) {
     let config = PlanConfig {
@@ -142,9 +142,9 @@ fn v4_fuses_every_bn_relu_and_concatenates_without_copies() {
         }
     }
     let program = StepProgram::new(&plan, &bwd, &fusion, arena::stem_conv(&plan));
-    let fused_away = |l: &Launch| match *l {
-        Launch::Forward { node } => matches!(plan.nodes[node].op, Op::Relu | Op::Concat),
-        Launch::Backward { step } => {
+    let fused_away = |l: &Stage| match *l {
+        Stage::Forward { node } => matches!(plan.nodes[node].op, Op::Relu | Op::Concat),
+        Stage::Backward { step } => {
             matches!(plan.nodes[bwd.steps[step].node].op, Op::Relu | Op::Concat)
         }
         _ => false,
@@ -169,7 +169,7 @@ fn replay(
     plan: &Plan,
     bwd: &BackwardPlan,
     fusion: &Fusion,
-    program: &[Launch],
+    program: &[Stage],
     mem: &MemoryPlan,
     amp: Amp,
     train: bool,
@@ -317,7 +317,7 @@ fn step_program_covers_every_node_and_step_once_in_a_valid_order() {
             let (fusion, program, _) = device(&plan, &bwd, fused, Amp::O2);
             check_program(&plan, &bwd, &fusion, &program.train).unwrap();
             let loss_fwd = program.infer.iter().any(|l| {
-                matches!(l, Launch::Forward { node } if matches!(plan.nodes[*node].op, Op::SoftmaxCrossEntropy { .. }))
+                matches!(l, Stage::Forward { node } if matches!(plan.nodes[*node].op, Op::SoftmaxCrossEntropy { .. }))
             });
             assert!(!loss_fwd, "inference computes no loss");
             // Load, pad, and every node but the loss and those fused away.
@@ -334,30 +334,30 @@ fn step_program_check_rejects_broken_programs() {
     let fusion = Fusion::new(&plan, &bwd);
     let good = StepProgram::new(&plan, &bwd, &fusion, None).train;
     check_program(&plan, &bwd, &fusion, &good).unwrap();
-    let bad = |program: &[Launch]| check_program(&plan, &bwd, &fusion, program).is_err();
+    let bad = |program: &[Stage]| check_program(&plan, &bwd, &fusion, program).is_err();
     let mut missing = good.clone();
-    missing.retain(|l| *l != Launch::Forward { node: 3 });
+    missing.retain(|l| *l != Stage::Forward { node: 3 });
     assert!(bad(&missing));
     let mut twice = good.clone();
-    twice.insert(5, Launch::Backward { step: 0 });
+    twice.insert(5, Stage::Backward { step: 0 });
     assert!(bad(&twice));
-    let pos = |l: Launch| good.iter().position(|&x| x == l).unwrap();
+    let pos = |l: Stage| good.iter().position(|&x| x == l).unwrap();
     let mut swapped = good.clone();
     swapped.swap(
-        pos(Launch::Forward { node: 0 }),
-        pos(Launch::Forward { node: 1 }),
+        pos(Stage::Forward { node: 0 }),
+        pos(Stage::Forward { node: 1 }),
     );
     assert!(bad(&swapped));
     let mut late_update = good.clone();
-    let upd = late_update.remove(pos(Launch::Update));
+    let upd = late_update.remove(pos(Stage::Update));
     late_update.insert(1, upd);
     assert!(bad(&late_update));
     // A ReLU the BN absorbed must not run again (its input is never materialised).
     let relu = plan.nodes.iter().position(|n| n.op == Op::Relu).unwrap();
     let mut unfused = good.clone();
     unfused.insert(
-        pos(Launch::Forward { node: relu - 1 }) + 1,
-        Launch::Forward { node: relu },
+        pos(Stage::Forward { node: relu - 1 }) + 1,
+        Stage::Forward { node: relu },
     );
     assert!(bad(&unfused));
     // The unfused program reads tensors the fused layout never stores.
@@ -372,31 +372,31 @@ fn step_program_check_rejects_a_misplaced_tail_or_stem_padding() {
     let fusion = Fusion::new(&plan, &bwd);
     let good = StepProgram::new(&plan, &bwd, &fusion, stem).train;
     check_program(&plan, &bwd, &fusion, &good).unwrap();
-    let bad = |program: &[Launch]| check_program(&plan, &bwd, &fusion, program).is_err();
+    let bad = |program: &[Stage]| check_program(&plan, &bwd, &fusion, program).is_err();
     let mut no_check = good.clone();
-    no_check.retain(|l| *l != Launch::OverflowCheck);
+    no_check.retain(|l| *l != Stage::OverflowCheck);
     assert!(bad(&no_check));
     let mut check_after_update = no_check.clone();
-    check_after_update.push(Launch::OverflowCheck);
+    check_after_update.push(Stage::OverflowCheck);
     assert!(bad(&check_after_update));
     let mut scale_first = good.clone();
-    scale_first.retain(|l| *l != Launch::ScaleUpdate);
+    scale_first.retain(|l| *l != Stage::ScaleUpdate);
     let u = scale_first
         .iter()
-        .position(|l| *l == Launch::Update)
+        .position(|l| *l == Stage::Update)
         .unwrap();
-    scale_first.insert(u, Launch::ScaleUpdate);
+    scale_first.insert(u, Stage::ScaleUpdate);
     assert!(bad(&scale_first));
     let node = stem.unwrap();
     let mut late_pad = good.clone();
     let p = late_pad
         .iter()
-        .position(|l| *l == Launch::PadStem { node })
+        .position(|l| *l == Stage::PadStem { node })
         .unwrap();
     let pad = late_pad.remove(p);
     let f = late_pad
         .iter()
-        .position(|l| *l == Launch::Forward { node })
+        .position(|l| *l == Stage::Forward { node })
         .unwrap();
     late_pad.insert(f + 1, pad);
     assert!(bad(&late_pad));
@@ -476,8 +476,11 @@ fn building_the_cuda_trainer_without_a_gpu_is_an_error_not_a_panic() {
         let infer = CudaTrainer::for_inference(plan.clone(), model.clone(), optim.clone(), amp);
         assert!(infer.is_err(), "{amp:?}");
     }
-    let cpu_o2 = backend::build(Device::Cpu, Some(Amp::O2), plan, model, optim);
+    let cpu_o2 = backend::build(Device::Cpu, Amp::O2, plan, model, optim);
     assert!(cpu_o2.err().unwrap().to_string().contains("CUDA"));
+    let resolved = backend::resolve_amp(Device::Cpu, Some(Amp::O3));
+    assert!(resolved.unwrap_err().to_string().contains("CUDA"));
+    assert_eq!(backend::resolve_amp(Device::Cuda, None).unwrap(), Amp::O2);
 }
 
 #[test]
@@ -486,9 +489,9 @@ fn whole_tiny_step_matches_the_cpu_on_a_gpu() {
         eprintln!("skipped: no usable GPU (run `selftest --device cuda` on the GPU machine)");
         return;
     }
-    use inception_engine::backend::cuda::selftest::Status;
-    use inception_engine::backend::cuda::selftest_step::{self, CASES, LEVELS};
-    let checks = selftest_step::run_case(CASES[0], &LEVELS, 1).unwrap();
+    use inception_engine::gpu::check::Status;
+    use inception_engine::selftest::step::{self, CASES, LEVELS};
+    let checks = step::run_case(CASES[0], &LEVELS, 1).unwrap();
     for c in &checks {
         assert_eq!(c.status, Status::Pass, "{c:?}");
     }

@@ -1,6 +1,6 @@
-//! Every launch of every CUDA step program, run without a GPU: [`StepLayout::launch`] drives a
-//! checker that implements [`StepKernels`] and checks each operand the executor would hand a
-//! kernel. Every pointer must be non-null, and the whole extent the kernel touches (from the shape
+//! Every launch of every CUDA step program, checked without a GPU: the program's calls
+//! ([`StepLayout::calls`], the same values the trainer launches) go to a checker that inspects
+//! each operand the trainer would hand a kernel. Every pointer must be non-null, and the whole extent the kernel touches (from the shape
 //! and stride arguments) must lie inside one buffer: the arena, the parameter buffers, the
 //! staging buffers. Weights must come from the copy the precision level reads (fp32 masters at
 //! O0, the fp16 working copy otherwise; BN parameters fp16 only at O3). An address the executor
@@ -11,13 +11,30 @@ use std::cell::RefCell;
 
 use anyhow::Result;
 use inception_engine::backend::cuda::arena::{stem_padded_elems, ParamSlots};
-use inception_engine::backend::cuda::ops::{BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
-use inception_engine::backend::cuda::step_launch::{Ptrs, StepArgs, StepKernels, StepLayout};
-use inception_engine::backend::cuda::{bn_workspace, ConvOut, ConvShape, DevPtr};
+use inception_engine::backend::cuda::calls::Call;
+use inception_engine::backend::cuda::layout::{Ptrs, StepArgs, StepLayout};
 use inception_engine::backend::Amp;
+use inception_engine::gpu::DevPtr;
+use inception_engine::ops::batchnorm::cuda::{bn_workspace, BnArgs};
+use inception_engine::ops::batchnorm::cuda::{BnBackward, BnForwardInfer, BnForwardTrain};
+use inception_engine::ops::cast::cuda::CastF32ToF16;
+use inception_engine::ops::concat::cuda::CopyChannels;
+use inception_engine::ops::conv::cuda::ConvOut;
+use inception_engine::ops::conv::cuda::{ConvDgrad, ConvFprop, ConvWgrad};
+use inception_engine::ops::conv::ConvShape;
+use inception_engine::ops::dropout::cuda::{DropoutBackward, DropoutForward};
+use inception_engine::ops::global_pool::cuda::{GlobalAvgPoolBackward, GlobalAvgPoolForward};
+use inception_engine::ops::linear::cuda::{
+    LinearBackwardData, LinearBackwardWeight, LinearForward,
+};
+use inception_engine::ops::pool::cuda::{PoolBackward, PoolForward};
+use inception_engine::ops::relu::cuda::{ReluBackward, ReluForward};
+use inception_engine::ops::softmax_ce::cuda::SoftmaxCe;
+use inception_engine::ops::softmax_ce::cuda::{Labels, ScaleArg};
+use inception_engine::optim::cuda::{LossScaleUpdate, OverflowCheck, Rmsprop};
+use inception_engine::optim::RmsPropConfig;
 use inception_engine::plan::memory::MemoryPlan;
 use inception_engine::plan::{self, PlanConfig};
-use inception_engine::optim::RmsPropConfig;
 
 /// Named buffers at fake, widely spaced base addresses.
 struct Buffers(Vec<(&'static str, DevPtr, usize)>);
@@ -190,9 +207,38 @@ impl Checker {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-impl StepKernels for Checker {
-    fn conv_fprop(&self, s: &ConvShape, x: DevPtr, w: DevPtr, out: ConvOut) -> Result<()> {
+/// One checking method per kind of call.
+impl Checker {
+    fn check(&self, call: &Call) -> Result<()> {
+        match call {
+            Call::ConvFprop(c) => self.conv_fprop(c),
+            Call::ConvDgrad(c) => self.conv_dgrad(c),
+            Call::ConvWgrad(c) => self.conv_wgrad(c),
+            Call::BnForwardTrain(c) => self.bn_forward_train(c),
+            Call::BnForwardInfer(c) => self.bn_forward_infer(c),
+            Call::BnBackward(c) => self.bn_backward(c),
+            Call::ReluForward(c) => self.relu_forward(c),
+            Call::ReluBackward(c) => self.relu_backward(c),
+            Call::PoolForward(c) => self.pool_forward(c),
+            Call::PoolBackward(c) => self.pool_backward(c),
+            Call::GlobalAvgPoolForward(c) => self.global_avgpool_forward(c),
+            Call::GlobalAvgPoolBackward(c) => self.global_avgpool_backward(c),
+            Call::DropoutForward(c) => self.dropout_forward(c),
+            Call::DropoutBackward(c) => self.dropout_backward(c),
+            Call::LinearForward(c) => self.linear_forward(c),
+            Call::LinearBackwardData(c) => self.linear_backward_data(c),
+            Call::LinearBackwardWeight(c) => self.linear_backward_weight(c),
+            Call::SoftmaxCe(c) => self.softmax_ce(c),
+            Call::CopyChannels(c) => self.copy_channels(c),
+            Call::CastF32ToF16(c) => self.cast_f32_to_f16(c),
+            Call::OverflowCheck(c) => self.overflow_check(c),
+            Call::Rmsprop(c) => self.rmsprop(c),
+            Call::LossScaleUpdate(c) => self.loss_scale_update(c),
+        }
+    }
+
+    fn conv_fprop(&self, c: &ConvFprop) -> Result<()> {
+        let (s, x, w, out) = (&c.s, c.x, c.w, c.out);
         self.call();
         let c = s.conv;
         self.conv_in_out(s, x, &out, true);
@@ -210,7 +256,8 @@ impl StepKernels for Checker {
         );
         Ok(())
     }
-    fn conv_dgrad(&self, s: &ConvShape, dy: DevPtr, w: DevPtr, out: ConvOut) -> Result<()> {
+    fn conv_dgrad(&self, c: &ConvDgrad) -> Result<()> {
+        let (s, dy, w, out) = (&c.s, c.dy, c.w, c.out);
         self.call();
         let c = s.conv;
         self.conv_in_out(s, dy, &out, false);
@@ -222,16 +269,8 @@ impl StepKernels for Checker {
         );
         Ok(())
     }
-    fn conv_wgrad(
-        &self,
-        s: &ConvShape,
-        x: DevPtr,
-        dy: DevPtr,
-        dw: DevPtr,
-        _accumulate: bool,
-        ws: DevPtr,
-        ws_elems: usize,
-    ) -> Result<()> {
+    fn conv_wgrad(&self, c: &ConvWgrad) -> Result<()> {
+        let (s, x, dy, dw, ws, ws_elems) = (&c.s, c.x, c.dy, c.dw, c.ws, c.ws_elems);
         self.call();
         let (c, act) = (s.conv, self.act());
         self.span("wgrad x", x, s.n * s.h * s.w * c.cin * act);
@@ -240,7 +279,8 @@ impl StepKernels for Checker {
         self.from("wgrad workspace", ws, ws_elems * 4, "ws");
         Ok(())
     }
-    fn bn_forward_train(&self, a: &BnArgs, x: DevPtr, y: DevPtr, ws: DevPtr) -> Result<()> {
+    fn bn_forward_train(&self, c: &BnForwardTrain) -> Result<()> {
+        let (a, x, y, ws) = (&c.a, c.x, c.y, c.ws);
         self.call();
         self.bn_common(a, x);
         self.strided("bn y", y, a.m, a.ldy, a.yoff + a.c, self.act());
@@ -249,24 +289,16 @@ impl StepKernels for Checker {
         self.from("bn workspace", ws, bn_workspace(a.m, a.c) * 4, "ws");
         Ok(())
     }
-    fn bn_forward_infer(&self, a: &BnArgs, x: DevPtr, y: DevPtr) -> Result<()> {
+    fn bn_forward_infer(&self, c: &BnForwardInfer) -> Result<()> {
+        let (a, x, y) = (&c.a, c.x, c.y);
         self.call();
         self.bn_common(a, x);
         self.strided("bn y", y, a.m, a.ldy, a.yoff + a.c, self.act());
         Ok(())
     }
-    fn bn_backward(
-        &self,
-        a: &BnArgs,
-        x: DevPtr,
-        y: DevPtr,
-        dy: DevPtr,
-        dgamma: DevPtr,
-        dbeta: DevPtr,
-        dx: DevPtr,
-        _accumulate: bool,
-        ws: DevPtr,
-    ) -> Result<()> {
+    fn bn_backward(&self, c: &BnBackward) -> Result<()> {
+        let (a, x, y, dy, dgamma, dbeta, dx, ws) =
+            (&c.a, c.x, c.y, c.dy, c.dgamma, c.dbeta, c.dx, c.ws);
         self.call();
         self.bn_common(a, x);
         let act = self.act();
@@ -282,35 +314,23 @@ impl StepKernels for Checker {
         self.from("bn workspace", ws, bn_workspace(a.m, a.c) * 4, "ws");
         Ok(())
     }
-    fn relu_forward(&self, count: usize, x: DevPtr, y: DevPtr) -> Result<()> {
+    fn relu_forward(&self, c: &ReluForward) -> Result<()> {
+        let (count, x, y) = (c.count, c.x, c.y);
         self.call();
         self.span("relu x", x, count * self.act());
         self.span("relu y", y, count * self.act());
         Ok(())
     }
-    fn relu_backward(
-        &self,
-        count: usize,
-        y: DevPtr,
-        dy: DevPtr,
-        dx: DevPtr,
-        _: bool,
-    ) -> Result<()> {
+    fn relu_backward(&self, c: &ReluBackward) -> Result<()> {
+        let (count, y, dy, dx) = (c.count, c.y, c.dy, c.dx);
         self.call();
         for (what, p) in [("relu y", y), ("relu dy", dy), ("relu dx", dx)] {
             self.span(what, p, count * self.act());
         }
         Ok(())
     }
-    fn pool_forward(
-        &self,
-        s: &PoolShape,
-        _max: bool,
-        x: DevPtr,
-        y: DevPtr,
-        ldy: usize,
-        yoff: usize,
-    ) -> Result<()> {
+    fn pool_forward(&self, c: &PoolForward) -> Result<()> {
+        let (s, x, y, ldy, yoff) = (&c.s, c.x, c.y, c.ldy, c.yoff);
         self.call();
         self.span("pool x", x, s.n * s.h * s.w * s.c * self.act());
         self.strided(
@@ -323,17 +343,8 @@ impl StepKernels for Checker {
         );
         Ok(())
     }
-    fn pool_backward(
-        &self,
-        s: &PoolShape,
-        _max: bool,
-        x: DevPtr,
-        dy: DevPtr,
-        ldy: usize,
-        yoff: usize,
-        dx: DevPtr,
-        _accumulate: bool,
-    ) -> Result<()> {
+    fn pool_backward(&self, c: &PoolBackward) -> Result<()> {
+        let (s, x, dy, ldy, yoff, dx) = (&c.s, c.x, c.dy, c.ldy, c.yoff, c.dx);
         self.call();
         let act = self.act();
         self.span("pool x", x, s.n * s.h * s.w * s.c * act);
@@ -341,72 +352,36 @@ impl StepKernels for Checker {
         self.span("pool dx", dx, s.n * s.h * s.w * s.c * act);
         Ok(())
     }
-    fn global_avgpool_forward(
-        &self,
-        n: usize,
-        hw: usize,
-        c: usize,
-        x: DevPtr,
-        y: DevPtr,
-    ) -> Result<()> {
+    fn global_avgpool_forward(&self, c: &GlobalAvgPoolForward) -> Result<()> {
+        let (n, hw, c, x, y) = (c.n, c.hw, c.c, c.x, c.y);
         self.call();
         self.span("gap x", x, n * hw * c * self.act());
         self.span("gap y", y, n * c * self.act());
         Ok(())
     }
-    fn global_avgpool_backward(
-        &self,
-        n: usize,
-        hw: usize,
-        c: usize,
-        dy: DevPtr,
-        dx: DevPtr,
-        _accumulate: bool,
-    ) -> Result<()> {
+    fn global_avgpool_backward(&self, c: &GlobalAvgPoolBackward) -> Result<()> {
+        let (n, hw, c, dy, dx) = (c.n, c.hw, c.c, c.dy, c.dx);
         self.call();
         self.span("gap dy", dy, n * c * self.act());
         self.span("gap dx", dx, n * hw * c * self.act());
         Ok(())
     }
-    fn dropout_forward(
-        &self,
-        count: usize,
-        _p: f32,
-        _seed: u64,
-        _step: u64,
-        x: DevPtr,
-        y: DevPtr,
-    ) -> Result<()> {
+    fn dropout_forward(&self, c: &DropoutForward) -> Result<()> {
+        let (count, x, y) = (c.count, c.x, c.y);
         self.call();
         self.span("dropout x", x, count * self.act());
         self.span("dropout y", y, count * self.act());
         Ok(())
     }
-    fn dropout_backward(
-        &self,
-        count: usize,
-        _p: f32,
-        _seed: u64,
-        _step: u64,
-        dy: DevPtr,
-        dx: DevPtr,
-        _accumulate: bool,
-    ) -> Result<()> {
+    fn dropout_backward(&self, c: &DropoutBackward) -> Result<()> {
+        let (count, dy, dx) = (c.count, c.dy, c.dx);
         self.call();
         self.span("dropout dy", dy, count * self.act());
         self.span("dropout dx", dx, count * self.act());
         Ok(())
     }
-    fn linear_forward(
-        &self,
-        n: usize,
-        fi: usize,
-        fo: usize,
-        x: DevPtr,
-        w: DevPtr,
-        b: DevPtr,
-        y: DevPtr,
-    ) -> Result<()> {
+    fn linear_forward(&self, c: &LinearForward) -> Result<()> {
+        let (n, fi, fo, x, w, b, y) = (c.n, c.in_f, c.out_f, c.x, c.w, c.b, c.y);
         self.call();
         let act = self.act();
         self.span("fc x", x, n * fi * act);
@@ -415,16 +390,8 @@ impl StepKernels for Checker {
         self.span("fc y", y, n * fo * act);
         Ok(())
     }
-    fn linear_backward_data(
-        &self,
-        n: usize,
-        fi: usize,
-        fo: usize,
-        dy: DevPtr,
-        w: DevPtr,
-        dx: DevPtr,
-        _accumulate: bool,
-    ) -> Result<()> {
+    fn linear_backward_data(&self, c: &LinearBackwardData) -> Result<()> {
+        let (n, fi, fo, dy, w, dx) = (c.n, c.in_f, c.out_f, c.dy, c.w, c.dx);
         self.call();
         let act = self.act();
         self.span("fc dy", dy, n * fo * act);
@@ -432,18 +399,10 @@ impl StepKernels for Checker {
         self.span("fc dx", dx, n * fi * act);
         Ok(())
     }
-    fn linear_backward_weight(
-        &self,
-        n: usize,
-        fi: usize,
-        fo: usize,
-        x: DevPtr,
-        dy: DevPtr,
-        dw: DevPtr,
-        db: DevPtr,
-        ws: DevPtr,
-        ws_elems: usize,
-    ) -> Result<()> {
+    fn linear_backward_weight(&self, c: &LinearBackwardWeight) -> Result<()> {
+        let (n, fi, fo, x, dy, dw, db, ws, ws_elems) = (
+            c.n, c.in_f, c.out_f, c.x, c.dy, c.dw, c.db, c.ws, c.ws_elems,
+        );
         self.call();
         let act = self.act();
         self.span("fc x", x, n * fi * act);
@@ -453,19 +412,18 @@ impl StepKernels for Checker {
         self.from("fc workspace", ws, ws_elems * 4, "ws");
         Ok(())
     }
-    fn softmax_ce(
-        &self,
-        n: usize,
-        k: usize,
-        _smoothing: f32,
-        scale: ScaleArg,
-        logits: DevPtr,
-        labels: Labels,
-        row_loss: DevPtr,
-        loss: DevPtr,
-        counter: DevPtr,
-        dlogits: DevPtr,
-    ) -> Result<()> {
+    fn softmax_ce(&self, c: &SoftmaxCe) -> Result<()> {
+        let (n, k, scale, logits, labels, row_loss, loss, counter, dlogits) = (
+            c.n,
+            c.k,
+            c.grad_scale,
+            c.logits,
+            c.labels,
+            c.row_loss,
+            c.loss,
+            c.counter,
+            c.dlogits,
+        );
         self.call();
         let act = self.act();
         self.span("logits", logits, n * k * act);
@@ -482,19 +440,10 @@ impl StepKernels for Checker {
         }
         Ok(())
     }
-    fn copy_channels(
-        &self,
-        rows: usize,
-        c: usize,
-        src: DevPtr,
-        src_ld: usize,
-        src_off: usize,
-        dst: DevPtr,
-        dst_ld: usize,
-        dst_off: usize,
-        zero_to: usize,
-        _accumulate: bool,
-    ) -> Result<()> {
+    fn copy_channels(&self, c: &CopyChannels) -> Result<()> {
+        let (rows, c, src, src_ld, src_off, dst, dst_ld, dst_off, zero_to) = (
+            c.rows, c.c, c.src, c.src_ld, c.src_off, c.dst, c.dst_ld, c.dst_off, c.zero_to,
+        );
         self.call();
         // The staged input is fp32 at every level; everything else is an activation.
         let elem = if self.buffer_of(src) == Some("images") {
@@ -513,32 +462,22 @@ impl StepKernels for Checker {
         );
         Ok(())
     }
-    fn pad_channels(
-        &self,
-        rows: usize,
-        c: usize,
-        c_pad: usize,
-        src: DevPtr,
-        dst: DevPtr,
-    ) -> Result<()> {
-        self.call();
-        self.span("pad src", src, rows * c * 2);
-        self.span("pad dst", dst, rows * c_pad * 2);
-        Ok(())
-    }
-    fn cast_f32_to_f16(&self, src: DevPtr, count: usize, dst: DevPtr) -> Result<()> {
+    fn cast_f32_to_f16(&self, c: &CastF32ToF16) -> Result<()> {
+        let (src, count, dst) = (c.src, c.count, c.dst);
         self.call();
         self.from("cast src", src, count * 4, "images");
         self.from("cast dst", dst, count * 2, "arena");
         Ok(())
     }
-    fn overflow_check(&self, grads: DevPtr, count: usize, _f16: bool, flag: DevPtr) -> Result<()> {
+    fn overflow_check(&self, c: &OverflowCheck) -> Result<()> {
+        let (grads, count, flag) = (c.grads, c.count, c.flag);
         self.call();
         self.from("overflow grads", grads, count * 4, "grads");
         self.from("overflow flag", flag, 4, "report");
         Ok(())
     }
-    fn rmsprop(&self, p: RmspropParams, _grad_f16: bool) -> Result<()> {
+    fn rmsprop(&self, c: &Rmsprop) -> Result<()> {
+        let p = c.params;
         self.call();
         let n = p.count as usize;
         for (what, ptr, buf) in [
@@ -556,13 +495,8 @@ impl StepKernels for Checker {
         }
         Ok(())
     }
-    fn loss_scale_update(
-        &self,
-        flag: DevPtr,
-        scale: DevPtr,
-        clean: DevPtr,
-        _growth: u32,
-    ) -> Result<()> {
+    fn loss_scale_update(&self, c: &LossScaleUpdate) -> Result<()> {
+        let (flag, scale, clean) = (c.flag, c.scale, c.clean);
         self.call();
         for (what, p) in [("flag", flag), ("scale", scale), ("clean", clean)] {
             self.from(what, p, 4, "report");
@@ -598,12 +532,15 @@ fn run(step: &StepLayout, checker: &Checker, train: bool, args: StepArgs) -> Vec
         &step.program.infer
     };
     *checker.calls.borrow_mut() = 0;
-    for &launch in program {
-        if let Err(e) = step.launch(checker, launch, args) {
+    for &stage in program {
+        let checked = step
+            .calls(stage, args)
+            .and_then(|calls| calls.iter().try_for_each(|c| checker.check(c)));
+        if let Err(e) = checked {
             checker
                 .errors
                 .borrow_mut()
-                .push(format!("{launch:?}: {e:#}"));
+                .push(format!("{stage:?}: {e:#}"));
         }
     }
     assert!(
@@ -623,7 +560,6 @@ fn every_launch_addresses_only_memory_the_executor_allocates() {
                 lr: 0.01,
                 scale: ScaleArg::Value(1.0),
                 growth: Some(2000),
-                slot: 1,
             };
             let (step, checker) = layout(name, batch, size, amp, true);
             let scale = ScaleArg::Device(step.report_word(3));

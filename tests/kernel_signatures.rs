@@ -19,11 +19,19 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-const LAUNCHER_FILES: [&str; 3] = [
-    "src/backend/cuda/ops.rs",
-    "src/backend/cuda/conv.rs",
-    "src/backend/cuda/executor.rs",
-];
+/// The launcher files: every op's `src/ops/<op>/cuda.rs` and the optimizer's `src/optim/cuda.rs`.
+fn launcher_files() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(root().join("src/ops"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("cuda.rs"))
+        .filter(|p| p.exists())
+        .map(|p| p.strip_prefix(root()).unwrap().display().to_string())
+        .collect();
+    files.push("src/optim/cuda.rs".into());
+    files.sort();
+    assert!(files.len() >= 10, "found only {files:?}");
+    files
+}
 const STRUCTS: [&str; 3] = ["ConvParams", "PoolParams", "RmspropParams"];
 
 fn root() -> &'static Path {
@@ -156,10 +164,11 @@ fn kernel_signatures() -> HashMap<String, Vec<String>> {
     sigs
 }
 
-/// Field types of `pub field: Type,` declarations (BnArgs and friends); a name declared with two
-/// different types maps to "?" so it never resolves.
+/// Field types of `pub field: Type,` declarations (the launch structs, BnArgs and friends). A name
+/// declared with types of two different ABI classes (or an unknown one beside another) maps to
+/// "?" so it never resolves; `DevPtr` and `u64` fields of one name agree.
 fn field_types(files: &[String]) -> HashMap<String, String> {
-    let mut f = HashMap::new();
+    let mut f: HashMap<String, String> = HashMap::new();
     for src in files {
         for line in src.lines() {
             let l = line.trim();
@@ -168,7 +177,9 @@ fn field_types(files: &[String]) -> HashMap<String, String> {
                     if !name.contains(' ') && !name.contains('(') {
                         let ty = ty.trim().to_string();
                         let e = f.entry(name.trim().to_string()).or_insert(ty.clone());
-                        if *e != ty {
+                        let same =
+                            *e == ty || rust_class(e).is_some() && rust_class(e) == rust_class(&ty);
+                        if !same {
                             *e = "?".to_string();
                         }
                     }
@@ -297,7 +308,6 @@ fn ident_type(
 /// One `cuda_launch!` call site: where it is, every kernel it may launch, its argument
 /// expressions, and the text of its function up to the launch.
 struct Site {
-    file: &'static str,
     label: String,
     names: Vec<String>,
     args: Vec<String>,
@@ -338,9 +348,9 @@ fn site_names(
     names
 }
 
-/// Launcher sources with comments removed, in `LAUNCHER_FILES` order.
+/// Launcher sources with comments removed, in [`launcher_files`] order.
 fn launcher_sources() -> Vec<String> {
-    LAUNCHER_FILES
+    launcher_files()
         .iter()
         .map(|f| strip_comments(&std::fs::read_to_string(root().join(f)).unwrap()))
         .collect()
@@ -349,7 +359,7 @@ fn launcher_sources() -> Vec<String> {
 /// Every `cuda_launch!` call site of the launcher files.
 fn launch_sites(files: &[String], sigs: &HashMap<String, Vec<String>>) -> Vec<Site> {
     let mut sites = Vec::new();
-    for (file, src) in LAUNCHER_FILES.iter().zip(files) {
+    for (file, src) in launcher_files().into_iter().zip(files) {
         let b = src.as_bytes();
         for (pos, _) in src.match_indices("cuda_launch!(") {
             if src[..pos].ends_with("macro_rules! ") {
@@ -361,7 +371,6 @@ fn launch_sites(files: &[String], sigs: &HashMap<String, Vec<String>>) -> Vec<Si
             let body = src[fn_start..pos].to_string();
             let label = format!("{file}:{}", src[..pos].lines().count());
             sites.push(Site {
-                file,
                 names: site_names(&parts[1], &body, sigs, &label),
                 label,
                 args: parts[3..].to_vec(),
@@ -443,17 +452,14 @@ fn precision_variants_keep_their_base_abi() {
     assert!(variants >= 29, "only {variants} precision variants parsed");
 }
 
-/// The launchers (ops.rs, conv.rs) are where the precision level is applied: a launch of a kernel
+/// The launchers (src/ops/<op>/cuda.rs) are where the precision level is applied: a launch of a kernel
 /// that has precision variants must be able to launch all of them, and every variant must be
 /// launched somewhere. Otherwise an O0 step would silently feed fp32 tensors to an fp16 kernel.
 #[test]
 fn launchers_cover_every_precision_variant() {
     let sigs = kernel_signatures();
     let files = launcher_sources();
-    let sites: Vec<Site> = launch_sites(&files, &sigs)
-        .into_iter()
-        .filter(|s| !s.file.ends_with("executor.rs"))
-        .collect();
+    let sites: Vec<Site> = launch_sites(&files, &sigs);
     let family =
         |base: &str| -> Vec<&String> { sigs.keys().filter(|k| variant_base(k) == base).collect() };
     for site in &sites {
@@ -471,7 +477,7 @@ fn launchers_cover_every_precision_variant() {
     for name in sigs.keys().filter(|k| variant_base(k) != k.as_str()) {
         assert!(
             sites.iter().any(|s| s.names.contains(name)),
-            "no launcher in ops.rs/conv.rs launches {name}"
+            "no launcher in src/ops/*/cuda.rs launches {name}"
         );
     }
 }
@@ -579,17 +585,9 @@ fn rust_struct_fields(src: &str, name: &str) -> Vec<(String, String)> {
 fn param_structs_mirror_the_c_structs() {
     let read = |f: &str| std::fs::read_to_string(root().join(f)).unwrap();
     for (name, c_file, rust_file) in [
-        (
-            "ConvParams",
-            "kernels/common.cuh",
-            "src/backend/cuda/conv.rs",
-        ),
-        ("PoolParams", "kernels/pool.cu", "src/backend/cuda/ops.rs"),
-        (
-            "RmspropParams",
-            "kernels/optimizer.cu",
-            "src/backend/cuda/ops.rs",
-        ),
+        ("ConvParams", "kernels/common.cuh", "src/ops/conv/cuda.rs"),
+        ("PoolParams", "kernels/pool.cu", "src/ops/pool/cuda.rs"),
+        ("RmspropParams", "kernels/optimizer.cu", "src/optim/cuda.rs"),
     ] {
         let c = c_struct_fields(&read(c_file), name);
         let r = rust_struct_fields(&read(rust_file), name);

@@ -48,8 +48,8 @@ fn conv_gemm_matches_direct_definition() {
         let x = random(2 * h * w * g.cin, 1);
         let wt = random(g.cout * s.k(), 2);
         let (mut y, mut want) = (
-            vec![f32::NAN; 2 * s.oh * s.ow * g.cout],
-            vec![f32::NAN; 2 * s.oh * s.ow * g.cout],
+            vec![f32::NAN; 2 * s.oh() * s.ow() * g.cout],
+            vec![f32::NAN; 2 * s.oh() * s.ow() * g.cout],
         );
         ops::conv::forward(&s, &x, &wt, &mut y);
         ops::conv::forward_direct(&s, &x, &wt, &mut want);
@@ -65,7 +65,7 @@ fn conv_gradients() {
         let s = ConvShape::new(g, 2, h, w);
         let x = random(2 * h * w * g.cin, 3);
         let wt = random(g.cout * s.k(), 4);
-        let r = random(2 * s.oh * s.ow * g.cout, 5);
+        let r = random(2 * s.oh() * s.ow() * g.cout, 5);
         let run = |x: &[f32], wt: &[f32]| {
             let mut y = vec![0.0; r.len()];
             ops::conv::forward(&s, x, wt, &mut y);
@@ -88,7 +88,7 @@ fn conv_gradients() {
 fn backward_accumulates_when_asked() {
     let (_, g, h, w) = conv_cases()[0];
     let s = ConvShape::new(g, 1, h, w);
-    let r = random(s.oh * s.ow * g.cout, 6);
+    let r = random(s.oh() * s.ow() * g.cout, 6);
     let wt = random(g.cout * s.k(), 7);
     let mut fresh = vec![f32::NAN; h * w * g.cin];
     ops::conv::backward_data(&s, &r, &wt, &mut fresh, false);
@@ -193,7 +193,7 @@ fn pool_check(name: &str, p: Pool, h: usize, w: usize, max: bool) {
     let (n, c) = (2, 3);
     let s = PoolShape::new(p, n, h, w, c);
     let x = random_away_from_ties(n * h * w * c, 15, 0.01);
-    let r = random(n * s.oh * s.ow * c, 16);
+    let r = random(n * s.oh() * s.ow() * c, 16);
     let fwd = |x: &[f32]| {
         let mut y = vec![0.0; r.len()];
         if max {

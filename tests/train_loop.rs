@@ -5,8 +5,8 @@ use inception_engine::backend::Device;
 use inception_engine::checkpoint::Checkpoint;
 use inception_engine::cli::train::{config_from, expand_config, Args};
 use inception_engine::data::AugmentConfig;
-use inception_engine::train::trainer::{train, TrainConfig};
 use inception_engine::optim::{LossScaler, RmsPropConfig};
+use inception_engine::train::trainer::{train, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,9 +1,9 @@
 //! Schedule, RMSProp, loss scaler and metric helpers against values computed independently.
 
+use inception_engine::optim::{has_overflow, LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ParamLayout;
 use inception_engine::plan::{self, PlanConfig};
 use inception_engine::train::loss::{smoothed_ce_reference, smoothed_target, topk_correct};
-use inception_engine::optim::{has_overflow, LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::train::{lr_max_for_batch, Schedule};
 use std::f64::consts::PI;
 

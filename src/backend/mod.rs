@@ -4,9 +4,9 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::optim::{LossScaler, RmsProp};
 use crate::params::ModelState;
 pub use crate::precision::Amp;
-use crate::optim::{LossScaler, RmsProp};
 use anyhow::Result;
 
 /// What one training step did.
@@ -72,39 +72,43 @@ impl Amp {
     }
 }
 
-/// The training backend for a resolved device: the CPU reference (fp32 only) or the CUDA
-/// executor at `amp` (the device's default level when None).
+/// The precision level a run uses, resolved once: `--amp` when given, else the device's default;
+/// the CPU trains in fp32 only, so anything else there is an error.
+pub fn resolve_amp(device: Device, amp: Option<Amp>) -> Result<Amp> {
+    let amp = amp.unwrap_or(Amp::default_for(device));
+    if device != Device::Cuda && amp != Amp::O0 {
+        anyhow::bail!("--amp {amp:?} needs the CUDA backend; the CPU runs fp32 (O0)");
+    }
+    Ok(amp)
+}
+
+/// The training backend for a resolved device and level ([`resolve_amp`]): the CPU reference
+/// (fp32 only) or the CUDA trainer.
 pub fn build(
     device: Device,
-    amp: Option<Amp>,
+    amp: Amp,
     plan: crate::plan::Plan,
     model: ModelState,
     optim: RmsProp,
 ) -> Result<Box<dyn Backend>> {
-    let amp = amp.unwrap_or(Amp::default_for(device));
+    let amp = resolve_amp(device, Some(amp))?;
     match device {
         Device::Cuda => Ok(Box::new(cuda::CudaTrainer::new(plan, model, optim, amp)?)),
-        Device::Cpu | Device::Auto => {
-            if amp != Amp::O0 {
-                anyhow::bail!("--amp {amp:?} needs the CUDA backend; the CPU trains in fp32 (O0)");
-            }
-            Ok(Box::new(cpu::CpuTrainer::new(plan, model, optim)?))
-        }
+        Device::Cpu | Device::Auto => Ok(Box::new(cpu::CpuTrainer::new(plan, model, optim)?)),
     }
 }
 
-/// A backend for evaluation and prediction: on CUDA an inference-only executor (no gradient or
+/// A backend for evaluation and prediction: on CUDA an inference-only trainer (no gradient or
 /// optimizer buffers, an arena sized for the forward pass); the CPU trainer otherwise.
 pub fn build_inference(
     device: Device,
-    amp: Option<Amp>,
+    amp: Amp,
     plan: crate::plan::Plan,
     model: ModelState,
     optim: RmsProp,
 ) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cuda => {
-            let amp = amp.unwrap_or(Amp::default_for(device));
             let exec = cuda::CudaTrainer::for_inference(plan, model, optim, amp)?;
             Ok(Box::new(exec))
         }

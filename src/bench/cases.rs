@@ -5,7 +5,8 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::backend::cuda::{ConvShape, PoolShape};
+use crate::ops::conv::ConvShape;
+use crate::ops::pool::PoolShape;
 use crate::plan::{self, Op, Plan, PlanConfig};
 
 /// One distinct convolution of the plan.

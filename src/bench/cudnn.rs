@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use cudarc::cudnn::{result, sys};
 use cudarc::driver::CudaStream;
 
-use crate::backend::cuda::{ConvMode, ConvShape, DevPtr};
+use crate::gpu::DevPtr;
+use crate::ops::conv::cuda::ConvMode;
+use crate::ops::conv::ConvShape;
 
 fn ok(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
     status

@@ -18,10 +18,16 @@ use rand::{Rng, SeedableRng};
 
 use super::cases::{BnCase, Cases, ConvCase, PoolCase, RMSPROP_BYTES_PER_PARAM};
 use super::cudnn::{Dnn, DnnConv};
-use crate::backend::cuda::{
-    bn_workspace, BnArgs, ConvMode, ConvOut, ConvShape, CudaDevice, DevPtr, Labels, RmspropParams,
-    ScaleArg,
+use crate::gpu::{CudaDevice, DevPtr, Launch};
+use crate::ops::batchnorm::cuda::{bn_workspace, BnArgs, BnBackward, BnForwardTrain};
+use crate::ops::concat::cuda::CopyChannels;
+use crate::ops::conv::cuda::{
+    choose, wgrad_workspace_elems, ConvDgrad, ConvFprop, ConvMode, ConvOut, ConvWgrad,
 };
+use crate::ops::conv::ConvShape;
+use crate::ops::pool::cuda::{PoolBackward, PoolForward};
+use crate::ops::softmax_ce::cuda::{Labels, ScaleArg, SoftmaxCe};
+use crate::optim::cuda::{Rmsprop, RmspropParams};
 
 /// Untimed launches before measuring.
 const WARMUP: usize = 3;
@@ -220,10 +226,10 @@ impl Gpu {
     /// Marks the tensor-core kernels of these shapes verified where they match the plain kernels
     /// (what the executor does at start-up), so the launchers pick what training would run.
     pub fn verify(&self, shapes: &[ConvShape]) -> Result<usize> {
-        let checks = crate::backend::cuda::selftest::verify_conv_shapes(&self.be, shapes)?;
+        let checks = crate::backend::cuda::verify::verify_conv_shapes(&self.be, shapes)?;
         Ok(checks
             .iter()
-            .filter(|c| c.status == crate::backend::cuda::selftest::Status::Fail)
+            .filter(|c| c.status == crate::gpu::check::Status::Fail)
             .count())
     }
 }
@@ -356,33 +362,48 @@ impl Gpu {
         match mode {
             ConvMode::Fprop => {
                 let out = ConvOut::dense(yc.ptr, c.cout);
-                let imp = be.choose_conv(&s, mode, Some(&out));
+                let imp = choose(be, &s, mode, Some(&out));
+                let call = ConvFprop {
+                    s,
+                    x: xc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
                 variants.push(Variant {
                     label: format!("custom {imp:?}"),
                     reference: false,
-                    run: Box::new(move || be.conv_fprop(&s, xc.ptr, wc.ptr, out, None).map(|_| ())),
+                    run: Box::new(move || call.launch(be)),
                 });
             }
             ConvMode::Dgrad => {
                 let out = ConvOut::dense(xc.ptr, c.cin);
-                let imp = be.choose_conv(&s, mode, Some(&out));
+                let imp = choose(be, &s, mode, Some(&out));
+                let call = ConvDgrad {
+                    s,
+                    dy: yc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
                 variants.push(Variant {
                     label: format!("custom {imp:?}"),
                     reference: false,
-                    run: Box::new(move || be.conv_dgrad(&s, yc.ptr, wc.ptr, out, None).map(|_| ())),
+                    run: Box::new(move || call.launch(be)),
                 });
             }
             ConvMode::Wgrad => {
-                let imp = be.choose_conv(&s, mode, None);
-                let ws_elems = be.conv_wgrad_workspace(&s);
+                let imp = choose(be, &s, mode, None);
+                let ws_elems = wgrad_workspace_elems(&s, be.num_sms);
                 let ws = self.alloc(ws_elems * 4)?;
                 let dw = self.alloc(w_len * 4)?;
+                let call = wgrad(s, xc.ptr, yc.ptr, dw.ptr, ws.ptr, ws_elems);
                 variants.push(Variant {
                     label: format!("custom {imp:?} (fp32 dW)"),
                     reference: false,
                     run: Box::new(move || {
-                        be.conv_wgrad(&s, xc.ptr, yc.ptr, dw.ptr, false, ws.ptr, ws_elems, None)
-                            .map(|_| ())
+                        let _ = (&ws, &dw);
+                        call.launch(be)
                     }),
                 });
             }
@@ -420,17 +441,26 @@ impl Gpu {
         let x8 = self.alloc(rows * 8 * 2)?;
         let w8 = self.alloc(w_rows * 8 * 2)?;
         let be = &self.be;
-        be.pad_channels(w_rows, c.cin, 8, w.ptr, w8.ptr)?;
+        CopyChannels::pad(w_rows, c.cin, 8, w.ptr, w8.ptr).launch(be)?;
         be.synchronize()?;
         let out = ConvOut::dense(y.ptr, c.cout);
-        let imp = be.choose_conv(&p, ConvMode::Fprop, Some(&out));
-        let (xc, cin) = (x.clone(), c.cin);
+        let imp = choose(be, &p, ConvMode::Fprop, Some(&out));
+        let pad = CopyChannels::pad(rows, c.cin, 8, x.ptr, x8.ptr);
+        let conv = ConvFprop {
+            s: p,
+            x: x8.ptr,
+            w: w8.ptr,
+            out,
+            imp: None,
+        };
+        let keep = (x.clone(), x8, w8);
         let mut variants = vec![Variant {
             label: format!("pad_channels + custom {imp:?}"),
             reference: false,
             run: Box::new(move || {
-                be.pad_channels(rows, cin, 8, xc.ptr, x8.ptr)?;
-                be.conv_fprop(&p, x8.ptr, w8.ptr, out, None).map(|_| ())
+                let _ = &keep;
+                pad.launch(be)?;
+                conv.launch(be)
             }),
         }];
         let mut note = None;
@@ -491,23 +521,38 @@ impl Gpu {
         let custom: Box<dyn FnMut() -> Result<()>> = match mode {
             ConvMode::Fprop => {
                 let out = ConvOut::dense(yc.ptr, fout);
-                Box::new(move || be.conv_fprop(&s, xc.ptr, wc.ptr, out, None).map(|_| ()))
+                let call = ConvFprop {
+                    s,
+                    x: xc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                Box::new(move || call.launch(be))
             }
             ConvMode::Dgrad => {
                 let out = ConvOut::dense(xc.ptr, fin);
-                Box::new(move || be.conv_dgrad(&s, yc.ptr, wc.ptr, out, None).map(|_| ()))
+                let call = ConvDgrad {
+                    s,
+                    dy: yc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                Box::new(move || call.launch(be))
             }
             ConvMode::Wgrad => {
-                let ws_elems = be.conv_wgrad_workspace(&s);
+                let ws_elems = wgrad_workspace_elems(&s, be.num_sms);
                 let ws = self.alloc(ws_elems * 4)?;
+                let call = wgrad(s, xc.ptr, yc.ptr, dwc.ptr, ws.ptr, ws_elems);
                 Box::new(move || {
-                    be.conv_wgrad(&s, xc.ptr, yc.ptr, dwc.ptr, false, ws.ptr, ws_elems, None)
-                        .map(|_| ())
+                    let _ = (&ws, &xc, &yc, &dwc);
+                    call.launch(be)
                 })
             }
         };
         let out = (mode != ConvMode::Dgrad).then_some(ConvOut::dense(y.ptr, fout));
-        let imp = be.choose_conv(&s, mode, out.as_ref());
+        let imp = choose(be, &s, mode, out.as_ref());
         let mut variants = vec![Variant {
             label: format!("custom {imp:?}"),
             reference: false,
@@ -568,21 +613,34 @@ impl Gpu {
             yoff: 0,
         };
         let be = &self.be;
-        let keep = (gamma, beta, mean, inv_std, rmean, rvar);
-        let run: Box<dyn FnMut() -> Result<()>> = if fwd {
-            // The forward overwrites the saved statistics: the backward case has its own buffers.
-            Box::new(move || {
-                let _ = &keep;
-                be.bn_forward_train(&args, x.ptr, y.ptr, ws.ptr)
-            })
-        } else {
-            Box::new(move || {
-                let _ = &keep;
-                be.bn_backward(
-                    &args, x.ptr, y.ptr, dy.ptr, dgamma.ptr, dbeta.ptr, dx.ptr, false, ws.ptr,
-                )
-            })
+        // The forward overwrites the saved statistics: the backward case has its own buffers.
+        let forward = BnForwardTrain {
+            a: args,
+            x: x.ptr,
+            y: y.ptr,
+            ws: ws.ptr,
         };
+        let backward = BnBackward {
+            a: args,
+            x: x.ptr,
+            y: y.ptr,
+            dy: dy.ptr,
+            dgamma: dgamma.ptr,
+            dbeta: dbeta.ptr,
+            dx: dx.ptr,
+            accumulate: false,
+            ws: ws.ptr,
+        };
+        let keep = (
+            gamma, beta, mean, inv_std, rmean, rvar, x, y, dy, dx, dgamma, dbeta, ws,
+        );
+        let run: Box<dyn FnMut() -> Result<()>> = Box::new(move || {
+            let _ = &keep;
+            match fwd {
+                true => forward.launch(be),
+                false => backward.launch(be),
+            }
+        });
         Ok(Prepared {
             id,
             group: "batchnorm",
@@ -609,11 +667,33 @@ impl Gpu {
         let y = self.filled(s.n * s.oh() * s.ow() * s.c, Fill::F16)?;
         let be = &self.be;
         let max = p.max;
-        let run: Box<dyn FnMut() -> Result<()>> = if fwd {
-            Box::new(move || be.pool_forward(&s, max, x.ptr, y.ptr, s.c, 0))
-        } else {
-            Box::new(move || be.pool_backward(&s, max, x.ptr, y.ptr, s.c, 0, dx.ptr, false))
+        let (ldy, yoff) = (s.c, 0);
+        let forward = PoolForward {
+            s,
+            max,
+            x: x.ptr,
+            y: y.ptr,
+            ldy,
+            yoff,
         };
+        let backward = PoolBackward {
+            s,
+            max,
+            x: x.ptr,
+            dy: y.ptr,
+            ldy,
+            yoff,
+            dx: dx.ptr,
+            accumulate: false,
+        };
+        let keep = (x, y, dx);
+        let run: Box<dyn FnMut() -> Result<()>> = Box::new(move || {
+            let _ = &keep;
+            match fwd {
+                true => forward.launch(be),
+                false => backward.launch(be),
+            }
+        });
         let kind = if max { "maxpool" } else { "avgpool" };
         Ok(Prepared {
             id,
@@ -640,19 +720,22 @@ impl Gpu {
         let loss = self.alloc(4)?;
         let counter = self.alloc(4)?;
         let be = &self.be;
+        let call = SoftmaxCe {
+            n,
+            k,
+            smoothing: 0.1,
+            grad_scale: ScaleArg::Value(1.0),
+            logits: logits.ptr,
+            labels: Labels::I32(lab.ptr),
+            row_loss: row_loss.ptr,
+            loss: loss.ptr,
+            counter: counter.ptr,
+            dlogits: dlogits.ptr,
+        };
+        let keep = (logits, lab, row_loss, loss, counter, dlogits);
         let run = move || {
-            be.softmax_ce(
-                n,
-                k,
-                0.1,
-                ScaleArg::Value(1.0),
-                logits.ptr,
-                Labels::I32(lab.ptr),
-                row_loss.ptr,
-                loss.ptr,
-                counter.ptr,
-                dlogits.ptr,
-            )
+            let _ = &keep;
+            call.launch(be)
         };
         Ok(Prepared {
             id,
@@ -694,7 +777,11 @@ impl Gpu {
         let keep = (w, w16, ms, mom, grad);
         let run = move || {
             let _ = &keep;
-            be.rmsprop(p, false)
+            Rmsprop {
+                params: p,
+                grad_f16: false,
+            }
+            .launch(be)
         };
         Ok(Prepared {
             id,
@@ -708,6 +795,27 @@ impl Gpu {
             }],
             note: None,
         })
+    }
+}
+
+/// The weight-gradient call of a benchmark case (fp32 dW, overwritten).
+fn wgrad(
+    s: ConvShape,
+    x: DevPtr,
+    dy: DevPtr,
+    dw: DevPtr,
+    ws: DevPtr,
+    ws_elems: usize,
+) -> ConvWgrad {
+    ConvWgrad {
+        s,
+        x,
+        dy,
+        dw,
+        accumulate: false,
+        ws,
+        ws_elems,
+        imp: None,
     }
 }
 

@@ -3,9 +3,9 @@
 use crate::backend::cuda::CudaTrainer;
 use crate::backend::{cpu::CpuTrainer, resolve_device, Amp, Backend, Device};
 pub use crate::bench::KernelArgs;
+use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::ModelState;
 use crate::plan::{self, PlanConfig};
-use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -95,7 +95,7 @@ pub fn run(args: Args) -> Result<()> {
 
 fn bench_train(a: TrainArgs) -> Result<()> {
     let device = resolve_device(a.device)?;
-    let amp = a.amp.unwrap_or(Amp::default_for(device));
+    let amp = crate::backend::resolve_amp(device, a.amp)?;
     let scaler = super::train::parse_loss_scale(&a.loss_scale)?.unwrap_or(LossScaler::for_amp(amp));
     let cfg = PlanConfig {
         batch: a.batch_size,
@@ -140,9 +140,6 @@ fn bench_train(a: TrainArgs) -> Result<()> {
             report(&a, &times, &note, extra);
         }
         Device::Cpu | Device::Auto => {
-            if amp != Amp::O0 {
-                bail!("--amp {amp:?} needs the CUDA backend; the CPU runs fp32 (O0)");
-            }
             let mut trainer = CpuTrainer::new(plan, model, optim)?;
             let profile = a.profile;
             let times = time_steps(

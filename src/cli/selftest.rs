@@ -2,20 +2,18 @@
 //!
 //! - `--compile-only --arch sm_90a|sm_80 [--json]` compiles every kernel with NVRTC (no GPU needed)
 //!   and prints registers, spill bytes and shared memory; fails on a compile error or any spill.
-//! - `--device cuda [--json]` runs every kernel on the GPU at the plan's distinct shapes against
-//!   the oracles of src/backend/cuda/selftest.rs (the O2 kernels, then the fp32 O0 and fp16-BN O3
-//!   variants), then whole training steps of `tiny` and `v4` against the CPU backend
-//!   (selftest_step.rs); fails on any mismatch or when there is no GPU.
+//! - `--device cuda [--json]` runs every op's check case (src/ops/<op>/check.rs) on the GPU at the
+//!   plan's distinct shapes (the O2 kernels, then the fp32 O0 and fp16-BN O3 variants), then
+//!   whole training steps against the CPU backend (src/selftest/step.rs); fails on any mismatch
+//!   or when there is no GPU.
 
 use anyhow::{bail, Result};
 
 use crate::gpu::device::launched_entry_points;
-use crate::backend::cuda::selftest::{Check, CpuReference, SelfTest};
-use crate::backend::cuda::selftest_ref::OpsReference;
-use crate::backend::cuda::selftest_step;
-use crate::backend::cuda::{compile_all, CudaDevice, KernelInfo};
-use crate::backend::Amp;
-use crate::plan::{self, Plan, PlanConfig};
+use crate::gpu::nvrtc::{compile_all, KernelInfo};
+use crate::gpu::CudaDevice;
+use crate::plan::{self, PlanConfig};
+use crate::selftest;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -102,34 +100,6 @@ fn compile_only(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The CPU reference the device self-test compares against: src/ops (see selftest_ref.rs).
-fn cpu_reference() -> Box<dyn CpuReference> {
-    Box::new(OpsReference)
-}
-
-/// The kernel checks at every precision level: O2 (all kernels), then the O0 and O3 variants.
-/// Appends to `checks` even when a level fails to run, and leaves the backend at O2.
-fn run_levels(
-    be: &mut CudaDevice,
-    reference: &dyn CpuReference,
-    plan: &Plan,
-    seed: u64,
-    checks: &mut Vec<Check>,
-) -> Result<()> {
-    let mut outcome = Ok(());
-    for amp in [Amp::O2, Amp::O0, Amp::O3] {
-        be.set_amp(amp);
-        let mut test = SelfTest::new(be, reference, seed);
-        outcome = test.run_plan(plan);
-        checks.append(&mut test.checks);
-        if outcome.is_err() {
-            break;
-        }
-    }
-    be.set_amp(Amp::O2);
-    outcome
-}
-
 fn device_cuda(args: &Args) -> Result<()> {
     let mut be = CudaDevice::new(0)?;
     println!(
@@ -159,24 +129,22 @@ fn device_cuda(args: &Args) -> Result<()> {
         config.batch
     );
     let plan = plan::build(&args.plan, config)?;
-    let reference = cpu_reference();
     let mut checks = Vec::new();
     let ops = if args.steps_only {
         Ok(())
     } else {
-        run_levels(&mut be, reference.as_ref(), &plan, args.seed, &mut checks)
+        selftest::run_levels(&mut be, &plan, args.seed, &mut checks)
     };
     let outcome = ops.and_then(|()| {
         // Persist the verified fast shapes first, so the whole-step trainers reuse them.
         be.save_verified()?;
         if !args.skip_steps {
-            checks.extend(selftest_step::run(args.seed, reduced)?);
+            checks.extend(selftest::step::run(args.seed, reduced)?);
         }
         Ok(())
     });
-    let mut test = SelfTest::new(&be, reference.as_ref(), args.seed);
-    test.checks = checks;
-    print!("{}", test.table());
+    let failed = selftest::failed(&checks);
+    print!("{}", selftest::table(&checks));
     let compiled = be.kernel_names();
     let run = launched_entry_points();
     let never: Vec<&String> = compiled.iter().filter(|k| !run.contains(k)).collect();
@@ -198,17 +166,17 @@ fn device_cuda(args: &Args) -> Result<()> {
             "batch": plan.config.batch,
             "image_size": plan.config.image_size,
             "shapes": if reduced { "reduced" } else { "full" },
-            "failed": test.failed(),
+            "failed": failed,
             "entry_points_compiled": compiled,
             "entry_points_run": run,
-            "checks": test.checks,
+            "checks": checks,
         });
         println!("{summary}");
     }
     outcome?;
     be.save_verified()?;
-    if test.failed() > 0 {
-        bail!("{} kernel checks failed", test.failed());
+    if failed > 0 {
+        bail!("{failed} kernel checks failed");
     }
     Ok(())
 }

@@ -6,9 +6,9 @@
 
 use crate::backend::{Amp, Device};
 use crate::data::{bundled_dataset, AugmentConfig};
-use crate::train::trainer::{train, TrainConfig};
 use crate::optim::{LossScaler, RmsPropConfig};
 use crate::train::lr_max_for_batch;
+use crate::train::trainer::{train, TrainConfig};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 

@@ -24,6 +24,14 @@ pub const MAX_ELEMENTS: u64 = 1 << 31;
 /// Threads per block of the elementwise and gather kernels.
 pub const BLOCK: u32 = 256;
 
+/// One kernel launch (or a short fixed sequence of them) with every operand resolved. Each op's
+/// launchers are such values, so a step is a list of them that the device runs, a host test
+/// inspects and a CUDA graph can capture.
+pub trait Launch {
+    /// Queues the launch on the device's stream.
+    fn launch(&self, dev: &CudaDevice) -> Result<()>;
+}
+
 /// The entry points of one kernel at the precision levels `[O0, O2, O3]`: the unsuffixed name is
 /// the O2 kernel, `_o0` takes fp32 activations, `_o3` (BN only) fp16 gamma/beta and saved
 /// statistics (see kernels/common.cuh). A kernel without an O3 variant repeats its O2 name. The
@@ -212,6 +220,15 @@ impl CudaDevice {
 
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("CUDA stream synchronize")
+    }
+
+    /// One thread per channel: the per-channel finalise and bias kernels.
+    pub fn grid_channels(&self, c: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (c.div_ceil(BLOCK as usize) as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// A 1-D grid for a grid-stride kernel over `count` items: enough blocks to fill the GPU, no

@@ -11,4 +11,6 @@ pub mod libs;
 pub mod nvrtc;
 pub mod sources;
 
-pub use device::{amp_variant, arch_for, AmpVariants, CudaDevice, DevPtr, BLOCK};
+pub mod check;
+
+pub use device::{amp_variant, arch_for, AmpVariants, CudaDevice, DevPtr, Launch, BLOCK};

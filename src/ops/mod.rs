@@ -1,11 +1,14 @@
-//! One module per op: its CPU reference forward and backward, plain f32 on NHWC slices.
+//! One folder per op: `mod.rs` its CPU reference forward and backward (plain f32 on NHWC slices)
+//! and its shape type, `cuda.rs` the launchers of its kernels in `kernels/<op>.cu` (each launch a
+//! value implementing [`crate::gpu::Launch`]), `check.rs` its self-test case.
 //!
-//! These functions are the specification every other backend is checked against. They take
+//! The CPU functions are the specification every other backend is checked against. They take
 //! shapes and slices, allocate only scratch space, and parallelise with rayon where it matters.
 //! Backward functions that write an input gradient take `accumulate`: add into the gradient (a
 //! tensor that feeds several branches) instead of overwriting it.
 
 pub mod batchnorm;
+pub mod cast;
 pub mod concat;
 pub mod conv;
 pub mod dropout;

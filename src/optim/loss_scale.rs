@@ -46,9 +46,9 @@ impl LossScaler {
 
     /// The default for a precision level: none in fp32 (O0), dynamic when activations and
     /// gradients are fp16 (O2, O3), where small gradients would otherwise flush to zero.
-    pub fn for_amp(amp: crate::backend::Amp) -> Self {
+    pub fn for_amp(amp: crate::precision::Amp) -> Self {
         match amp {
-            crate::backend::Amp::O0 => LossScaler::None,
+            crate::precision::Amp::O0 => LossScaler::None,
             _ => LossScaler::dynamic(),
         }
     }

@@ -4,10 +4,10 @@ use crate::backend::{self, resolve_device, Backend, Device};
 use crate::checkpoint::Checkpoint;
 use crate::data::Loader;
 use crate::ops::softmax_ce;
+use crate::optim::{RmsProp, RmsPropConfig};
 use crate::params::ModelState;
 use crate::plan::{self, Plan, PlanConfig};
 use crate::train::loss::topk_correct;
-use crate::optim::{RmsProp, RmsPropConfig};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -83,7 +83,8 @@ pub fn inference_backend(
     let mut model = ModelState::zeros(&plan);
     ckpt.apply_to(&mut model, None)?;
     let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
-    let backend =
-        backend::build_inference(resolve_device(device)?, None, plan.clone(), model, optim)?;
+    let device = resolve_device(device)?;
+    let amp = backend::resolve_amp(device, None)?;
+    let backend = backend::build_inference(device, amp, plan.clone(), model, optim)?;
     Ok((plan, backend))
 }

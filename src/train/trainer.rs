@@ -4,11 +4,11 @@
 use super::eval::{evaluate, EvalResult};
 use super::log::{Progress, RunLog};
 use super::Schedule;
-use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState};
 use crate::data::{AugmentConfig, Dataset, EpochPosition, Loader, LoaderConfig, Normalization};
 use crate::export::engine_preprocessing;
+use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::{ModelState, ParamLayout};
 use crate::plan::{self, Plan, PlanConfig};
 use anyhow::{bail, Context, Result};
@@ -120,7 +120,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         steps_per_epoch,
         epochs: cfg.epochs,
     };
-    let amp = cfg.amp.unwrap_or(Amp::default_for(device));
+    let amp = backend::resolve_amp(device, cfg.amp)?;
     let scaler = cfg.loss_scaler.unwrap_or(LossScaler::for_amp(amp));
     let resume = resume_checkpoint(cfg, &plan)?;
     if let Some((path, ckpt)) = &resume {
@@ -145,7 +145,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         classes.clone(),
         engine_preprocessing(cfg.image_size, Normalization::IMAGENET),
     );
-    let mut backend = backend::build(device, cfg.amp, plan.clone(), model, optim)?;
+    let mut backend = backend::build(device, amp, plan.clone(), model, optim)?;
     let mut log = RunLog::open(&cfg.out)?;
     eprintln!(
         "training {} on {} ({} images, {} classes) with {}: {} epochs of {} steps, batch {}, {}x{}, lr_max {:.3e}, loss scale {}",

@@ -2,9 +2,9 @@
 
 use super::executor::{CpuExecutor, Mode};
 use crate::backend::{Backend, StepOutcome};
+use crate::optim::{has_overflow, LossScaler, RmsProp};
 use crate::params::ModelState;
 use crate::plan::Plan;
-use crate::optim::{has_overflow, LossScaler, RmsProp};
 use anyhow::{bail, Result};
 
 pub struct CpuTrainer {

@@ -1,17 +1,18 @@
 //! Host-side layout of the CUDA training step's device memory: element sizes per AMP level, the
 //! activation/gradient arena (the memory planner's offsets), the padded parameter slots and the
 //! memory estimate quoted when the device runs out. Nothing here touches a GPU, so it is tested on
-//! the CPU (tests/cuda_arena.rs).
+//! the CPU (tests/cuda_executor.rs).
 
-use super::conv::{wgrad_workspace_elems, ConvShape};
 use super::fusion::Fusion;
-use super::ops::bn_workspace;
-use super::step_plan::{program_lifetimes, Launch};
-use crate::backend::Amp;
+use super::program::{program_lifetimes, Stage};
+use crate::ops::batchnorm::cuda::bn_workspace;
+use crate::ops::conv::cuda::wgrad_workspace_elems;
+use crate::ops::conv::ConvShape;
 use crate::params::ParamEntry;
 use crate::plan::backward::BackwardPlan;
 use crate::plan::memory::{place, MemoryPlan, ALIGN};
 use crate::plan::{Op, Plan, TensorId, TensorKind};
+use crate::precision::Amp;
 
 /// Parameter slots start on multiples of this many elements (256 bytes in fp32, 128 in fp16), so
 /// every fp16 weight satisfies the tensor-core path's 16-byte rule and fp32 ones stay aligned.
@@ -51,7 +52,7 @@ pub fn arena_plan(
     plan: &Plan,
     bwd: &BackwardPlan,
     fusion: &Fusion,
-    program: &[Launch],
+    program: &[Stage],
     amp: Amp,
     train: bool,
 ) -> MemoryPlan {
@@ -129,26 +130,11 @@ impl ParamSlots {
     }
 }
 
-/// The convolution shape of a conv node (its input's n, h, w).
-pub fn conv_shape(plan: &Plan, node: usize) -> Option<ConvShape> {
-    let n = &plan.nodes[node];
-    let Op::Conv2d(conv) = n.op else {
-        return None;
-    };
-    let s = plan.shape(n.inputs[0]);
-    Some(ConvShape {
-        conv,
-        n: s[0],
-        h: s[1],
-        w: s[2],
-    })
-}
-
 /// fp32 scratch elements shared by every launch of a step (one launch at a time on one stream):
 /// the largest split-K weight-gradient or BN reduction workspace of the plan.
 pub fn workspace_elems(plan: &Plan, num_sms: u32) -> usize {
     let per_node = plan.nodes.iter().enumerate().map(|(i, n)| match n.op {
-        Op::Conv2d(_) => wgrad_workspace_elems(&conv_shape(plan, i).unwrap(), num_sms),
+        Op::Conv2d(_) => wgrad_workspace_elems(&ConvShape::of_node(plan, i).unwrap(), num_sms),
         Op::Linear {
             in_features,
             out_features,
@@ -239,7 +225,7 @@ pub fn estimate(
 /// image with a channel count the tensor-core path refuses.
 pub fn stem_padded_elems(plan: &Plan) -> Option<(usize, usize)> {
     let i = stem_conv(plan)?;
-    let s = conv_shape(plan, i)?;
+    let s = ConvShape::of_node(plan, i)?;
     let c = s.conv;
     Some((
         s.n * s.h * s.w * STEM_CHANNELS,
@@ -268,8 +254,7 @@ pub fn plan_estimate(
     num_sms: u32,
 ) -> anyhow::Result<MemoryEstimate> {
     let optim = crate::optim::RmsPropConfig::default();
-    let (step, mem) =
-        super::step_launch::StepLayout::new(plan.clone(), amp, train, num_sms, optim)?;
+    let (step, mem) = super::layout::StepLayout::new(plan.clone(), amp, train, num_sms, optim)?;
     Ok(estimate(
         &step.plan,
         &mem,

@@ -1,13 +1,17 @@
-//! The CUDA backend: kernel sources embedded at build time, NVRTC compilation with a disk cache,
-//! library discovery, the device context and one launcher per op.
+//! The CUDA backend: [`trainer::CudaTrainer`] implements `Backend` over one preallocated device
+//! arena. The kernels' launchers live with their ops (src/ops/<op>/cuda.rs) and the runtime in
+//! src/gpu; this room holds what makes a step out of them:
+//! - [`fusion`]: BN+ReLU fusion and concat slices; [`program`]: the step's stages in order, and
+//!   the host proof that they cover the plan;
+//! - [`arena`]: element sizes, arena placement, parameter slots, the memory estimate;
+//! - [`layout`]: where every tensor lives; [`calls`]: the stages resolved into kernel calls;
+//! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
+//! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`.
 //!
-//! Nothing here links CUDA at build time: cudarc loads the driver and NVRTC dynamically, and
-//! [`libs`] turns their absence into errors.
-//!
-//! Conventions of every launcher ([`CudaDevice`] methods in [`conv`] and [`ops`]):
+//! Conventions of every launcher:
 //! - tensors are raw device addresses ([`DevPtr`]) carved from the caller's arena; launchers never
-//!   allocate, and scratch space (`ws`) is sized by `conv_wgrad_workspace` / `bn_workspace`;
-//! - tensor types follow the backend's precision level `amp` (O2 unless `set_amp` says otherwise),
+//!   allocate, and scratch space (`ws`) is sized by `wgrad_workspace_elems` / `bn_workspace`;
+//! - tensor types follow the device's precision level `amp` (O2 unless `set_amp` says otherwise),
 //!   which picks each launcher's kernel entry point (`AmpVariants`):
 //!   - O2: activations, their gradients and conv/FC weights fp16 (NHWC, `[cout][kh][kw][cin]`,
 //!     `[out][in]`); BN gamma/beta and saved mean/inverse std fp32;
@@ -20,22 +24,16 @@
 //! - `accumulate` adds into the destination (a tensor feeding several branches sums gradients);
 //! - outputs that may land in a concat slice take a row stride and channel offset (`ldc`/`c_offset`
 //!   for convs, `ldy`/`yoff` for BN and pools);
-//! - all work is queued on the backend's stream; nothing synchronises except `synchronize`.
+//! - all work is queued on the device's stream; nothing synchronises except `synchronize`.
 
 pub mod arena;
-pub mod conv;
-pub mod executor;
+pub mod buffers;
+pub mod calls;
 pub mod fusion;
-pub mod ops;
-pub mod selftest;
-mod selftest_ops;
-pub mod selftest_ref;
-pub mod selftest_step;
-pub mod step_launch;
-pub mod step_plan;
+pub mod layout;
+pub mod program;
+pub mod trainer;
+pub mod verify;
 
-pub use crate::gpu::{amp_variant, arch_for, AmpVariants, CudaDevice, DevPtr};
-pub use conv::{ConvImpl, ConvMode, ConvOut, ConvShape, Tile};
-pub use executor::CudaTrainer;
-pub use crate::gpu::nvrtc::{compile_all, Compiled, KernelInfo};
-pub use ops::{bn_workspace, BnArgs, Labels, PoolShape, RmspropParams, ScaleArg};
+pub use crate::gpu::{CudaDevice, DevPtr};
+pub use trainer::CudaTrainer;

@@ -1,0 +1,554 @@
+//! The CUDA training backend: a plan's step program over one preallocated device arena.
+//!
+//! Memory (all allocated when the executor is built, nothing during a step):
+//! - the arena: activations, BN saved statistics and activation gradients, placed over the fused
+//!   step program's lifetimes (see [`Fusion`](super::fusion::Fusion): BN outputs a ReLU absorbs
+//!   are never stored, and
+//!   concat branches live in their slices of the block output). Element sizes follow the AMP level
+//!   (see [`arena::elem_bytes`]);
+//! - parameter buffers over padded slots ([`ParamSlots`]): fp32 master weights, the fp16 working
+//!   copy the convolutions and the FC layer read (O2/O3; O0 reads the masters), fp32 gradients,
+//!   RMSProp ms and mom, a per-element weight-decay mask; BN running statistics in fp32. An
+//!   inference-only executor ([`CudaTrainer::for_inference`]) has only the masters, the working
+//!   copy and the statistics, and an arena planned over the forward pass alone;
+//! - one fp32 workspace shared by every split-K weight gradient and BN reduction;
+//! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
+//!   padded stem input and weights, per-sample losses and the step report.
+//!
+//! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
+//! being queued. Each training step's 32-byte report (loss, overflow flag, loss scale, clean-step
+//! count) is copied after its last launch into one of two pinned slots, and the host reads it only
+//! after queueing the next step, so the GPU never waits for the host: `train_step` returns the
+//! previous step's outcome, and [`Backend::settle`] collects the last one. Under dynamic scaling
+//! the scaler lives on the device: softmax-CE and RMSProp read the scale from memory, RMSProp
+//! skips itself on the overflow flag and `loss_scale_update` halves or grows the scale; the host's
+//! [`LossScaler`] replays the reported flags and must land on the reported scale.
+//!
+//! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
+
+use anyhow::{bail, Context, Result};
+use half::f16;
+use rayon::prelude::*;
+
+use super::arena::{self, MemoryEstimate};
+use super::buffers::{check_free_memory, oom_error, DeviceBuffers, Pinned};
+use super::calls::Calls;
+use super::fusion;
+use super::layout::{StepArgs, StepLayout};
+use super::layout::{REPORT_CLEAN, REPORT_LOSS, REPORT_OVERFLOW, REPORT_SCALE};
+use super::program::Stage;
+use super::verify::verify_fast_convs;
+use crate::backend::{Backend, StepOutcome};
+use crate::gpu::{CudaDevice, Launch};
+use crate::ops::softmax_ce::cuda::ScaleArg;
+use crate::optim::{LossScaler, RmsProp};
+use crate::params::{ModelState, ParamLayout};
+use crate::plan::{Plan, TensorId};
+use crate::precision::Amp;
+
+/// A step whose report has not been read yet.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    step: u64,
+    slot: usize,
+    /// Run under dynamic scaling (its overflow flag drives the scaler).
+    dynamic: bool,
+}
+
+pub struct CudaTrainer {
+    dev: CudaDevice,
+    /// The step program and where every tensor lives (plan, fusion, arena offsets, slots).
+    step: StepLayout,
+    layout: ParamLayout,
+    estimate: MemoryEstimate,
+    optim: RmsProp,
+    bufs: DeviceBuffers,
+    pinned: Pinned,
+    pending: Option<Pending>,
+    /// Built for training (else inference only: no gradient or optimizer buffers).
+    train: bool,
+    /// The inference pass's calls, built once.
+    infer_calls: Calls,
+    /// The training step's calls, built for the loss scaling they were resolved with (rebuilt
+    /// only when the scaler's kind or fixed value changes); per step only the step number and
+    /// learning rate are patched in.
+    train_calls: Option<(ScaleKey, Calls)>,
+}
+
+/// What a training step's calls depend on besides addresses: the loss scale argument and the
+/// dynamic scaler's growth interval.
+type ScaleKey = (ScaleArg, Option<u32>);
+
+impl CudaTrainer {
+    /// Builds the step program, allocates everything on GPU 0 and uploads the model and optimizer.
+    pub fn new(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
+        Self::create(plan, model, optim, amp, true)
+    }
+
+    /// An inference-only executor (eval, predict): its arena holds only what the forward pass
+    /// needs, and no gradients, optimizer state or workspace are allocated. `optim` is kept on
+    /// the host only, for [`Backend::state`].
+    pub fn for_inference(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
+        Self::create(plan, model, optim, amp, false)
+    }
+
+    fn create(
+        plan: Plan,
+        model: ModelState,
+        optim: RmsProp,
+        amp: Amp,
+        train: bool,
+    ) -> Result<Self> {
+        let layout = ParamLayout::new(&plan);
+        check_state(&plan, &layout, &model, &optim)?;
+        let mut dev = CudaDevice::new(0)?;
+        // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
+        // parameters and statistics in O3).
+        dev.set_amp(amp);
+        let (mut step, mem) = StepLayout::new(plan, amp, train, dev.num_sms, optim.cfg)?;
+        let (plan, params, states) = (&step.plan, &step.params, &step.states);
+        let estimate = arena::estimate(plan, &mem, params, states, dev.num_sms, train);
+        check_free_memory(&dev, plan, &estimate)?;
+        let bufs = DeviceBuffers::alloc(&dev, plan, &mem, params, states, step.ws_elems, train)
+            .map_err(|e| oom_error(e, plan, &estimate))?;
+        step.ptr = bufs.ptrs(&dev);
+        let pinned = Pinned::alloc(&dev, &step.plan)?;
+        verify_fast_convs(&dev, &step.plan, step.stem);
+        let infer_calls = step.program_calls(false, StepArgs::infer())?;
+        let mut trainer = CudaTrainer {
+            dev,
+            step,
+            layout,
+            estimate,
+            optim,
+            bufs,
+            pinned,
+            pending: None,
+            train,
+            infer_calls,
+            train_calls: None,
+        };
+        trainer.upload(&model)?;
+        Ok(trainer)
+    }
+
+    fn check_training(&self) -> Result<()> {
+        if !self.train {
+            bail!("this CUDA executor was built for inference only (no gradient buffers)");
+        }
+        Ok(())
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.step.plan
+    }
+
+    pub fn amp(&self) -> Amp {
+        self.step.amp
+    }
+
+    /// The device memory the step allocated (estimate of everything but the CUDA context).
+    pub fn memory(&self) -> MemoryEstimate {
+        self.estimate
+    }
+
+    /// Waits for every queued launch (a step returns before its backward and update finish when
+    /// the loss scale is fixed).
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    /// Device memory in use on the card now (all processes), from the driver.
+    pub fn device_used_bytes(&self) -> Result<usize> {
+        let (free, total) = self.dev.ctx.mem_get_info()?;
+        Ok(total - free)
+    }
+
+    /// The last step's parameter gradients (still scaled by the loss scale), flat host order.
+    pub fn grads(&self) -> Result<Vec<f32>> {
+        self.check_training()?;
+        // Explicit, rather than relying on a pageable copy blocking: the last step may still be
+        // running (its report is read a step later), and an async kernel error surfaces here.
+        self.dev.synchronize()?;
+        Ok(self
+            .step
+            .params
+            .gather(&self.dev.stream.clone_dtoh(&self.bufs.grads)?))
+    }
+
+    /// Runs only the forward launches of a training step (a diagnostic: the tensors the backward
+    /// will read are then intact in the arena, see [`Self::read_tensor`]).
+    pub fn forward_train(&mut self, images: &[f32], labels: &[u32], step: u64) -> Result<()> {
+        self.check_training()?;
+        self.stage(images, Some(labels))?;
+        let args = StepArgs {
+            train: true,
+            step,
+            ..StepArgs::infer()
+        };
+        let forward = self
+            .step
+            .program
+            .train
+            .iter()
+            .take_while(|l| !matches!(l, Stage::Backward { .. }));
+        for &stage in forward {
+            for call in self.step.calls(stage, args)? {
+                call.launch(&self.dev)?;
+            }
+        }
+        self.dev.synchronize()
+    }
+
+    /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
+    /// absorbs, and that output's gradient).
+    pub fn stores(&self, id: TensorId) -> bool {
+        id < self.step.offsets.len() && !self.step.fusion.elided[id]
+    }
+
+    /// An arena tensor copied back as f32 (valid only while the planner keeps it alive). A slice
+    /// is gathered from its root's rows.
+    pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
+        if id >= self.step.offsets.len() {
+            bail!(
+                "tensor {id} is not a tensor of plan '{}'",
+                self.step.plan.name
+            );
+        }
+        if self.step.fusion.elided[id] {
+            bail!("tensor {id} is fused away on the device (a BN output its ReLU absorbs)");
+        }
+        let off = self.step.offsets[id].context("tensor has an arena placement")?;
+        let elem = arena::elem_bytes(&self.step.plan, self.step.amp, id);
+        let (c, ld) = (
+            fusion::channels(&self.step.plan, &self.step.bwd, id),
+            self.step.ld(id),
+        );
+        let count = if id < self.step.bwd.first_grad {
+            self.step.plan.tensor(id).numel()
+        } else {
+            self.step.bwd.grad_tensor(id).numel()
+        };
+        let rows = count / c;
+        // The span from the first element of the first row to the last of the last row.
+        let span = elem * ((rows - 1) * ld + c);
+        let bytes = self
+            .dev
+            .stream
+            .clone_dtoh(&self.bufs.arena.slice(off..off + span))?;
+        let value = |i: usize| -> f32 {
+            let b = &bytes[i * elem..(i + 1) * elem];
+            match elem {
+                2 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            }
+        };
+        Ok((0..count).map(|i| value(i / c * ld + i % c)).collect())
+    }
+
+    /// Writes the fp32 masters, their fp16 copy, BN statistics, optimizer state and decay mask.
+    fn upload(&mut self, model: &ModelState) -> Result<()> {
+        let s = self.dev.stream.clone();
+        let p = &self.step.params;
+        s.memcpy_htod(&p.scatter(&model.params, 0.0), &mut self.bufs.master)?;
+        let half: Vec<f16> = model.params.iter().map(|&v| f16::from_f32(v)).collect();
+        s.memcpy_htod(&p.scatter(&half, f16::ZERO), &mut self.bufs.w16)?;
+        let st = self.step.states.scatter(&model.states, 0.0);
+        s.memcpy_htod(&st, &mut self.bufs.states)?;
+        if !self.train {
+            return self.dev.synchronize();
+        }
+        s.memcpy_htod(&p.scatter(&self.optim.ms, 1.0), &mut self.bufs.ms)?;
+        s.memcpy_htod(&p.scatter(&self.optim.mom, 0.0), &mut self.bufs.mom)?;
+        let mut mask = vec![0u8; self.layout.param_len];
+        for (r, on) in &self.optim.decay {
+            mask[r.clone()].fill(*on as u8);
+        }
+        s.memcpy_htod(&p.scatter(&mask, 0), &mut self.bufs.decay)?;
+        self.dev.synchronize()
+    }
+
+    /// Copies a batch into pinned memory and queues its async upload to the staging buffers.
+    fn stage(&mut self, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
+        // Everything is checked before a pinned buffer is touched: bailing out between refilling
+        // the images and recording `inputs_read` would leave an upload in flight that the next
+        // `stage` does not wait for before overwriting its source.
+        check_batch(&self.step.plan, images, labels)?;
+        let s = self.dev.stream.clone();
+        // The previous batch's uploads must be done before its pinned buffers are overwritten.
+        self.pinned.inputs_read.synchronize()?;
+        // A v4 batch of 128 is 137 MB of f32: copy it into pinned memory on every core.
+        let dst = self.pinned.images.as_mut_slice()?;
+        dst.par_chunks_mut(1 << 16)
+            .zip(images.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        s.memcpy_htod(&self.pinned.images, &mut self.bufs.images)?;
+        if let Some(labels) = labels {
+            let dst = self.pinned.labels.as_mut_slice()?;
+            dst.iter_mut().zip(labels).for_each(|(d, &l)| *d = l as f32);
+            s.memcpy_htod(&self.pinned.labels, &mut self.bufs.labels)?;
+        }
+        self.pinned.inputs_read.record(&s)?;
+        Ok(())
+    }
+
+    /// Queues the copy of the step report to pinned slot `slot`, in stream order.
+    fn queue_report(&mut self, slot: usize) -> Result<()> {
+        let s = self.dev.stream.clone();
+        let (host, written) = &mut self.pinned.reports[slot];
+        s.memcpy_dtoh(&self.bufs.report, host)?;
+        written.record(&s)?;
+        Ok(())
+    }
+
+    /// Waits for the last report copied to `slot` (not for later work).
+    fn read_report(&self, slot: usize) -> Result<Report> {
+        let (host, written) = &self.pinned.reports[slot];
+        written.synchronize()?;
+        let r = host.as_slice()?;
+        Ok(Report {
+            loss: f32::from_bits(r[REPORT_LOSS]),
+            overflow: r[REPORT_OVERFLOW] != 0,
+            scale: f32::from_bits(r[REPORT_SCALE]),
+            clean: r[REPORT_CLEAN],
+        })
+    }
+
+    /// Starts the device scaler from the host's state (nothing may be in flight: the device
+    /// would otherwise continue from its own, newer state).
+    fn upload_scaler(&mut self, scaler: &LossScaler) -> Result<()> {
+        let LossScaler::Dynamic {
+            scale, clean_steps, ..
+        } = *scaler
+        else {
+            return Ok(());
+        };
+        let words = [scale.to_bits(), clean_steps];
+        let mut dst = self.bufs.report.slice_mut(REPORT_SCALE..REPORT_CLEAN + 1);
+        self.dev.stream.memcpy_htod(&words, &mut dst)?;
+        Ok(())
+    }
+
+    /// Reads the report of the pending step. Under dynamic scaling it replays the overflow flag on
+    /// the host scaler and checks that the host lands where the device did.
+    fn settle_pending(&mut self, scaler: &mut LossScaler) -> Result<Option<StepOutcome>> {
+        let Some(p) = self.pending.take() else {
+            return Ok(None);
+        };
+        let r = self.read_report(p.slot)?;
+        if !p.dynamic {
+            return Ok(Some(StepOutcome {
+                step: p.step,
+                loss: r.loss,
+                skipped: false,
+                scale_changed: None,
+            }));
+        }
+        let decision = scaler.update(r.overflow);
+        let host = match *scaler {
+            LossScaler::Dynamic {
+                scale, clean_steps, ..
+            } => (scale, clean_steps),
+            _ => bail!("the loss scaler changed kind while a dynamic-scaling step was in flight"),
+        };
+        if host != (r.scale, r.clean) {
+            bail!(
+                "after step {} the device loss scaler holds scale {} (clean steps {}) but the host \
+                 holds {} ({})",
+                p.step,
+                r.scale,
+                r.clean,
+                host.0,
+                host.1
+            );
+        }
+        Ok(Some(StepOutcome {
+            step: p.step,
+            loss: r.loss,
+            skipped: decision.skip,
+            scale_changed: decision.scale_changed,
+        }))
+    }
+
+    /// Queues every call of a training step (resolving the program first when the loss scaling
+    /// changed) and the copy of its report to pinned slot `slot` after the last one.
+    fn run_train_calls(&mut self, args: StepArgs, slot: usize) -> Result<()> {
+        let key = (args.scale, args.growth);
+        if self.train_calls.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.train_calls = Some((key, self.step.program_calls(true, args)?));
+        }
+        let (_, calls) = self.train_calls.as_mut().expect("built above");
+        for (_, call) in calls.iter_mut() {
+            call.set_step(args.step, args.lr);
+        }
+        run_calls(&self.dev, calls, &self.step.plan.name)?;
+        self.queue_report(slot)
+    }
+}
+
+/// Queues `calls` in order, naming the stage of a call that fails to launch.
+fn run_calls(dev: &CudaDevice, calls: &Calls, plan: &str) -> Result<()> {
+    for (stage, call) in calls {
+        call.launch(dev)
+            .with_context(|| format!("{stage:?} of plan '{plan}'"))?;
+    }
+    Ok(())
+}
+
+/// What a step report says.
+struct Report {
+    loss: f32,
+    overflow: bool,
+    scale: f32,
+    clean: u32,
+}
+
+impl Backend for CudaTrainer {
+    fn name(&self) -> String {
+        format!(
+            "cuda ({}, {}, {} SMs, amp {:?})",
+            self.dev.device_name, self.dev.arch, self.dev.num_sms, self.step.amp
+        )
+    }
+
+    fn train_step(
+        &mut self,
+        images: &[f32],
+        labels: &[u32],
+        step: u64,
+        lr: f32,
+        scaler: &mut LossScaler,
+    ) -> Result<Vec<StepOutcome>> {
+        self.check_training()?;
+        self.stage(images, Some(labels))?;
+        let dynamic = match *scaler {
+            LossScaler::Dynamic {
+                growth_interval, ..
+            } => Some(growth_interval),
+            _ => None,
+        };
+        let mut settled = Vec::new();
+        // A change of scaler kind settles the step in flight under the old kind first.
+        if self.pending.is_some_and(|p| p.dynamic != dynamic.is_some()) {
+            settled.extend(self.settle_pending(scaler)?);
+        }
+        if dynamic.is_some() && self.pending.is_none() {
+            self.upload_scaler(scaler)?;
+        }
+        // The other slot than the pending step's, whose report is still to be read.
+        let slot = self.pending.map_or(0, |p| 1 - p.slot);
+        let args = StepArgs {
+            train: true,
+            step,
+            lr,
+            scale: match dynamic {
+                Some(_) => ScaleArg::Device(self.step.report_word(REPORT_SCALE)),
+                None => ScaleArg::Value(scaler.scale()),
+            },
+            growth: dynamic,
+        };
+        let s = self.dev.stream.clone();
+        let flag = REPORT_OVERFLOW..REPORT_OVERFLOW + 1;
+        s.memset_zeros(&mut self.bufs.report.slice_mut(flag))?;
+        self.run_train_calls(args, slot)?;
+        // Read the previous step's report while this one runs.
+        settled.extend(self.settle_pending(scaler)?);
+        self.pending = Some(Pending {
+            step,
+            slot,
+            dynamic: dynamic.is_some(),
+        });
+        Ok(settled)
+    }
+
+    fn settle(&mut self, scaler: &mut LossScaler) -> Result<Vec<StepOutcome>> {
+        Ok(self.settle_pending(scaler)?.into_iter().collect())
+    }
+
+    fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>> {
+        self.stage(images, None)?;
+        run_calls(&self.dev, &self.infer_calls, &self.step.plan.name)?;
+        self.read_tensor(self.step.plan.logits)
+    }
+
+    fn state(&mut self) -> Result<(ModelState, RmsProp)> {
+        // See `grads`: the last step's update may still be queued.
+        self.dev.synchronize()?;
+        let s = &self.dev.stream;
+        let params = self.step.params.gather(&s.clone_dtoh(&self.bufs.master)?);
+        let states = self.step.states.gather(&s.clone_dtoh(&self.bufs.states)?);
+        let mut optim = self.optim.clone();
+        if self.train {
+            optim.ms = self.step.params.gather(&s.clone_dtoh(&self.bufs.ms)?);
+            optim.mom = self.step.params.gather(&s.clone_dtoh(&self.bufs.mom)?);
+        }
+        let model = ModelState {
+            layout: self.layout.clone(),
+            params,
+            states,
+        };
+        Ok((model, optim))
+    }
+}
+
+impl Drop for CudaTrainer {
+    /// Waits for queued work before the buffers go: freeing pinned host memory that an async copy
+    /// still reads (after an error in the middle of queuing a step) is undefined behaviour, and
+    /// cudarc's own pinned-buffer events are not recorded with a single stream (see [`Pinned`]).
+    fn drop(&mut self) {
+        let _ = self.dev.synchronize();
+    }
+}
+
+/// Checks that a model and optimizer state fit the plan's layout (every buffer the upload
+/// scatters), so a mismatch is an error rather than an out-of-range panic.
+pub fn check_state(
+    plan: &Plan,
+    layout: &ParamLayout,
+    model: &ModelState,
+    optim: &RmsProp,
+) -> Result<()> {
+    let n = layout.param_len;
+    let fits = model.layout == *layout
+        && model.params.len() == n
+        && model.states.len() == layout.state_len
+        && optim.ms.len() == n
+        && optim.mom.len() == n
+        && optim
+            .decay
+            .iter()
+            .all(|(r, _)| r.start <= r.end && r.end <= n);
+    if !fits {
+        bail!("the model state does not fit the plan '{}'", plan.name);
+    }
+    Ok(())
+}
+
+/// Checks a batch against the plan before it is staged: the image and label counts, and labels
+/// inside the class range (softmax-CE would silently train on an out-of-range label).
+pub fn check_batch(plan: &Plan, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
+    if images.len() != plan.tensor(plan.input).numel() {
+        bail!(
+            "image batch has {} values, plan '{}' takes {}",
+            images.len(),
+            plan.name,
+            plan.tensor(plan.input).numel()
+        );
+    }
+    let Some(labels) = labels else {
+        return Ok(());
+    };
+    if labels.len() != plan.batch() {
+        bail!(
+            "label batch has {} labels, plan '{}' takes {}",
+            labels.len(),
+            plan.name,
+            plan.batch()
+        );
+    }
+    let classes = *plan.shape(plan.logits).last().unwrap_or(&0);
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+        bail!("label {bad} is out of range for {classes} classes");
+    }
+    Ok(())
+}
