@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use inception_engine::bench::cases;
-use inception_engine::bench::gpu::{self, Case, Gpu, Work};
+use inception_engine::bench::gpu::{Case, Gpu, Work};
+use inception_engine::bench::prepare_conv::pad8;
 
 fn kernels(c: &mut Criterion) {
     let gpu = match Gpu::open(1) {
@@ -28,7 +29,7 @@ fn kernels(c: &mut Criterion) {
             .convs
             .iter()
             .filter(|c| c.shape.conv.cin % 8 != 0)
-            .map(|c| gpu::pad8(&c.shape)),
+            .map(|c| pad8(&c.shape)),
     );
     if let Err(e) = gpu.verify(&shapes) {
         println!("tensor-core check failed, launchers stay on the plain kernels: {e:#}");

@@ -532,17 +532,26 @@ fn run(step: &StepLayout, checker: &Checker, train: bool, args: StepArgs) -> Vec
         &step.program.infer
     };
     *checker.calls.borrow_mut() = 0;
-    for &stage in program {
-        let checked = step
-            .calls(stage, args)
-            .and_then(|calls| calls.iter().try_for_each(|c| checker.check(c)));
-        if let Err(e) = checked {
-            checker
-                .errors
-                .borrow_mut()
-                .push(format!("{stage:?}: {e:#}"));
+    // The same resolution the trainer launches from.
+    let calls = match step.program_calls(train, args) {
+        Ok(calls) => calls,
+        Err(e) => return vec![format!("{e:#}")],
+    };
+    for (stage, call) in &calls {
+        if let Err(e) = checker.check(call) {
+            let msg = format!("{stage:?}: {e:#}");
+            checker.errors.borrow_mut().push(msg);
         }
     }
+    let launches: usize = calls.iter().map(|(_, c)| c.kernel_launches()).sum();
+    eprintln!(
+        "{} {:?} {}: {} stages, {} calls, {launches} kernel launches",
+        step.plan.name,
+        step.amp,
+        if train { "training" } else { "inference" },
+        program.len(),
+        calls.len()
+    );
     assert!(
         *checker.calls.borrow() > program.len() / 2,
         "too few kernel calls"

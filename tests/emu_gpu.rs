@@ -11,25 +11,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "common/emu_env.rs"]
+mod emu_env;
 #[path = "common/tool_groups.rs"]
 mod tool_groups;
 
-/// The NVRTC wheels' folder when known: the environment's, else the project's `.venv`.
-fn cuda_home() -> Option<PathBuf> {
-    std::env::var_os("INCEPTION_CUDA_HOME")
-        .map(PathBuf::from)
-        .or_else(tool_groups::venv_cuda_home)
-}
+use emu_env::cuda_home;
 
-/// The emulated GPU still compiles the kernels with NVRTC (for their names and resources): under
-/// tools/test.sh a missing NVRTC fails these tests, under a plain `cargo test` it skips them.
 fn nvrtc_available() -> bool {
-    let probe = match cuda_home() {
-        Some(h) if h.join("lib/libnvrtc.so.13").is_file() => Ok(()),
-        _ => inception_engine::gpu::libs::ensure_nvrtc()
-            .map_err(|e| format!("NVRTC not found: {e:#}")),
-    };
-    tool_groups::available("the emulated-GPU tests (tests/emu_gpu.rs)", probe)
+    emu_env::nvrtc_available("the emulated-GPU tests (tests/emu_gpu.rs)")
 }
 
 fn bin() -> &'static str {

@@ -585,7 +585,7 @@ fn rust_struct_fields(src: &str, name: &str) -> Vec<(String, String)> {
 fn param_structs_mirror_the_c_structs() {
     let read = |f: &str| std::fs::read_to_string(root().join(f)).unwrap();
     for (name, c_file, rust_file) in [
-        ("ConvParams", "kernels/common.cuh", "src/ops/conv/cuda.rs"),
+        ("ConvParams", "kernels/common.cuh", "src/ops/conv/tiles.rs"),
         ("PoolParams", "kernels/pool.cu", "src/ops/pool/cuda.rs"),
         ("RmspropParams", "kernels/optimizer.cu", "src/optim/cuda.rs"),
     ] {

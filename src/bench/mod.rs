@@ -12,6 +12,8 @@
 pub mod cases;
 pub mod cudnn;
 pub mod gpu;
+pub mod prepare;
+pub mod prepare_conv;
 
 use std::path::PathBuf;
 
@@ -121,7 +123,7 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
     for case in &selected {
         let shape = match case {
             Case::Conv(c, _) => c.shape,
-            Case::ConvPad8(c) => gpu::pad8(&c.shape),
+            Case::ConvPad8(c) => prepare_conv::pad8(&c.shape),
             Case::Fc(_) => cases.fc_shape(),
             _ => continue,
         };

@@ -261,28 +261,41 @@ fn driver_cuda_version() -> String {
     }
 }
 
-/// Entry points launched by this process (any backend instance), for the self-test's coverage
-/// report: `selftest` lists them as `entry_points_run`.
-static LAUNCHED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+/// Launches per entry point queued by this process (any device instance): `selftest` lists the
+/// entry points as `entry_points_run`, and the total counts a step's launches.
+static LAUNCHED: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 
 /// Records that kernel `name` was queued for launch.
 pub fn note_launch(name: &str) {
-    let mut set = LAUNCHED.lock().unwrap();
-    let set = set.get_or_insert_with(HashSet::new);
-    if !set.contains(name) {
-        set.insert(name.to_string());
+    let mut map = LAUNCHED.lock().unwrap();
+    let map = map.get_or_insert_with(HashMap::new);
+    match map.get_mut(name) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(name.to_string(), 1);
+        }
     }
 }
 
 /// The entry points launched so far, sorted.
 pub fn launched_entry_points() -> Vec<String> {
-    let set = LAUNCHED.lock().unwrap();
-    let mut v: Vec<String> = set.iter().flatten().cloned().collect();
+    let map = LAUNCHED.lock().unwrap();
+    let mut v: Vec<String> = map.iter().flat_map(|m| m.keys().cloned()).collect();
     v.sort();
     v
 }
 
-/// Launches kernel `$name` of backend `$b` with config `$cfg` and the listed arguments: local
+/// Kernel launches queued so far by this process.
+pub fn launches_queued() -> u64 {
+    LAUNCHED
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m.values())
+        .sum()
+}
+
+/// Launches kernel `$name` of device `$b` with config `$cfg` and the listed arguments: local
 /// variables of `DeviceRepr` types (locals, so the references the builder keeps stay alive).
 #[macro_export]
 #[doc(hidden)]

@@ -93,6 +93,19 @@ impl Call {
     }
 }
 
+impl Call {
+    /// Kernel launches this call queues: BN's two-pass reductions, the split-K weight gradients
+    /// and the classifier's bias kernels make some calls several. tests/emu_launch_count.rs
+    /// checks the sum against the launches the emulated GPU counts.
+    pub fn kernel_launches(&self) -> usize {
+        match self {
+            Call::BnForwardTrain(_) | Call::BnBackward(_) | Call::LinearBackwardWeight(_) => 3,
+            Call::ConvWgrad(_) | Call::LinearForward(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
 /// A program resolved into calls, each with the stage it came from (for error messages).
 pub type Calls = Vec<(Stage, Call)>;
 

@@ -200,6 +200,12 @@ impl CudaTrainer {
         self.dev.synchronize()
     }
 
+    /// Kernel launches of one training step, once a step has resolved its calls.
+    pub fn launches_per_step(&self) -> Option<usize> {
+        let (_, calls) = self.train_calls.as_ref()?;
+        Some(calls.iter().map(|(_, c)| c.kernel_launches()).sum())
+    }
+
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
     /// absorbs, and that output's gradient).
     pub fn stores(&self, id: TensorId) -> bool {

@@ -5,11 +5,13 @@
 //! chunks of whole images to bound the im2col scratch. Unit 1x1 convolutions skip im2col.
 //!
 //! The op's room: this file is the CPU reference (the specification) and the shape type;
-//! [`cuda`] holds the launchers of kernels/conv_tc.cu and kernels/conv_plain.cu, [`check`] the
-//! self-test case that runs them against this file.
+//! [`cuda`] holds the launchers of kernels/conv_tc.cu and kernels/conv_plain.cu over the GEMM view
+//! of [`tiles`] (modes, tiles, parameter block, split-K), [`check`] the self-test case that runs
+//! them against this file.
 
 pub mod check;
 pub mod cuda;
+pub mod tiles;
 
 use super::gemm::{matmul, Mat};
 use crate::plan::{out_size, Conv2d, Op, Plan};

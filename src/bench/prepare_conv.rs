@@ -1,0 +1,385 @@
+//! The convolution and classifier benchmark cases: our launchers at each InceptionV4 shape against
+//! cuDNN's best algorithm (found per shape) and the classifier's three GEMMs against cublasGemmEx.
+
+use std::rc::Rc;
+
+use anyhow::Result;
+use cudarc::cublas;
+
+use super::cases::ConvCase;
+use super::cudnn::{Dnn, DnnConv};
+use super::gpu::{DevBuf, Fill, Gpu, Prepared, Variant, Work, CUDNN_WORKSPACE};
+use crate::gpu::{DevPtr, Launch};
+use crate::ops::concat::cuda::CopyChannels;
+use crate::ops::conv::cuda::{
+    choose, wgrad_workspace_elems, ConvDgrad, ConvFprop, ConvMode, ConvOut, ConvWgrad,
+};
+use crate::ops::conv::ConvShape;
+
+impl Gpu {
+    pub(super) fn prep_conv(
+        &self,
+        id: String,
+        shape: String,
+        flop: f64,
+        s: &ConvShape,
+        mode: ConvMode,
+    ) -> Result<Prepared<'_>> {
+        let c = s.conv;
+        let x_len = s.n * s.h * s.w * c.cin;
+        let y_len = s.n * s.oh() * s.ow() * c.cout;
+        let w_len = c.cout * c.kh * c.kw * c.cin;
+        // Roles as cuDNN sees them: x (dx for dgrad), w (dw for wgrad), y (dy for the gradients).
+        let x = Rc::new(self.filled(x_len, Fill::F16)?);
+        let w = Rc::new(self.filled(w_len, Fill::F16)?);
+        let y = Rc::new(self.filled(y_len, Fill::F16)?);
+        let be = &self.be;
+        let s = *s;
+        let mut variants = Vec::new();
+        let (xc, wc, yc) = (x.clone(), w.clone(), y.clone());
+        match mode {
+            ConvMode::Fprop => {
+                let out = ConvOut::dense(yc.ptr, c.cout);
+                let imp = choose(be, &s, mode, Some(&out));
+                let call = ConvFprop {
+                    s,
+                    x: xc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                variants.push(Variant {
+                    label: format!("custom {imp:?}"),
+                    reference: false,
+                    run: Box::new(move || call.launch(be)),
+                });
+            }
+            ConvMode::Dgrad => {
+                let out = ConvOut::dense(xc.ptr, c.cin);
+                let imp = choose(be, &s, mode, Some(&out));
+                let call = ConvDgrad {
+                    s,
+                    dy: yc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                variants.push(Variant {
+                    label: format!("custom {imp:?}"),
+                    reference: false,
+                    run: Box::new(move || call.launch(be)),
+                });
+            }
+            ConvMode::Wgrad => {
+                let imp = choose(be, &s, mode, None);
+                let ws_elems = wgrad_workspace_elems(&s, be.num_sms);
+                let ws = self.alloc(ws_elems * 4)?;
+                let dw = self.alloc(w_len * 4)?;
+                let call = wgrad(s, xc.ptr, yc.ptr, dw.ptr, ws.ptr, ws_elems);
+                variants.push(Variant {
+                    label: format!("custom {imp:?} (fp32 dW)"),
+                    reference: false,
+                    run: Box::new(move || {
+                        let _ = (&ws, &dw);
+                        call.launch(be)
+                    }),
+                });
+            }
+        }
+        let mut note = None;
+        match (&self.dnn, &self.cudnn_ws) {
+            (Ok(dnn), Some(ws)) => match self.cudnn_conv(dnn, ws, &s, mode, &x, &w, &y) {
+                Ok(v) => variants.push(v),
+                Err(e) => note = Some(format!("{e:#}")),
+            },
+            (Err(e), _) => note = Some(e.clone()),
+            _ => note = Some("no cuDNN workspace".into()),
+        }
+        Ok(Prepared {
+            id,
+            group: "conv",
+            shape,
+            work: Work::Flop(flop),
+            variants,
+            note,
+        })
+    }
+
+    /// pad_channels(x) + the tensor-core forward on the 8-channel shape, against cuDNN's forward on
+    /// the original shape. FLOP are those of the original convolution.
+    pub(super) fn prep_conv_pad8(&self, id: String, case: &ConvCase) -> Result<Prepared<'_>> {
+        let s = case.shape;
+        let c = s.conv;
+        let p = pad8(&s);
+        let rows = s.n * s.h * s.w;
+        let w_rows = c.cout * c.kh * c.kw;
+        let x = Rc::new(self.filled(rows * c.cin, Fill::F16)?);
+        let w = Rc::new(self.filled(w_rows * c.cin, Fill::F16)?);
+        let y = Rc::new(self.filled(s.n * s.oh() * s.ow() * c.cout, Fill::F16)?);
+        let x8 = self.alloc(rows * 8 * 2)?;
+        let w8 = self.alloc(w_rows * 8 * 2)?;
+        let be = &self.be;
+        CopyChannels::pad(w_rows, c.cin, 8, w.ptr, w8.ptr).launch(be)?;
+        be.synchronize()?;
+        let out = ConvOut::dense(y.ptr, c.cout);
+        let imp = choose(be, &p, ConvMode::Fprop, Some(&out));
+        let pad = CopyChannels::pad(rows, c.cin, 8, x.ptr, x8.ptr);
+        let conv = ConvFprop {
+            s: p,
+            x: x8.ptr,
+            w: w8.ptr,
+            out,
+            imp: None,
+        };
+        let keep = (x.clone(), x8, w8);
+        let mut variants = vec![Variant {
+            label: format!("pad_channels + custom {imp:?}"),
+            reference: false,
+            run: Box::new(move || {
+                let _ = &keep;
+                pad.launch(be)?;
+                conv.launch(be)
+            }),
+        }];
+        let mut note = None;
+        match (&self.dnn, &self.cudnn_ws) {
+            (Ok(dnn), Some(ws)) => {
+                match self.cudnn_conv(dnn, ws, &s, ConvMode::Fprop, &x, &w, &y) {
+                    Ok(v) => variants.push(v),
+                    Err(e) => note = Some(format!("{e:#}")),
+                }
+            }
+            (Err(e), _) => note = Some(e.clone()),
+            _ => note = Some("no cuDNN workspace".into()),
+        }
+        Ok(Prepared {
+            id,
+            group: "conv",
+            shape: case.label(),
+            work: Work::Flop(case.flop()),
+            variants,
+            note,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cudnn_conv<'a>(
+        &'a self,
+        dnn: &'a Dnn,
+        ws: &'a DevBuf,
+        s: &ConvShape,
+        mode: ConvMode,
+        x: &Rc<DevBuf>,
+        w: &Rc<DevBuf>,
+        y: &Rc<DevBuf>,
+    ) -> Result<Variant<'a>> {
+        let conv = DnnConv::new(s)?;
+        let algo = conv.find(dnn, mode, x.ptr, w.ptr, y.ptr, ws.ptr, CUDNN_WORKSPACE)?;
+        let (x, w, y) = (x.clone(), w.clone(), y.clone());
+        let wsp = ws.ptr;
+        Ok(Variant {
+            label: algo.describe(),
+            reference: true,
+            run: Box::new(move || conv.run(dnn, &algo, x.ptr, w.ptr, y.ptr, wsp)),
+        })
+    }
+
+    /// The classifier y[n][out] = x[n][in] W[out][in]^T as its three GEMMs: ours (the 1x1
+    /// convolution launchers the linear layer uses, bias excluded) against cublasGemmEx with fp16
+    /// operands and fp32 compute (fp32 output for the weight gradient, like ours).
+    pub(super) fn prep_fc(
+        &self,
+        id: String,
+        s: &ConvShape,
+        mode: ConvMode,
+    ) -> Result<Prepared<'_>> {
+        let s = *s;
+        let (n, fin, fout) = (s.n, s.conv.cin, s.conv.cout);
+        let be = &self.be;
+        let x = Rc::new(self.filled(n * fin, Fill::F16)?);
+        let w = Rc::new(self.filled(fout * fin, Fill::F16)?);
+        let y = Rc::new(self.filled(n * fout, Fill::F16)?);
+        let dw = Rc::new(self.alloc(fout * fin * 4)?);
+        let (xc, wc, yc, dwc) = (x.clone(), w.clone(), y.clone(), dw.clone());
+        let custom: Box<dyn FnMut() -> Result<()>> = match mode {
+            ConvMode::Fprop => {
+                let out = ConvOut::dense(yc.ptr, fout);
+                let call = ConvFprop {
+                    s,
+                    x: xc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                Box::new(move || call.launch(be))
+            }
+            ConvMode::Dgrad => {
+                let out = ConvOut::dense(xc.ptr, fin);
+                let call = ConvDgrad {
+                    s,
+                    dy: yc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                Box::new(move || call.launch(be))
+            }
+            ConvMode::Wgrad => {
+                let ws_elems = wgrad_workspace_elems(&s, be.num_sms);
+                let ws = self.alloc(ws_elems * 4)?;
+                let call = wgrad(s, xc.ptr, yc.ptr, dwc.ptr, ws.ptr, ws_elems);
+                Box::new(move || {
+                    let _ = (&ws, &xc, &yc, &dwc);
+                    call.launch(be)
+                })
+            }
+        };
+        let out = (mode != ConvMode::Dgrad).then_some(ConvOut::dense(y.ptr, fout));
+        let imp = choose(be, &s, mode, out.as_ref());
+        let mut variants = vec![Variant {
+            label: format!("custom {imp:?}"),
+            reference: false,
+            run: custom,
+        }];
+        let mut note = None;
+        match &self.blas {
+            Ok(blas) => {
+                let handle = *blas.handle();
+                variants.push(Variant {
+                    label: "cublasGemmEx fp16/fp32".into(),
+                    reference: true,
+                    run: Box::new(move || {
+                        fc_gemm(handle, mode, (n, fin, fout), x.ptr, w.ptr, y.ptr, dw.ptr)
+                    }),
+                });
+            }
+            Err(e) => note = Some(e.clone()),
+        }
+        Ok(Prepared {
+            id,
+            group: "fc",
+            shape: format!("{n}x{fin}->{fout}"),
+            work: Work::Flop(2.0 * (n * fin * fout) as f64),
+            variants,
+            note,
+        })
+    }
+}
+
+/// The weight-gradient call of a benchmark case (fp32 dW, overwritten).
+fn wgrad(
+    s: ConvShape,
+    x: DevPtr,
+    dy: DevPtr,
+    dw: DevPtr,
+    ws: DevPtr,
+    ws_elems: usize,
+) -> ConvWgrad {
+    ConvWgrad {
+        s,
+        x,
+        dy,
+        dw,
+        accumulate: false,
+        ws,
+        ws_elems,
+        imp: None,
+    }
+}
+
+/// `s` with its input channels padded to 8 (what [`Case::ConvPad8`] runs).
+pub fn pad8(s: &ConvShape) -> ConvShape {
+    let mut p = *s;
+    p.conv.cin = 8;
+    p
+}
+
+/// One cublasGemmEx of the classifier (column-major view of row-major tensors):
+/// fprop Y^T = W^T^T X^T; dgrad dX^T = W^T dY^T; wgrad dW^T = X^T dY (fp32 output).
+fn fc_gemm(
+    handle: cublas::sys::cublasHandle_t,
+    mode: ConvMode,
+    (n, fin, fout): (usize, usize, usize),
+    x: DevPtr,
+    w: DevPtr,
+    y: DevPtr,
+    dw: DevPtr,
+) -> Result<()> {
+    use cublas::sys::{
+        cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t as Op, cudaDataType,
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (n, fin, fout) = (n as i32, fin as i32, fout as i32);
+    let h = cudaDataType::CUDA_R_16F;
+    // (transa, transb, m, n, k, A, lda, B, ldb, C, C type, ldc)
+    let (ta, tb, m, nn, k, a, lda, b, ldb, c, ct, ldc) = match mode {
+        ConvMode::Fprop => (
+            Op::CUBLAS_OP_T,
+            Op::CUBLAS_OP_N,
+            fout,
+            n,
+            fin,
+            w,
+            fin,
+            x,
+            fin,
+            y,
+            h,
+            fout,
+        ),
+        ConvMode::Dgrad => (
+            Op::CUBLAS_OP_N,
+            Op::CUBLAS_OP_N,
+            fin,
+            n,
+            fout,
+            w,
+            fin,
+            y,
+            fout,
+            x,
+            h,
+            fin,
+        ),
+        ConvMode::Wgrad => (
+            Op::CUBLAS_OP_N,
+            Op::CUBLAS_OP_T,
+            fin,
+            fout,
+            n,
+            x,
+            fin,
+            y,
+            fout,
+            dw,
+            cudaDataType::CUDA_R_32F,
+            fin,
+        ),
+    };
+    // SAFETY: the buffers hold the matrices these dimensions describe (allocated in prep_fc) and
+    // alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        cublas::result::gemm_ex(
+            handle,
+            ta,
+            tb,
+            m,
+            nn,
+            k,
+            &alpha as *const f32 as *const _,
+            a as *const _,
+            h,
+            lda,
+            b as *const _,
+            h,
+            ldb,
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            ct,
+            ldc,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| anyhow::anyhow!("cublasGemmEx: {e:?}"))
+}
