@@ -50,9 +50,9 @@ impl Default for ImportOptions {
 /// Read a timm state dict into the plan of `opts.plan` (batch 1) and its weights. Every missing,
 /// mis-shaped, unreadable or unexpected tensor is reported in one error.
 pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<(Plan, ModelState)> {
-    let model = models::find(&opts.plan)?;
+    let row = models::find(&opts.plan)?;
     // Checked before reading the file: without a timm model no file can fit.
-    let timm_name = model.timm()?;
+    let timm_name = row.timm()?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
     let file_classes = st.tensor(CLASSIFIER_WEIGHT).ok().map(|v| v.shape()[0]);
     let classes = choose_classes(file_classes, opts)?;
@@ -61,7 +61,7 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<(Plan, ModelState)> 
         num_classes: classes,
         ..PlanConfig::default()
     };
-    let plan = (model.build)(config)?;
+    let plan = (row.build)(config)?;
     // Initialised rather than zeroed: a reset classifier keeps its fresh initialisation.
     let mut model = ModelState::init(&plan, opts.seed);
     let reset = opts.reset_classifier && file_classes != Some(classes);
