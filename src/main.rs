@@ -42,7 +42,7 @@ enum Command {
     Pack(pack::Args),
     /// Export a checkpoint to ONNX or a timm state dict.
     Export(export::Args),
-    /// Import a timm inception_v4 state dict (safetensors) as an engine checkpoint.
+    /// Import a timm state dict (safetensors) as an engine checkpoint.
     Import(import::Args),
 }
 

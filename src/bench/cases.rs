@@ -269,8 +269,11 @@ mod tests {
     }
 
     #[test]
-    fn tiny_plan_derives_too() {
-        let cases = derive("tiny", 4, 32).unwrap();
-        assert!(!cases.convs.is_empty());
+    fn every_model_derives_at_its_selftest_shape() {
+        for m in crate::plan::models::MODELS {
+            let s = m.selftest.full;
+            let cases = derive(m.name, s.batch, s.image_size).unwrap();
+            assert!(!cases.convs.is_empty(), "{}", m.name);
+        }
     }
 }

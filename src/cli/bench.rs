@@ -54,7 +54,7 @@ pub struct LoaderArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    #[arg(long, default_value = "v4")]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
     pub plan: String,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,

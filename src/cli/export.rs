@@ -9,7 +9,8 @@ use std::path::PathBuf;
 pub enum Format {
     /// ONNX inference model: normalised NCHW float32 images in, logits out.
     Onnx,
-    /// timm `inception_v4` state dict as safetensors (loads with `load_state_dict(strict=True)`).
+    /// timm state dict as safetensors (loads with `load_state_dict(strict=True)`), for a model
+    /// with a timm counterpart (`inspect --list-models`).
     Timm,
 }
 

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// A timm `inception_v4` state dict saved as safetensors (f32, f16, bf16 or f64).
+    /// A timm state dict saved as safetensors (f32, f16, bf16 or f64), of the timm model that
+    /// `--plan` corresponds to (`inspect --list-models` shows them).
     Timm,
 }
 
@@ -19,6 +20,9 @@ pub struct Args {
     pub from: Source,
     /// The state dict file.
     pub file: PathBuf,
+    /// The engine model to import into; it needs a timm counterpart.
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    pub plan: String,
     /// The checkpoint to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -64,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let opts = timm::ImportOptions {
+        plan: args.plan.clone(),
         num_classes: args.num_classes,
         reset_classifier: args.reset_classifier,
         image_size: args.image_size,

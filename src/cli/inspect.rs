@@ -1,17 +1,18 @@
 //! `inception-engine inspect`: the per-layer table of a plan (name, op, output shape, parameters,
 //! MACs) with totals, the memory planner's arena size for a training step, and the device memory
-//! the CUDA backend would allocate at a batch size (worked out on the host; no GPU needed).
+//! the CUDA backend would allocate at a batch size (worked out on the host; no GPU needed). With
+//! `--list-models`, the table of models instead.
 
 use crate::backend::cuda::arena;
 use crate::backend::Amp;
-use crate::plan::{self, backward::derive, memory::plan_memory, Plan, PlanConfig};
+use crate::plan::{self, backward::derive, memory::plan_memory, models, Plan, PlanConfig};
 use anyhow::Result;
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Plan to build: v4 or tiny.
-    #[arg(long, default_value = "v4")]
+    /// Plan to build.
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
     pub plan: String,
     /// Input image size (square); v4 needs at least 75.
     #[arg(long, default_value_t = 299)]
@@ -25,6 +26,9 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// List the models `--plan` accepts (name, timm counterpart, summary) and exit.
+    #[arg(long)]
+    pub list_models: bool,
 }
 
 /// Size and cost figures of a plan, per image.
@@ -49,6 +53,10 @@ pub fn summarize(plan: &Plan) -> Summary {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.list_models {
+        list_models(args.json);
+        return Ok(());
+    }
     let cfg = PlanConfig {
         batch: 1,
         image_size: args.image_size,
@@ -118,6 +126,27 @@ pub fn run(args: Args) -> Result<()> {
         figures.join(", ")
     );
     Ok(())
+}
+
+/// One line per model, or a JSON array of them.
+fn list_models(json: bool) {
+    if json {
+        let rows: Vec<_> = models::MODELS
+            .iter()
+            .map(|m| json!({"name": m.name, "timm_name": m.timm_name, "summary": m.summary}))
+            .collect();
+        println!("{}", json!(rows));
+        return;
+    }
+    for m in models::MODELS {
+        let timm = m.timm_name.unwrap_or("-");
+        let default = if m.name == models::DEFAULT {
+            " (default)"
+        } else {
+            ""
+        };
+        println!("{:<8} timm: {timm:<14} {}{default}", m.name, m.summary);
+    }
 }
 
 /// What the CUDA executor would allocate at `--batch-size`, per use and precision level.

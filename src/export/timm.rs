@@ -1,6 +1,7 @@
-//! timm `inception_v4` state dicts (safetensors) in and out.
+//! timm state dicts (safetensors) in and out, for the models whose row in [`models::MODELS`] has a
+//! `timm_name`.
 //!
-//! The v4 plan names every tensor as timm names it, so the mapping is by name. Differences:
+//! Such a plan names every tensor as timm names it, so the mapping is by name. Differences:
 //! convolution weights are OIHW in PyTorch and `[cout, kh, kw, cin]` here (transposed both ways,
 //! which is exact), and every timm BatchNorm has a `num_batches_tracked` int64 buffer that the
 //! engine has no use for: ignored on import, written on export so `load_state_dict(strict=True)`
@@ -8,7 +9,7 @@
 
 use super::{ohwi_to_oihw, oihw_to_ohwi};
 use crate::params::{ModelState, ParamEntry};
-use crate::plan::{self, Op, Plan, PlanConfig};
+use crate::plan::{models, Op, Plan, PlanConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -22,6 +23,8 @@ const CLASSIFIER_WEIGHT: &str = "last_linear.weight";
 /// How to turn a timm state dict into an engine model.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
+    /// The engine model (a row of [`models::MODELS`] with a timm counterpart).
+    pub plan: String,
     /// Classes of the engine model; `None` takes the file's.
     pub num_classes: Option<usize>,
     /// With a class count different from the file's: keep the backbone, initialise a new
@@ -35,6 +38,7 @@ pub struct ImportOptions {
 impl Default for ImportOptions {
     fn default() -> Self {
         ImportOptions {
+            plan: models::DEFAULT.to_string(),
             num_classes: None,
             reset_classifier: false,
             image_size: 299,
@@ -43,9 +47,12 @@ impl Default for ImportOptions {
     }
 }
 
-/// Read a timm `inception_v4` state dict into a v4 plan (batch 1) and its weights. Every missing,
+/// Read a timm state dict into the plan of `opts.plan` (batch 1) and its weights. Every missing,
 /// mis-shaped, unreadable or unexpected tensor is reported in one error.
 pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<(Plan, ModelState)> {
+    let row = models::find(&opts.plan)?;
+    // Checked before reading the file: without a timm model no file can fit.
+    let timm_name = row.timm()?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
     let file_classes = st.tensor(CLASSIFIER_WEIGHT).ok().map(|v| v.shape()[0]);
     let classes = choose_classes(file_classes, opts)?;
@@ -54,7 +61,7 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<(Plan, ModelState)> 
         num_classes: classes,
         ..PlanConfig::default()
     };
-    let plan = plan::build("v4", config)?;
+    let plan = (row.build)(config)?;
     // Initialised rather than zeroed: a reset classifier keeps its fresh initialisation.
     let mut model = ModelState::init(&plan, opts.seed);
     let reset = opts.reset_classifier && file_classes != Some(classes);
@@ -66,7 +73,7 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<(Plan, ModelState)> 
         if skip(&e.name) {
             continue;
         }
-        match read_tensor(&st, e) {
+        match read_tensor(&st, e, timm_name) {
             Ok(data) => copies.push((is_param, e.range(), data)),
             Err(p) => problems.push(p),
         }
@@ -74,7 +81,7 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<(Plan, ModelState)> 
     problems.extend(unexpected(&st, &layout, &skip));
     if !problems.is_empty() {
         bail!(
-            "the state dict does not fit timm's inception_v4 ({} problems):\n  - {}",
+            "the state dict does not fit timm's {timm_name} ({} problems):\n  - {}",
             problems.len(),
             problems.join("\n  - ")
         );
@@ -119,14 +126,18 @@ fn timm_shape(engine: &[usize]) -> Vec<usize> {
 }
 
 /// One tensor of the file as f32 in the engine's layout, or the problem with it.
-fn read_tensor(st: &SafeTensors, e: &ParamEntry) -> std::result::Result<Vec<f32>, String> {
+fn read_tensor(
+    st: &SafeTensors,
+    e: &ParamEntry,
+    timm_name: &str,
+) -> std::result::Result<Vec<f32>, String> {
     let view = st
         .tensor(&e.name)
         .map_err(|_| format!("missing tensor {}", e.name))?;
     let want = timm_shape(&e.shape);
     if view.shape() != want {
         return Err(format!(
-            "{}: shape {:?} in the file, timm's inception_v4 has {want:?}",
+            "{}: shape {:?} in the file, timm's {timm_name} has {want:?}",
             e.name,
             view.shape()
         ));
@@ -171,13 +182,8 @@ fn unexpected(
 /// Write the model as a timm state dict. `batches_tracked` fills every BN's
 /// `num_batches_tracked` (timm counts training batches there; the engine's step count).
 pub fn export(plan: &Plan, model: &ModelState, batches_tracked: i64, path: &Path) -> Result<()> {
-    // Only v4 is named after timm's modules; another plan's names would mean nothing to timm.
-    if plan.name != "v4" {
-        bail!(
-            "a timm state dict needs the 'v4' plan, this checkpoint is '{}'",
-            plan.name
-        );
-    }
+    // Only a model named after timm's modules has names that mean something to timm.
+    models::find(&plan.name)?.timm()?;
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (is_param, e) in tagged(&model.layout) {
         let buf = if is_param {

@@ -1,13 +1,15 @@
 //! The static execution plan: a graph IR of named tensors with fixed shapes and the ops over them.
 //!
-//! A plan is built once (by a builder such as [`v4`] or [`tiny`]) for a fixed batch size and image
-//! size. Every backend executes the same plan: the forward nodes in order, then the backward steps
-//! that [`backward::derive`] produces from them. Activations are NHWC (`[n, h, w, c]`); convolution
-//! weights are `[cout, kh, kw, cin]`; fully connected weights are `[out, in]` (PyTorch's layout).
+//! A plan is built once (by a model's builder, listed in [`models::MODELS`]) for a fixed batch
+//! size and image size. Every backend executes the same plan: the forward nodes in order, then the
+//! backward steps that [`backward::derive`] produces from them. Activations are NHWC
+//! (`[n, h, w, c]`); convolution weights are `[cout, kh, kw, cin]`; fully connected weights are
+//! `[out, in]` (PyTorch's layout).
 
 pub mod backward;
 pub mod builder;
 pub mod memory;
+pub mod models;
 pub mod tiny;
 pub mod v4;
 
@@ -231,13 +233,9 @@ impl Plan {
     }
 }
 
-/// Build a plan by name: `v4` or `tiny`.
+/// Build the plan of the model named `name` in [`models::MODELS`].
 pub fn build(name: &str, config: PlanConfig) -> anyhow::Result<Plan> {
-    match name {
-        "v4" => v4::build(config),
-        "tiny" => tiny::build(config),
-        other => anyhow::bail!("unknown plan '{other}': the plans are 'v4' and 'tiny'"),
-    }
+    (models::find(name)?.build)(config)
 }
 
 /// Output size of a window op along one axis, or None if the window does not fit.
