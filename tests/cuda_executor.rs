@@ -490,8 +490,10 @@ fn whole_tiny_step_matches_the_cpu_on_a_gpu() {
         return;
     }
     use inception_engine::gpu::check::Status;
-    use inception_engine::selftest::step::{self, CASES, LEVELS};
-    let checks = step::run_case(CASES[0], &LEVELS, 1).unwrap();
+    use inception_engine::plan::models;
+    use inception_engine::selftest::step::{self, StepCase, LEVELS};
+    let tiny = StepCase::of(models::find("tiny").unwrap(), false);
+    let checks = step::run_case(tiny, &LEVELS, 1).unwrap();
     for c in &checks {
         assert_eq!(c.status, Status::Pass, "{c:?}");
     }

@@ -51,7 +51,7 @@ pub struct Model {
 /// The model a command uses without `--plan`.
 pub const DEFAULT: &str = "v4";
 
-/// Every model. Self-test shapes: see src/backend/cuda/selftest_step.rs for why they are these.
+/// Every model, with its whole-step self-test shapes (src/selftest/step.rs).
 pub const MODELS: &[Model] = &[
     Model {
         name: "v4",
@@ -65,6 +65,14 @@ pub const MODELS: &[Model] = &[
                 classes: 1000,
                 per_tensor: true,
             },
+            // The emulated GPU's case, run at O2 only (tiny covers O0 and O3). Its per-tensor
+            // comparisons are information only: with batch 2 the last stages' BN normalises over
+            // a handful of values and amplifies any difference, so the deep net's tensors
+            // diverge from the CPU's even when only the summation order differs (measured on the
+            // emulated GPU at O0 from 1e-6 per op: forward tensors 4.4e-3 at 139x139, above 1 at
+            // 75x75, where the last BN sees two values). 139x139 keeps the loss well conditioned
+            // (7e-3 at O2; at 75x75 fp16 gradients overflow). The per-tensor checks of v4 run at
+            // batch 8 and 299x299 on a real GPU.
             reduced: Some(StepShape {
                 batch: 2,
                 image_size: 139,

@@ -21,6 +21,7 @@ use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::backward::derive;
 use crate::plan::memory::lifetimes;
+use crate::plan::models::{Model, MODELS};
 use crate::plan::{self, PlanConfig, TensorId, TensorKind};
 
 /// A precision level with the tolerances on the relative L2 error of a whole step there: the
@@ -74,56 +75,65 @@ pub struct StepCase {
     pub per_tensor: bool,
 }
 
-/// The full cases: `tiny`, and `v4` at batch 8 and 299x299, each at every level.
-pub const CASES: [StepCase; 2] = [
-    StepCase {
-        plan: "tiny",
-        batch: 8,
-        image_size: 32,
-        classes: 10,
-        per_tensor: true,
-    },
-    StepCase {
-        plan: "v4",
-        batch: 8,
-        image_size: 299,
-        classes: 1000,
-        per_tensor: true,
-    },
-];
+impl StepCase {
+    /// A model's case from its row of the model table: the full shape, or with `reduced` the
+    /// emulated GPU's.
+    pub fn of(model: &Model, reduced: bool) -> Self {
+        let cases = &model.selftest;
+        let shape = if reduced {
+            cases.reduced_or_full()
+        } else {
+            cases.full
+        };
+        StepCase {
+            plan: model.name,
+            batch: shape.batch,
+            image_size: shape.image_size,
+            classes: shape.classes,
+            per_tensor: shape.per_tensor,
+        }
+    }
 
-/// The reduced v4 case (the emulated GPU's), at O2 only (`tiny` covers O0 and O3). Its
-/// per-tensor comparisons are information only: with batch 2 the last stages' BN normalises over
-/// a handful of values and amplifies any difference, so the deep net's tensors diverge from the
-/// CPU's even when only the summation order differs (measured on the emulated GPU at O0 from
-/// 1e-6 per op: forward tensors 4.4e-3 at 139x139, above 1 at 75x75, where the last BN sees two
-/// values). 139x139 keeps the loss well conditioned (7e-3 at O2; at 75x75 fp16 gradients
-/// overflow). The per-tensor checks of v4 run at batch 8 and 299x299 on a real GPU.
-pub const REDUCED_V4: StepCase = StepCase {
-    plan: "v4",
-    batch: 2,
-    image_size: 139,
-    classes: 1000,
-    per_tensor: false,
-};
+    /// Images x pixels: what a step of the case costs, roughly.
+    fn size(&self) -> usize {
+        self.batch * self.image_size * self.image_size
+    }
+}
 
-/// Every whole-step check: each case against the CPU, then the overflow skip. `reduced` swaps
-/// v4 at 299 for [`REDUCED_V4`].
+/// The cases of every model, each with the levels it runs at: every level, except that a
+/// reduced run steps a model that has a separate reduced shape (an expensive one) at O2 only;
+/// the cheap models cover O0 and O3.
+pub fn cases(reduced: bool) -> Vec<(StepCase, &'static [Level])> {
+    MODELS
+        .iter()
+        .map(|m| {
+            let levels = match reduced && m.selftest.reduced.is_some() {
+                true => &LEVELS[..1],
+                false => &LEVELS[..],
+            };
+            (StepCase::of(m, reduced), levels)
+        })
+        .collect()
+}
+
+/// Every whole-step check: each model's case against the CPU, then the overflow skip on the
+/// cheapest case.
 pub fn run(seed: u64, reduced: bool) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    let cases: Vec<(StepCase, &[Level])> = if reduced {
-        vec![(CASES[0], &LEVELS[..]), (REDUCED_V4, &LEVELS[..1])]
-    } else {
-        CASES.iter().map(|&c| (c, &LEVELS[..])).collect()
-    };
-    for (case, levels) in cases {
+    let cases = cases(reduced);
+    for &(case, levels) in &cases {
         eprintln!(
             "whole step: {} batch {} {}x{}",
             case.plan, case.batch, case.image_size, case.image_size
         );
         checks.extend(run_case(case, levels, seed)?);
     }
-    checks.push(overflow_skip(CASES[0], seed)?);
+    let cheapest = cases
+        .iter()
+        .map(|c| c.0)
+        .min_by_key(StepCase::size)
+        .context("the model table is empty")?;
+    checks.push(overflow_skip(cheapest, seed)?);
     Ok(checks)
 }
 
