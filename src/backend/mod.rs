@@ -4,9 +4,9 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::optim::{LossScaler, RmsProp};
 use crate::params::ModelState;
 pub use crate::precision::Amp;
-use crate::optim::{LossScaler, RmsProp};
 use anyhow::Result;
 
 /// What one training step did.
@@ -48,6 +48,17 @@ pub trait Backend {
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>>;
     /// The current weights, BN statistics and optimizer state, copied to the host.
     fn state(&mut self) -> Result<(ModelState, RmsProp)>;
+    /// The BN running statistics (the flat state buffer), copied to the host.
+    fn bn_states(&mut self) -> Result<Vec<f32>> {
+        Ok(self.state()?.0.states)
+    }
+    /// Replaces the BN running statistics (a distributed run averages them over the ranks).
+    fn set_bn_states(&mut self, _states: &[f32]) -> Result<()> {
+        anyhow::bail!(
+            "the {} backend cannot replace its BN statistics",
+            self.name()
+        )
+    }
 }
 
 /// Which device a command asked for.
@@ -91,6 +102,31 @@ pub fn build(
             Ok(Box::new(cpu::CpuTrainer::new(plan, model, optim)?))
         }
     }
+}
+
+/// The training backend of one rank of a data-parallel run: like [`build`], with `reducer`
+/// summing every step's gradients over the ranks. The CPU backend only for now: the CUDA
+/// trainer takes a reducer once its host-staged gradient path exists.
+pub fn build_distributed(
+    device: Device,
+    amp: Option<Amp>,
+    plan: crate::plan::Plan,
+    model: ModelState,
+    optim: RmsProp,
+    reducer: std::rc::Rc<dyn crate::dist::GradReducer>,
+) -> Result<Box<dyn Backend>> {
+    if reducer.world() == 1 {
+        return build(device, amp, plan, model, optim);
+    }
+    if device == Device::Cuda {
+        anyhow::bail!("distributed training runs on the CPU backend only in this version (--device cpu); the CUDA gradient reduction is not wired yet");
+    }
+    if amp.unwrap_or(Amp::O0) != Amp::O0 {
+        anyhow::bail!("--amp {amp:?} needs the CUDA backend; the CPU trains in fp32 (O0)");
+    }
+    Ok(Box::new(
+        cpu::CpuTrainer::new(plan, model, optim)?.with_reducer(reducer),
+    ))
 }
 
 /// A backend for evaluation and prediction: on CUDA an inference-only executor (no gradient or
