@@ -29,7 +29,7 @@ pub struct Args {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Batch size (per device).
+    /// Batch size per device (per rank under mpirun: the global batch is this x ranks).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Square input size; v4 needs at least 75.

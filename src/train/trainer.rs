@@ -286,6 +286,7 @@ fn dump_rank_state(
     rank: usize,
 ) -> Result<()> {
     let (model, optim) = backend.state()?;
+    std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("rank{rank}.safetensors"));
     Checkpoint::from_state(&model, Some(&optim), meta.clone()).save(path)
 }
