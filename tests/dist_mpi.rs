@@ -541,3 +541,62 @@ fn without_the_feature_an_mpirun_launch_asks_for_it() {
     assert!(!o.status.success(), "{all}");
     assert!(all.contains("--features mpi"), "{all}");
 }
+
+#[test]
+fn a_rank_whose_shard_is_unreadable_stops_the_job_instead_of_desynchronising_it() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_folder(dir.path(), "train", 6);
+    // Every file of rank 1's shard of epoch 1's shuffle made unreadable.
+    let set = Arc::new(Dataset::open(&data).unwrap());
+    let loader = Loader::new(
+        set.clone(),
+        LoaderConfig {
+            rank: 1,
+            world_size: 2,
+            ..LoaderConfig::train(BATCH, SIZE, SEED)
+        },
+    )
+    .unwrap();
+    for i in loader.shard(0) {
+        // A folder dataset describes an image by its path.
+        std::fs::write(set.describe(i), b"not an image").unwrap();
+    }
+    let out = dir.path().join("out");
+    let args = train_args(s(&data), s(&out), "2");
+    let (o, took) = mpirun(2, &args, &[], Duration::from_secs(60));
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(took < Duration::from_secs(30), "took {took:?}: {all}");
+    assert!(
+        all.contains("rank 1 of 2") && all.contains("ran out of readable images"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bench_allreduce_reports_every_bucket_size() {
+    if !mpi_available() {
+        return;
+    }
+    let args = [
+        "bench",
+        "allreduce",
+        "--elems",
+        "100000",
+        "--iters",
+        "2",
+        "--buckets",
+        "1,whole",
+        "--json",
+    ];
+    let (o, _) = mpirun(2, &args, &[], Duration::from_secs(60));
+    assert!(o.status.success(), "{}", text(&o));
+    let report = last_json(&o);
+    assert_eq!(report["world"], 2);
+    assert_eq!(report["rows"].as_array().unwrap().len(), 2);
+    assert!(report["rows"][1]["bucket_mib"].is_null());
+    assert!(report["rows"][0]["median_ms"].as_f64().unwrap() > 0.0);
+}

@@ -177,15 +177,7 @@ pub fn train_with(cfg: &TrainConfig, comm: Rc<dyn Comm>) -> Result<TrainSummary>
         classes.clone(),
         engine_preprocessing(cfg.image_size, Normalization::IMAGENET),
     );
-    // Each rank draws its own dropout masks; rank 0 keeps the plan's (the checkpoint's) seeds.
-    let mut rank_plan = plan.clone();
-    dist::mix_dropout_seeds(&mut rank_plan, comm.rank());
-    let reducer: Rc<dyn dist::GradReducer> = match dist::dump::dir() {
-        Some(dir) => Rc::new(dist::dump::DumpFirst::new(comm.clone(), dir)),
-        None => comm.clone(),
-    };
-    let mut backend =
-        backend::build_distributed(device, cfg.amp, rank_plan, model, optim, reducer)?;
+    let mut backend = rank_backend(device, cfg.amp, &plan, model, optim, &comm)?;
     let mut log = match dist::is_primary() {
         true => RunLog::open(&cfg.out)?,
         false => RunLog::discard(),
@@ -289,6 +281,25 @@ fn dump_rank_state(
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("rank{rank}.safetensors"));
     Checkpoint::from_state(&model, Some(&optim), meta.clone()).save(path)
+}
+
+/// This rank's training backend: its own dropout masks (rank 0 keeps the plan's, the
+/// checkpoint's, seeds) and the gradients summed over the job.
+fn rank_backend(
+    device: Device,
+    amp: Option<Amp>,
+    plan: &Plan,
+    model: ModelState,
+    optim: RmsProp,
+    comm: &Rc<dyn Comm>,
+) -> Result<Box<dyn Backend>> {
+    let mut rank_plan = plan.clone();
+    dist::mix_dropout_seeds(&mut rank_plan, comm.rank());
+    let reducer: Rc<dyn dist::GradReducer> = match dist::dump::dir() {
+        Some(dir) => Rc::new(dist::dump::DumpFirst::new(comm.clone(), dir)),
+        None => comm.clone(),
+    };
+    backend::build_distributed(device, amp, rank_plan, model, optim, reducer)
 }
 
 fn plan_config(cfg: &TrainConfig, classes: usize) -> PlanConfig {
