@@ -47,11 +47,6 @@ impl CpuTrainer {
         self
     }
 
-    /// The gradient buffer of the last step (after the reduction in a distributed run).
-    pub fn grads(&self) -> &[f32] {
-        &self.grads
-    }
-
     pub fn executor_mut(&mut self) -> &mut CpuExecutor {
         &mut self.exec
     }
