@@ -402,6 +402,14 @@ fn a_distributed_resume_continues_bit_exactly() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = small_folder(dir.path(), "train", 6);
+    // One unreadable file, in one rank's shard of epoch 2 (where the run is interrupted): the
+    // ranks' stream positions then differ, and each must get its own back.
+    std::fs::write(
+        data.join(small_class(&data)).join("broken.png"),
+        b"not a png",
+    )
+    .unwrap();
+    assert_bad_file_in_one_shard(&data, 1);
     let limit = Duration::from_secs(120);
     // Both runs save at step 5: each save averages the BN statistics over the ranks, which the
     // training then continues from.
@@ -435,6 +443,41 @@ fn a_distributed_resume_continues_bit_exactly() {
     assert!(o.status.success(), "{}", text(&o));
     let (a, b) = (checkpoints(&straight), checkpoints(&split));
     assert_same_state(a.last().unwrap(), b.last().unwrap());
+}
+
+/// The first class folder's name.
+fn small_class(data: &Path) -> String {
+    let mut classes: Vec<String> = std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    classes.remove(0)
+}
+
+/// The file named broken.png lies in exactly one of the two ranks' shards of `epoch` (0-based).
+fn assert_bad_file_in_one_shard(data: &Path, epoch: usize) {
+    let set = Arc::new(Dataset::open(data).unwrap());
+    let bad = (0..set.len())
+        .find(|&i| set.describe(i).ends_with("broken.png"))
+        .unwrap();
+    let holders = (0..2)
+        .filter(|&rank| {
+            let cfg = LoaderConfig {
+                rank,
+                world_size: 2,
+                ..LoaderConfig::train(BATCH, SIZE, SEED)
+            };
+            Loader::new(set.clone(), cfg)
+                .unwrap()
+                .shard(epoch)
+                .contains(&bad)
+        })
+        .count();
+    assert_eq!(
+        holders, 1,
+        "the bad file should be in one shard of epoch {epoch}"
+    );
 }
 
 #[test]
