@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine in one command: installs what the tests need, then
-# runs cargo test --release. Extra arguments go to cargo test (tools/test.sh --test train_loop).
+# runs cargo test --release --features mpi. Extra arguments go to cargo test
+# (tools/test.sh --test train_loop).
 #
 # - System packages, through apt-get and only where missing: a C/C++ compiler, python3 with
-#   venv, and libturbojpeg0 (the loader's libjpeg-turbo decoder). Rust itself comes from rustup.
+#   venv, libturbojpeg0 (the loader's libjpeg-turbo decoder), and for distributed training Open
+#   MPI (libopenmpi-dev, openmpi-bin: mpirun and the library the `mpi` feature links) with
+#   libclang-dev (bindgen of the MPI headers). Rust itself comes from rustup.
+# - The suite runs with `--features mpi`, so the distributed tests (tests/dist_mpi.rs) launch the
+#   built binary under mpirun (as root: tests pass --allow-run-as-root).
 # - Python packages (tools/test-requirements.txt: the NVRTC wheels, onnx, onnxruntime) in a
 #   project-local virtual environment, .venv/ (ignored by git; delete it to start over).
 # - INCEPTION_REQUIRE_ALL=1: a test group that cannot find its tools fails instead of skipping.
@@ -18,6 +23,10 @@ command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # libjpeg-turbo: the loader's faster JPEG decoder (opened at run time; zune-jpeg without it).
 ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so\.0' || missing+=(libturbojpeg0)
+# Distributed training: Open MPI's launcher and library, libclang for rsmpi's bindgen.
+command -v mpirun >/dev/null || missing+=(openmpi-bin)
+dpkg -s libopenmpi-dev >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tools/test.sh: installing ${missing[*]} with apt-get" >&2
   sudo=""
@@ -45,4 +54,4 @@ INCEPTION_CACHE_DIR="$(mktemp -d)"
 export INCEPTION_CACHE_DIR
 trap 'rm -rf "$INCEPTION_CACHE_DIR"' EXIT
 
-cargo test --release "$@"
+cargo test --release --features mpi "$@"

@@ -48,6 +48,17 @@ pub trait Backend {
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>>;
     /// The current weights, BN statistics and optimizer state, copied to the host.
     fn state(&mut self) -> Result<(ModelState, RmsProp)>;
+    /// The BN running statistics (the flat state buffer), copied to the host.
+    fn bn_states(&mut self) -> Result<Vec<f32>> {
+        Ok(self.state()?.0.states)
+    }
+    /// Replaces the BN running statistics (a distributed run averages them over the ranks).
+    fn set_bn_states(&mut self, _states: &[f32]) -> Result<()> {
+        anyhow::bail!(
+            "the {} backend cannot replace its BN statistics",
+            self.name()
+        )
+    }
 }
 
 /// Which device a command asked for.
@@ -96,6 +107,29 @@ pub fn build(
         Device::Cuda => Ok(Box::new(cuda::CudaTrainer::new(plan, model, optim, amp)?)),
         Device::Cpu | Device::Auto => Ok(Box::new(cpu::CpuTrainer::new(plan, model, optim)?)),
     }
+}
+
+/// The training backend of one rank of a data-parallel run: like [`build`], with `reducer`
+/// summing every step's gradients over the ranks. The CPU backend only for now: the CUDA
+/// trainer takes a reducer once its host-staged gradient path exists.
+pub fn build_distributed(
+    device: Device,
+    amp: Amp,
+    plan: crate::plan::Plan,
+    model: ModelState,
+    optim: RmsProp,
+    reducer: std::rc::Rc<dyn crate::dist::GradReducer>,
+) -> Result<Box<dyn Backend>> {
+    if reducer.world() == 1 {
+        return build(device, amp, plan, model, optim);
+    }
+    if device == Device::Cuda {
+        anyhow::bail!("distributed training runs on the CPU backend only in this version (--device cpu); the CUDA gradient reduction is not wired yet");
+    }
+    resolve_amp(device, Some(amp))?;
+    Ok(Box::new(
+        cpu::CpuTrainer::new(plan, model, optim)?.with_reducer(reducer),
+    ))
 }
 
 /// A backend for evaluation and prediction: on CUDA an inference-only trainer (no gradient or

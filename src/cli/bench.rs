@@ -25,6 +25,24 @@ pub enum What {
     Kernels(KernelArgs),
     /// The data loader alone: decoded, augmented images per second.
     Loader(LoaderArgs),
+    /// All-reduce of InceptionV4's fp32 gradient buffer per bucket size, under mpirun (needs a
+    /// build with `--features mpi` to measure anything but the one-process no-op).
+    Allreduce(AllreduceArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AllreduceArgs {
+    /// Bucket sizes in MiB; `whole` is the entire buffer in one call.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,whole")]
+    pub buckets: Vec<String>,
+    /// Timed all-reduces per bucket size (after one untimed).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Gradients to reduce (default: v4's with 1000 classes, 42,679,816).
+    #[arg(long)]
+    pub elems: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,7 +108,53 @@ pub fn run(args: Args) -> Result<()> {
         What::Train(a) => bench_train(a),
         What::Loader(a) => bench_loader(a),
         What::Kernels(a) => crate::bench::run_kernels(&a),
+        What::Allreduce(a) => bench_allreduce(a),
     }
+}
+
+fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
+    let buckets = a
+        .buckets
+        .iter()
+        .map(|b| match b.as_str() {
+            "whole" => Ok(None),
+            n => match n.parse::<usize>() {
+                Ok(m) if m > 0 => Ok(Some(m)),
+                _ => bail!("--buckets takes sizes in MiB or 'whole', not '{n}'"),
+            },
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let comm = crate::dist::init(crate::dist::DEFAULT_TIMEOUT)?;
+    let elems = match a.elems {
+        Some(n) => n,
+        None => crate::dist::bench::v4_gradient_len(1000)?,
+    };
+    let rows = crate::dist::bench::run(comm.as_ref(), elems, &buckets, a.iters)?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
+    println!(
+        "all-reduce (sum) of {elems} fp32 ({:.1} MiB) over {} ranks, {}; slowest rank's time",
+        elems as f64 * 4.0 / 1048576.0,
+        comm.world(),
+        comm.transport()
+    );
+    for r in &rows {
+        let bucket = r
+            .bucket_mib
+            .map_or("whole".to_string(), |m| format!("{m} MiB"));
+        println!(
+            "  bucket {bucket:>8}: median {:8.2} ms, min {:8.2} ms, bus {:6.2} GB/s",
+            r.median_ms, r.min_ms, r.bus_gb_per_s
+        );
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({"elems": elems, "world": comm.world(), "transport": comm.transport(), "rows": rows})
+        );
+    }
+    Ok(())
 }
 
 fn bench_train(a: TrainArgs) -> Result<()> {

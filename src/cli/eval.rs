@@ -4,7 +4,8 @@ use crate::backend::Device;
 use crate::checkpoint::Checkpoint;
 use crate::data::transform::{check_crop_pct, eval_resize};
 use crate::data::{Dataset, Loader, LoaderConfig};
-use crate::train::eval::{evaluate, inference_backend};
+use crate::dist::Comm;
+use crate::train::eval::{evaluate_sharded, inference_backend};
 use anyhow::{bail, Result};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -37,10 +38,24 @@ pub struct Args {
     /// Print a JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Under mpirun: seconds a rank may wait for the others' tallies before aborting the job.
+    #[arg(long, default_value_t = crate::dist::DEFAULT_TIMEOUT.as_secs_f64())]
+    pub collective_timeout: f64,
 }
 
+/// Under mpirun each rank evaluates its shard (every image exactly once over the ranks) and rank
+/// 0 prints the summed result.
 pub fn run(args: Args) -> Result<()> {
+    let comm = crate::dist::init(super::train::collective_timeout(args.collective_timeout)?)?;
+    match run_on(args, comm.as_ref()) {
+        Err(e) if comm.world() > 1 => super::train::stop_job(e),
+        r => r,
+    }
+}
+
+fn run_on(args: Args, comm: &dyn Comm) -> Result<()> {
     check_crop_pct(args.crop_pct)?;
+    let primary = comm.rank() == 0;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let set = Arc::new(Dataset::open(&args.data)?);
     if set.classes() != ckpt.meta.class_names.as_slice() {
@@ -57,27 +72,41 @@ pub fn run(args: Args) -> Result<()> {
     let loader = Loader::new(
         set.clone(),
         LoaderConfig {
-            workers: args.workers,
+            workers: match args.workers {
+                0 => crate::dist::thread_share(comm.local_size()),
+                n => n,
+            },
+            rank: comm.rank(),
+            world_size: comm.world(),
             normalization: ckpt.meta.preprocessing.normalization(),
             crop_pct: args.crop_pct,
             ..LoaderConfig::eval(args.batch_size, size)
         },
     )?;
     let preprocessing = describe(size, args.crop_pct, trained);
-    eprintln!(
-        "evaluating {} on {} images with {}: {preprocessing}",
-        args.checkpoint.display(),
-        set.len(),
-        backend.name()
-    );
-    let (total, tty) = (set.len(), std::io::stderr().is_terminal());
-    let r = evaluate(backend.as_mut(), &loader, plan.config.num_classes, |done| {
+    if primary {
+        eprintln!(
+            "evaluating {} on {} images with {} ({} ranks): {preprocessing}",
+            args.checkpoint.display(),
+            set.len(),
+            backend.name(),
+            comm.world()
+        );
+    }
+    // Rank 0's shard (the loader's split): its progress stands for the job's.
+    let total = set.len() / comm.world();
+    let tty = primary && std::io::stderr().is_terminal();
+    let classes = plan.config.num_classes;
+    let r = evaluate_sharded(backend.as_mut(), &loader, classes, comm, |done| {
         if tty {
             eprint!("\r  {done}/{total} images");
         }
     })?;
     if tty {
         eprintln!();
+    }
+    if !primary {
+        return Ok(());
     }
     if r.skipped > 0 {
         eprintln!("{} unreadable files skipped", r.skipped);

@@ -8,7 +8,7 @@ use crate::backend::{Amp, Device};
 use crate::data::{bundled_dataset, AugmentConfig};
 use crate::optim::{LossScaler, RmsPropConfig};
 use crate::train::lr_max_for_batch;
-use crate::train::trainer::{train, TrainConfig};
+use crate::train::trainer::{train_with, TrainConfig};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -29,7 +29,7 @@ pub struct Args {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Batch size (per device).
+    /// Batch size per device (per rank under mpirun: the global batch is this x ranks).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Square input size; v4 needs at least 75.
@@ -39,10 +39,10 @@ pub struct Args {
     pub device: Device,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Loader threads (0: one per core).
+    /// Loader threads (0: one per core, divided among the ranks on a node).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    /// Peak learning rate; default 0.4 * batch / 1024.
+    /// Peak learning rate; default 0.4 * global batch / 1024 (global batch: --batch-size x ranks).
     #[arg(long)]
     pub lr_max: Option<f32>,
     #[arg(long, default_value_t = 4e-5)]
@@ -98,11 +98,27 @@ pub struct Args {
     /// TOML file of flags (keys are the long flag names, with - or _).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Distributed runs (mpirun): seconds a rank may wait in one collective (a gradient
+    /// all-reduce, a broadcast) before it decides another rank died or hung and aborts the job.
+    #[arg(long, default_value_t = crate::dist::DEFAULT_TIMEOUT.as_secs_f64())]
+    pub collective_timeout: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let cfg = config_from(&args)?;
-    let summary = train(&cfg)?;
+    // Kept here until the end: dropping the last handle finalises MPI, which must not happen on
+    // a failed rank before it has aborted the job.
+    let comm = crate::dist::init(collective_timeout(args.collective_timeout)?)?;
+    let world = comm.world();
+    let summary =
+        config_for(&args, world).and_then(|cfg| Ok((train_with(&cfg, comm.clone())?, cfg)));
+    let (summary, cfg) = match summary {
+        Ok(done) => done,
+        Err(e) if world > 1 => stop_job(e),
+        Err(e) => return Err(e),
+    };
+    if !crate::dist::is_primary() {
+        return Ok(());
+    }
     if let (Some(first), Some(last)) = (summary.epoch_losses.first(), summary.epoch_losses.last()) {
         eprintln!(
             "mean training loss: epoch 1 {first:.4} -> epoch {} {last:.4}",
@@ -128,7 +144,31 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Turn flags (and the demo preset when no data is given) into a run configuration.
+/// `--collective-timeout` as a duration.
+pub fn collective_timeout(secs: f64) -> Result<std::time::Duration> {
+    if !(secs > 0.0 && secs.is_finite()) {
+        bail!("--collective-timeout must be a positive number of seconds, not {secs}");
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// An error on one rank of a distributed run: the others are (or soon will be) waiting for it
+/// in a collective, so the whole job is aborted with the rank and step in the message.
+pub fn stop_job(e: anyhow::Error) -> ! {
+    eprintln!(
+        "error: {}: {e:#}; aborting the job",
+        crate::dist::whereabouts()
+    );
+    crate::dist::abort_job(1)
+}
+
 pub fn config_from(a: &Args) -> Result<TrainConfig> {
+    config_for(a, 1)
+}
+
+/// The run's configuration for a job of `world` ranks: `--batch-size` is per rank, and the
+/// default `--lr-max` follows the global batch (0.4 x batch x world / 1024).
+pub fn config_for(a: &Args, world: usize) -> Result<TrainConfig> {
     let demo = a.data.is_none();
     let (data, eval_data) = match &a.data {
         Some(d) => (d.clone(), a.eval_data.clone()),
@@ -147,7 +187,7 @@ pub fn config_from(a: &Args) -> Result<TrainConfig> {
     // make the loss fall visibly within a few hundred images.
     let lr_max = a
         .lr_max
-        .unwrap_or(lr_max_for_batch(batch) / if demo { 4.0 } else { 1.0 });
+        .unwrap_or(lr_max_for_batch(batch * world.max(1)) / if demo { 4.0 } else { 1.0 });
     let crop_min = a.crop_min.unwrap_or(if demo { 0.5 } else { 0.08 });
     let cfg = TrainConfig {
         plan: a.plan.clone(),
@@ -189,7 +229,7 @@ pub fn config_from(a: &Args) -> Result<TrainConfig> {
         resume: a.resume.clone(),
     };
     cfg.augment.validate()?;
-    if demo {
+    if demo && crate::dist::is_primary() {
         eprintln!(
             "No --data given: training on the bundled Fashion-MNIST sample ({}) with the demo preset: {} epochs, batch {}, {}x{}, lr_max {:.2e}, crop area {}-1.",
             cfg.data.display(),

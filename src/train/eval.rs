@@ -3,6 +3,7 @@
 use crate::backend::{self, resolve_device, Backend, Device};
 use crate::checkpoint::Checkpoint;
 use crate::data::Loader;
+use crate::dist::{Comm, Single};
 use crate::ops::softmax_ce;
 use crate::optim::{RmsProp, RmsPropConfig};
 use crate::params::ModelState;
@@ -37,8 +38,41 @@ pub fn evaluate(
     backend: &mut dyn Backend,
     loader: &Loader,
     classes: usize,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<EvalResult> {
+    evaluate_sharded(backend, loader, classes, &Single, progress)
+}
+
+/// Evaluate this rank's shard (the loader's rank and world) and sum the tallies over the ranks:
+/// the evaluation shards cover every image exactly once, so the result counts what one process
+/// evaluating the whole set counts (the loss up to the order of its sum).
+pub fn evaluate_sharded(
+    backend: &mut dyn Backend,
+    loader: &Loader,
+    classes: usize,
+    comm: &dyn Comm,
+    progress: impl FnMut(usize),
+) -> Result<EvalResult> {
+    let mut t = shard_tally(backend, loader, classes, progress)?;
+    comm.all_reduce_sum_f64(&mut t)?;
+    let [loss, top1, top5, images, skipped] = t;
+    let d = images.max(1.0);
+    Ok(EvalResult {
+        loss: loss / d,
+        top1: top1 / d,
+        top5: top5 / d,
+        images: images as usize,
+        skipped: skipped as usize,
+    })
+}
+
+/// Summed loss, top-1 and top-5 hits, images and skipped files of the loader's images.
+fn shard_tally(
+    backend: &mut dyn Backend,
+    loader: &Loader,
+    classes: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<[f64; 5]> {
     let (mut loss, mut top1, mut top5, mut images) = (0.0f64, 0, 0, 0);
     let mut epoch = loader.epoch(0);
     for batch in &mut epoch {
@@ -56,14 +90,13 @@ pub fn evaluate(
         images += n;
         progress(images);
     }
-    let d = images.max(1) as f64;
-    Ok(EvalResult {
-        loss: loss / d,
-        top1: top1 as f64 / d,
-        top5: top5 as f64 / d,
-        images,
-        skipped: epoch.skipped(),
-    })
+    Ok([
+        loss,
+        top1 as f64,
+        top5 as f64,
+        images as f64,
+        epoch.skipped() as f64,
+    ])
 }
 
 /// Build the checkpoint's plan for `batch` images of `image_size` (None: the size it was trained

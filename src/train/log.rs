@@ -9,9 +9,10 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
+/// The run's files; in a distributed run only rank 0 has them ([`RunLog::discard`] elsewhere).
 pub struct RunLog {
-    log: File,
-    metrics: File,
+    log: Option<File>,
+    metrics: Option<File>,
 }
 
 impl RunLog {
@@ -27,26 +28,40 @@ impl RunLog {
                 .with_context(|| format!("cannot write {}", out.join(name).display()))
         };
         Ok(RunLog {
-            log: open("log.txt")?,
-            metrics: open("metrics.jsonl")?,
+            log: Some(open("log.txt")?),
+            metrics: Some(open("metrics.jsonl")?),
         })
+    }
+
+    /// A log that writes nothing: the ranks other than 0 of a distributed run.
+    pub fn discard() -> Self {
+        RunLog {
+            log: None,
+            metrics: None,
+        }
     }
 
     /// A line of log.txt, in the seed's format.
     pub fn line(&mut self, text: &str) -> Result<()> {
-        writeln!(self.log, "{text}")?;
+        if let Some(f) = &mut self.log {
+            writeln!(f, "{text}")?;
+        }
         Ok(())
     }
 
     /// One JSON object on a line of metrics.jsonl.
     pub fn metrics(&mut self, value: Value) -> Result<()> {
-        writeln!(self.metrics, "{value}")?;
+        if let Some(f) = &mut self.metrics {
+            writeln!(f, "{value}")?;
+        }
         Ok(())
     }
 }
 
-/// Progress of an epoch: an indicatif bar on a terminal, otherwise a plain line every few steps.
+/// Progress of an epoch: an indicatif bar on a terminal, otherwise a plain line every few steps;
+/// nothing on the ranks other than 0 of a distributed run.
 pub struct Progress {
+    show: bool,
     bar: Option<ProgressBar>,
     total: u64,
     /// Steps already done when the bar started (a resumed epoch): the ETA counts from there.
@@ -57,7 +72,8 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(total: u64, first: u64, prefix: String, every: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let show = crate::dist::is_primary();
+        let bar = (show && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
@@ -70,6 +86,7 @@ impl Progress {
             bar
         });
         Progress {
+            show,
             bar,
             total,
             first,
@@ -85,7 +102,7 @@ impl Progress {
                 bar.set_position(done);
                 bar.set_message(msg);
             }
-            None if done.is_multiple_of(self.every) || done == self.total => {
+            None if self.show && (done.is_multiple_of(self.every) || done == self.total) => {
                 let ran = done.saturating_sub(self.first).max(1);
                 let eta = self.start.elapsed().as_secs_f64() / ran as f64
                     * self.total.saturating_sub(done) as f64;

@@ -1,12 +1,13 @@
 //! The training loop: epochs of steps over the loader, the schedule, loss scaling, logs,
 //! evaluation and checkpoints. It drives any [`Backend`].
 
-use super::eval::{evaluate, EvalResult};
+use super::eval::{evaluate_sharded, EvalResult};
 use super::log::{Progress, RunLog};
 use super::Schedule;
 use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState};
 use crate::data::{AugmentConfig, Dataset, EpochPosition, Loader, LoaderConfig, Normalization};
+use crate::dist::{self, Comm, Single};
 use crate::export::engine_preprocessing;
 use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::{ModelState, ParamLayout};
@@ -15,8 +16,19 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Informational lines: rank 0 only, so a distributed run prints one copy (the other ranks
+/// print only errors).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if dist::is_primary() {
+            eprintln!($($arg)*);
+        }
+    };
+}
 
 /// Prefix of checkpoint file names: `<prefix>-e<epoch>-s<step>.safetensors`.
 pub const CHECKPOINT_PREFIX: &str = "inception";
@@ -66,6 +78,8 @@ pub const RESUME_AUTO: &str = "auto";
 /// tally of its steps so far.
 const EXTRA_EPOCH_POSITION: &str = "epoch_position";
 const EXTRA_EPOCH_TALLY: &str = "epoch_tally";
+/// rng.extra key of a distributed mid-epoch checkpoint: every rank's epoch position, by rank.
+const EXTRA_EPOCH_POSITIONS: &str = "epoch_positions";
 
 /// What a finished run reports.
 #[derive(Debug)]
@@ -101,7 +115,22 @@ impl RunState {
 }
 
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
-    let device = resolve_device(cfg.device)?;
+    train_with(cfg, Rc::new(Single))
+}
+
+/// [`train`] as one rank of a data-parallel job (`comm`): rank 0 builds or loads the state and
+/// sends it to the others, every rank trains on its shard of each epoch's shuffle with the
+/// gradients summed over the ranks, and only rank 0 prints progress and writes the run's files.
+pub fn train_with(cfg: &TrainConfig, comm: Rc<dyn Comm>) -> Result<TrainSummary> {
+    let distributed = comm.world() > 1;
+    if distributed {
+        share_cpu_threads(comm.local_size());
+    }
+    let device = match cfg.device {
+        // The CUDA backend cannot reduce gradients yet: `auto` must not pick it.
+        Device::Auto if distributed => Device::Cpu,
+        d => resolve_device(d)?,
+    };
     let train_set = Arc::new(Dataset::open(&cfg.data)?);
     let classes = train_set.classes().to_vec();
     let eval_set = cfg
@@ -110,7 +139,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .map(|p| open_eval_set(p, &classes).map(Arc::new))
         .transpose()?;
     let plan = plan::build(&cfg.plan, plan_config(cfg, classes.len()))?;
-    let loader = Loader::new(train_set, loader_config(cfg))?;
+    let loader = Loader::new(train_set, loader_config(cfg, comm.as_ref()))?;
     let steps_per_epoch = loader.batches_per_epoch();
     let schedule = Schedule {
         lr_init: cfg.lr_init,
@@ -122,32 +151,47 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let amp = backend::resolve_amp(device, cfg.amp)?;
     let scaler = cfg.loss_scaler.unwrap_or(LossScaler::for_amp(amp));
-    let resume = resume_checkpoint(cfg, &plan)?;
-    if let Some((path, ckpt)) = &resume {
-        if ckpt.meta.epoch as usize >= cfg.epochs && is_auto(cfg) {
-            eprintln!(
-                "{} is already at epoch {} of {}: the run is complete, nothing to do",
-                path.display(),
-                ckpt.meta.epoch,
-                cfg.epochs
-            );
+    let start = match comm.rank() {
+        0 => Some(primary_start(
+            cfg,
+            &plan,
+            scaler,
+            steps_per_epoch,
+            comm.world(),
+        )?),
+        _ => None,
+    };
+    let (model, optim, mut run) = match share_start(comm.as_ref(), cfg, &plan, start)? {
+        Start::Done(path, steps) => {
             return Ok(TrainSummary {
                 epoch_losses: Vec::new(),
-                last_checkpoint: Some(path.clone()),
+                last_checkpoint: Some(path),
                 eval: None,
-                steps: ckpt.meta.step,
-            });
+                steps,
+            })
         }
-    }
-    let (model, optim, mut run) = initial_state(cfg, &plan, scaler, resume, steps_per_epoch)?;
+        Start::Run(model, optim, run) => (model, optim, *run),
+    };
     let meta = CheckpointMeta::new(
         &plan,
         classes.clone(),
         engine_preprocessing(cfg.image_size, Normalization::IMAGENET),
     );
-    let mut backend = backend::build(device, amp, plan.clone(), model, optim)?;
-    let mut log = RunLog::open(&cfg.out)?;
-    eprintln!(
+    let mut backend = rank_backend(device, amp, &plan, model, optim, &comm)?;
+    let mut log = match dist::is_primary() {
+        true => RunLog::open(&cfg.out)?,
+        false => RunLog::discard(),
+    };
+    if distributed {
+        say!(
+            "distributed: {} ranks ({} on this node), global batch {}, collectives over {}",
+            comm.world(),
+            comm.local_size(),
+            cfg.batch_size * comm.world(),
+            comm.transport()
+        );
+    }
+    say!(
         "training {} on {} ({} images, {} classes) with {}: {} epochs of {} steps, batch {}, {}x{}, lr_max {:.3e}, loss scale {}",
         plan.name,
         cfg.data.display(),
@@ -162,7 +206,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         cfg.lr_max,
         scaler_name(&run.scaler)
     );
-    log.metrics(json!({"event": "start", "plan": plan.name, "device": backend.name(), "steps_per_epoch": steps_per_epoch, "batch_size": cfg.batch_size, "image_size": cfg.image_size, "epochs": cfg.epochs, "step": run.step}))?;
+    log.metrics(json!({"event": "start", "plan": plan.name, "device": backend.name(), "steps_per_epoch": steps_per_epoch, "batch_size": cfg.batch_size, "image_size": cfg.image_size, "epochs": cfg.epochs, "step": run.step, "world_size": comm.world()}))?;
+    let ctx = RunCtx {
+        cfg,
+        comm: comm.as_ref(),
+        meta: &meta,
+    };
     let mut summary = TrainSummary {
         epoch_losses: Vec::new(),
         last_checkpoint: None,
@@ -172,14 +221,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     while run.epoch < cfg.epochs {
         let epoch = run.epoch + 1;
         let mean_loss = run_epoch(
-            cfg,
+            &ctx,
             backend.as_mut(),
             &loader,
             &schedule,
             &mut run,
             &mut log,
             epoch,
-            &meta,
             &mut summary.last_checkpoint,
         )?;
         run.epoch = epoch;
@@ -187,29 +235,71 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         run.tally = Tally::default();
         summary.epoch_losses.push(mean_loss);
         let last = epoch == cfg.epochs;
-        if let Some(set) = &eval_set {
-            if last || (cfg.eval_every_epochs > 0 && epoch % cfg.eval_every_epochs == 0) {
-                summary.eval = Some(run_eval(
-                    backend.as_mut(),
-                    set,
-                    cfg,
-                    &plan,
-                    (epoch, run.step),
-                    &mut log,
-                )?);
-            }
-        }
+        let eval_due = eval_set.is_some()
+            && (last || (cfg.eval_every_epochs > 0 && epoch % cfg.eval_every_epochs == 0));
         let step_due =
             cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
-        if last || step_due || (cfg.save_every_epochs > 0 && epoch % cfg.save_every_epochs == 0) {
-            summary.last_checkpoint = Some(save_checkpoint(backend.as_mut(), cfg, &meta, &run)?);
+        let save_due =
+            last || step_due || (cfg.save_every_epochs > 0 && epoch % cfg.save_every_epochs == 0);
+        if eval_due || save_due {
+            average_bn_statistics(backend.as_mut(), comm.as_ref())?;
         }
-        if let Err(e) = crate::report::refresh(&cfg.out) {
-            eprintln!("warning: could not draw the training curves: {e:#}");
+        if let (Some(set), true) = (&eval_set, eval_due) {
+            summary.eval = Some(run_eval(
+                backend.as_mut(),
+                set,
+                &ctx,
+                &plan,
+                (epoch, run.step),
+                &mut log,
+            )?);
+        }
+        if save_due {
+            summary.last_checkpoint = Some(save_checkpoint(backend.as_mut(), &ctx, &run)?);
+        }
+        if dist::is_primary() {
+            if let Err(e) = crate::report::refresh(&cfg.out) {
+                eprintln!("warning: could not draw the training curves: {e:#}");
+            }
         }
     }
     summary.steps = run.step;
+    if let Some(dir) = dist::dump::dir() {
+        dump_rank_state(backend.as_mut(), &meta, &dir, comm.rank())?;
+    }
     Ok(summary)
+}
+
+/// Test hook (see [`dist::dump`]): this rank's final weights, BN statistics and optimizer state.
+fn dump_rank_state(
+    backend: &mut dyn Backend,
+    meta: &CheckpointMeta,
+    dir: &Path,
+    rank: usize,
+) -> Result<()> {
+    let (model, optim) = backend.state()?;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("rank{rank}.safetensors"));
+    Checkpoint::from_state(&model, Some(&optim), meta.clone()).save(path)
+}
+
+/// This rank's training backend: its own dropout masks (rank 0 keeps the plan's, the
+/// checkpoint's, seeds) and the gradients summed over the job.
+fn rank_backend(
+    device: Device,
+    amp: Amp,
+    plan: &Plan,
+    model: ModelState,
+    optim: RmsProp,
+    comm: &Rc<dyn Comm>,
+) -> Result<Box<dyn Backend>> {
+    let mut rank_plan = plan.clone();
+    dist::mix_dropout_seeds(&mut rank_plan, comm.rank());
+    let reducer: Rc<dyn dist::GradReducer> = match dist::dump::dir() {
+        Some(dir) => Rc::new(dist::dump::DumpFirst::new(comm.clone(), dir)),
+        None => comm.clone(),
+    };
+    backend::build_distributed(device, amp, rank_plan, model, optim, reducer)
 }
 
 fn plan_config(cfg: &TrainConfig, classes: usize) -> PlanConfig {
@@ -223,12 +313,205 @@ fn plan_config(cfg: &TrainConfig, classes: usize) -> PlanConfig {
     }
 }
 
-fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
+/// This rank's loader: its shard of each epoch's shuffle (the same shuffle on every rank, from the
+/// seed), with the node's cores divided among its ranks unless `--workers` says otherwise.
+fn loader_config(cfg: &TrainConfig, comm: &dyn Comm) -> LoaderConfig {
     LoaderConfig {
-        workers: cfg.workers,
+        workers: worker_share(cfg.workers, comm),
+        rank: comm.rank(),
+        world_size: comm.world(),
         augment: cfg.augment.clone(),
         ..LoaderConfig::train(cfg.batch_size, cfg.image_size, cfg.seed)
     }
+}
+
+/// `--workers`, or (0) this rank's share of the node's cores.
+fn worker_share(workers: usize, comm: &dyn Comm) -> usize {
+    match workers {
+        0 => dist::thread_share(comm.local_size()),
+        n => n,
+    }
+}
+
+/// The rank's share of the node's cores for rayon (the CPU backend's threads), unless
+/// RAYON_NUM_THREADS says otherwise. Ranks that each took every core would thrash.
+fn share_cpu_threads(local_size: usize) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Fails only when the pool already exists (a second run in one process): keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(dist::thread_share(local_size))
+            .build_global();
+    }
+}
+
+/// What every rank of a run needs: the configuration, the job, the checkpoint metadata.
+struct RunCtx<'a> {
+    cfg: &'a TrainConfig,
+    comm: &'a dyn Comm,
+    meta: &'a CheckpointMeta,
+}
+
+/// Where a run starts: a state to train from, or a run that is already complete.
+enum Start {
+    Done(PathBuf, u64),
+    Run(ModelState, RmsProp, Box<RunState>),
+}
+
+/// Rank 0's start: the resumed or fresh state (only rank 0 reads checkpoints).
+fn primary_start(
+    cfg: &TrainConfig,
+    plan: &Plan,
+    scaler: LossScaler,
+    steps_per_epoch: usize,
+    world: usize,
+) -> Result<(Start, Vec<EpochPosition>)> {
+    let resume = resume_checkpoint(cfg, plan)?;
+    if let Some((path, ckpt)) = &resume {
+        if ckpt.meta.epoch as usize >= cfg.epochs && is_auto(cfg) {
+            eprintln!(
+                "{} is already at epoch {} of {}: the run is complete, nothing to do",
+                path.display(),
+                ckpt.meta.epoch,
+                cfg.epochs
+            );
+            return Ok((Start::Done(path.clone(), ckpt.meta.step), Vec::new()));
+        }
+    }
+    let (model, optim, run, positions) =
+        initial_state(cfg, plan, scaler, resume, steps_per_epoch, world)?;
+    Ok((Start::Run(model, optim, Box::new(run)), positions))
+}
+
+/// The part of the start that is not a buffer, as rank 0 sends it.
+#[derive(Serialize, Deserialize)]
+struct StartHeader {
+    done: Option<(PathBuf, u64)>,
+    step: u64,
+    epoch: usize,
+    scaler: LossScaler,
+    /// Every rank's epoch position (empty at an epoch boundary).
+    positions: Vec<EpochPosition>,
+    tally: TallyState,
+}
+
+/// Rank 0's start on every rank: the header, then weights, BN statistics and optimizer state,
+/// broadcast before the first step so every rank trains the same model.
+fn share_start(
+    comm: &dyn Comm,
+    cfg: &TrainConfig,
+    plan: &Plan,
+    start: Option<(Start, Vec<EpochPosition>)>,
+) -> Result<Start> {
+    if comm.world() == 1 {
+        return Ok(start.expect("rank 0 has a start").0);
+    }
+    let mut header = Vec::new();
+    let mut state = None;
+    if let Some((start, positions)) = start {
+        let h = match &start {
+            Start::Done(path, step) => StartHeader {
+                done: Some((path.clone(), *step)),
+                step: *step,
+                epoch: 0,
+                scaler: LossScaler::None,
+                positions,
+                tally: TallyState::from(&Tally::default()),
+            },
+            Start::Run(_, _, run) => StartHeader {
+                done: None,
+                step: run.step,
+                epoch: run.epoch,
+                scaler: run.scaler,
+                positions,
+                tally: TallyState::from(&run.tally),
+            },
+        };
+        header = serde_json::to_vec(&h)?;
+        state = Some(start);
+    }
+    comm.broadcast_bytes(&mut header)?;
+    let h: StartHeader = serde_json::from_slice(&header).context("the start sent by rank 0")?;
+    if let Some((path, step)) = h.done {
+        return Ok(Start::Done(path, step));
+    }
+    let (mut model, mut optim) = match state {
+        Some(Start::Run(model, optim, _)) => (model, optim),
+        _ => {
+            let model = ModelState::zeros(plan);
+            let optim = RmsProp::new(cfg.rmsprop, &model.layout);
+            (model, optim)
+        }
+    };
+    for buf in [
+        &mut model.params,
+        &mut model.states,
+        &mut optim.ms,
+        &mut optim.mom,
+    ] {
+        comm.broadcast_f32(buf)?;
+    }
+    let run = RunState {
+        step: h.step,
+        epoch: h.epoch,
+        scaler: h.scaler,
+        position: h.positions.get(comm.rank()).copied().unwrap_or_default(),
+        tally: h.tally.into(),
+    };
+    Ok(Start::Run(model, optim, Box::new(run)))
+}
+
+/// Every rank's epoch position, by rank (through a sum: each rank fills its own row).
+fn gather_positions(comm: &dyn Comm, mine: EpochPosition) -> Result<Vec<EpochPosition>> {
+    let world = comm.world();
+    let mut table = vec![0.0f64; world * 4];
+    let row = [
+        mine.batches,
+        mine.position,
+        mine.skipped,
+        mine.good_since_wrap,
+    ];
+    for (t, v) in table[comm.rank() * 4..].iter_mut().zip(row) {
+        *t = v as f64;
+    }
+    comm.all_reduce_sum_f64(&mut table)?;
+    Ok(table
+        .chunks(4)
+        .map(|r| EpochPosition {
+            batches: r[0] as usize,
+            position: r[1] as usize,
+            skipped: r[2] as usize,
+            good_since_wrap: r[3] as usize,
+        })
+        .collect())
+}
+
+/// The ranks' BN running statistics replaced by their mean, before each evaluation and
+/// checkpoint (as timm's `distribute_bn`): each rank's statistics saw only its shard, and the
+/// checkpoint and the evaluation should describe the whole data. Averaging the running variances
+/// (rather than recomputing the variance of the union) is what timm and Horovod do.
+fn average_bn_statistics(backend: &mut dyn Backend, comm: &dyn Comm) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    let mut states = backend.bn_states()?;
+    comm.all_reduce_sum(&mut states)?;
+    let inv = 1.0 / comm.world() as f32;
+    states.iter_mut().for_each(|s| *s *= inv);
+    backend.set_bn_states(&states)
+}
+
+/// The step outcomes' losses replaced by their mean over the ranks, so the logs and the
+/// divergence check see the global batch's loss (and every rank stops together on a NaN).
+fn mean_losses(comm: &dyn Comm, outcomes: &mut [StepOutcome]) -> Result<()> {
+    if comm.world() == 1 || outcomes.is_empty() {
+        return Ok(());
+    }
+    let mut sums: Vec<f64> = outcomes.iter().map(|o| o.loss as f64).collect();
+    comm.all_reduce_sum_f64(&mut sums)?;
+    for (o, s) in outcomes.iter_mut().zip(sums) {
+        o.loss = (s / comm.world() as f64) as f32;
+    }
+    Ok(())
 }
 
 fn open_eval_set(path: &Path, classes: &[String]) -> Result<Dataset> {
@@ -286,11 +569,12 @@ fn initial_state(
     scaler: LossScaler,
     resume: Option<(PathBuf, Checkpoint)>,
     steps_per_epoch: usize,
-) -> Result<(ModelState, RmsProp, RunState)> {
+    world: usize,
+) -> Result<(ModelState, RmsProp, RunState, Vec<EpochPosition>)> {
     let mut model = ModelState::init(plan, cfg.seed);
     let mut optim = RmsProp::new(cfg.rmsprop, &ParamLayout::new(plan));
     let Some((path, ckpt)) = resume else {
-        return Ok((model, optim, RunState::fresh(scaler)));
+        return Ok((model, optim, RunState::fresh(scaler), Vec::new()));
     };
     ckpt.check_compatible(plan)
         .with_context(|| format!("cannot resume from {}", path.display()))?;
@@ -306,7 +590,8 @@ fn initial_state(
             m.epoch
         );
     }
-    let (position, tally) = mid_epoch_state(&ckpt, &path)?;
+    let (positions, tally) = mid_epoch_state(&ckpt, &path, world)?;
+    let position = positions.first().copied().unwrap_or_default();
     if position.batches > 0 {
         let expected = m.epoch * steps_per_epoch as u64 + position.batches as u64;
         if position.batches >= steps_per_epoch || m.step != expected {
@@ -327,7 +612,7 @@ fn initial_state(
                 cfg.seed
             );
         }
-        eprintln!(
+        say!(
             "resuming from {} in epoch {} after batch {} (step {})",
             path.display(),
             m.epoch + 1,
@@ -335,7 +620,7 @@ fn initial_state(
             m.step
         );
     } else {
-        eprintln!(
+        say!(
             "resuming from {} at epoch {} step {}",
             path.display(),
             m.epoch,
@@ -352,11 +637,17 @@ fn initial_state(
             position,
             tally,
         },
+        positions,
     ))
 }
 
-/// The epoch position and loss tally a mid-epoch checkpoint records (defaults otherwise).
-fn mid_epoch_state(ckpt: &Checkpoint, path: &Path) -> Result<(EpochPosition, Tally)> {
+/// The epoch positions (by rank; empty at an epoch boundary) and loss tally a mid-epoch
+/// checkpoint records for a run of `world` ranks.
+fn mid_epoch_state(
+    ckpt: &Checkpoint,
+    path: &Path,
+    world: usize,
+) -> Result<(Vec<EpochPosition>, Tally)> {
     let extra = &ckpt.meta.rng.extra;
     let parse = |key: &str| -> Result<Option<serde_json::Value>> {
         extra
@@ -365,15 +656,24 @@ fn mid_epoch_state(ckpt: &Checkpoint, path: &Path) -> Result<(EpochPosition, Tal
             .transpose()
             .with_context(|| format!("{}: the entry rng.{key} is invalid", path.display()))
     };
-    let position = match parse(EXTRA_EPOCH_POSITION)? {
-        Some(v) => serde_json::from_value(v)?,
-        None => EpochPosition::default(),
-    };
+    let positions: Vec<EpochPosition> =
+        match (parse(EXTRA_EPOCH_POSITIONS)?, parse(EXTRA_EPOCH_POSITION)?) {
+            (Some(all), _) => serde_json::from_value(all)?,
+            (None, Some(one)) => vec![serde_json::from_value(one)?],
+            (None, None) => Vec::new(),
+        };
+    if !positions.is_empty() && positions.len() != world {
+        bail!(
+            "{} was saved mid-epoch by a run of {} process(es); resuming it mid-epoch needs the same number (not {world}), or resume from an epoch-end checkpoint",
+            path.display(),
+            positions.len()
+        );
+    }
     let tally = match parse(EXTRA_EPOCH_TALLY)? {
         Some(v) => serde_json::from_value::<TallyState>(v)?.into(),
         None => Tally::default(),
     };
-    Ok((position, tally))
+    Ok((positions, tally))
 }
 
 /// A [`Tally`] as a checkpoint stores it (JSON has no NaN).
@@ -441,7 +741,7 @@ impl Tally {
     ) -> Result<()> {
         let step = out.step + 1;
         if let Some((old, new)) = out.scale_changed {
-            eprintln!("step {step}: loss scale {old} -> {new}");
+            say!("step {step}: loss scale {old} -> {new}");
             log.metrics(json!({"event": "loss_scale", "step": step, "from": old, "to": new}))?;
         }
         if !out.loss.is_finite() && !out.skipped {
@@ -512,16 +812,18 @@ impl Intervals<'_> {
 
 #[allow(clippy::too_many_arguments)]
 fn run_epoch(
-    cfg: &TrainConfig,
+    ctx: &RunCtx,
     backend: &mut dyn Backend,
     loader: &Loader,
     schedule: &Schedule,
     run: &mut RunState,
     log: &mut RunLog,
     epoch: usize,
-    meta: &CheckpointMeta,
     last_ckpt: &mut Option<PathBuf>,
 ) -> Result<f64> {
+    let (cfg, comm) = (ctx.cfg, ctx.comm);
+    // Images per second count every rank's images.
+    let global_batch = cfg.batch_size * comm.world();
     let steps = loader.batches_per_epoch();
     let done_before = run.position.batches;
     let progress = Progress::new(
@@ -543,12 +845,15 @@ fn run_epoch(
     };
     while let Some(batch) = batches.next() {
         lr = schedule.lr(run.step);
-        let outcomes =
+        dist::set_step(run.step + 1);
+        dist::fault_point(run.step + 1);
+        let mut outcomes =
             backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
+        mean_losses(comm, &mut outcomes)?;
         loader.recycle(batch);
         run.step += 1;
         i += 1;
-        let ips = ((i - done_before) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
+        let ips = ((i - done_before) * global_batch) as f64 / start.elapsed().as_secs_f64();
         let scale = run.scaler.scale();
         intervals.settle(outcomes, &mut tally, log, scale, last_ckpt.as_deref(), ips)?;
         // Before the first outcome settles (dynamic scaling on CUDA) there is no loss to show.
@@ -561,18 +866,26 @@ fn run_epoch(
         let save_due =
             cfg.save_every_steps > 0 && run.step.is_multiple_of(cfg.save_every_steps as u64);
         if save_due && i < steps {
-            let settled = backend.settle(&mut run.scaler)?;
+            let mut settled = backend.settle(&mut run.scaler)?;
+            mean_losses(comm, &mut settled)?;
             let scale = run.scaler.scale();
             intervals.settle(settled, &mut tally, log, scale, last_ckpt.as_deref(), ips)?;
             run.position = batches.position();
             run.tally = tally.clone();
-            *last_ckpt = Some(save_checkpoint(backend, cfg, meta, run)?);
+            average_bn_statistics(backend, comm)?;
+            *last_ckpt = Some(save_checkpoint(backend, ctx, run)?);
         }
+    }
+    if comm.world() > 1 && i < steps {
+        // The other ranks are waiting in the next step's all-reduce: stop the job, not just
+        // this rank's epoch.
+        bail!("this rank's shard ran out of readable images after {i} of {steps} steps of epoch {epoch}, so the ranks' step counts would diverge");
     }
     // The last step's outcome may still be on the device (dynamic scaling on CUDA); the scaler
     // must be settled before the checkpoint saves it.
-    let ips = ((i - done_before) * cfg.batch_size) as f64 / start.elapsed().as_secs_f64();
-    let settled = backend.settle(&mut run.scaler)?;
+    let ips = ((i - done_before) * global_batch) as f64 / start.elapsed().as_secs_f64();
+    let mut settled = backend.settle(&mut run.scaler)?;
+    mean_losses(comm, &mut settled)?;
     let scale = run.scaler.scale();
     intervals.settle(settled, &mut tally, log, scale, last_ckpt.as_deref(), ips)?;
     progress.finish();
@@ -588,29 +901,33 @@ fn run_epoch(
         "Epoch time: {elapsed:.3} ms, per step time: {:.3} ms",
         elapsed / ran as f64
     ))?;
-    let ips = (ran * cfg.batch_size) as f64 / (elapsed / 1000.0);
+    let ips = (ran * global_batch) as f64 / (elapsed / 1000.0);
     log.metrics(json!({"event": "epoch", "epoch": epoch, "step": run.step, "mean_loss": mean, "last_loss": last_loss, "lr": lr, "epoch_ms": elapsed, "images_per_sec": ips, "skipped_files": batches.skipped()}))?;
-    eprintln!("epoch {epoch}: mean loss {mean:.4}, last {last_loss:.4}, {:.1} s, {ips:.1} img/s, {} unreadable files skipped", elapsed / 1000.0, batches.skipped());
+    say!("epoch {epoch}: mean loss {mean:.4}, last {last_loss:.4}, {:.1} s, {ips:.1} img/s, {} unreadable files skipped", elapsed / 1000.0, batches.skipped());
     Ok(mean)
 }
 
+/// Evaluation sharded over the ranks (every image counted once) and summed.
 fn run_eval(
     backend: &mut dyn Backend,
     set: &Arc<Dataset>,
-    cfg: &TrainConfig,
+    ctx: &RunCtx,
     plan: &Plan,
     (epoch, step): (usize, u64),
     log: &mut RunLog,
 ) -> Result<EvalResult> {
+    let (cfg, comm) = (ctx.cfg, ctx.comm);
     let loader = Loader::new(
         set.clone(),
         LoaderConfig {
-            workers: cfg.workers,
+            workers: worker_share(cfg.workers, comm),
+            rank: comm.rank(),
+            world_size: comm.world(),
             ..LoaderConfig::eval(cfg.batch_size, cfg.image_size)
         },
     )?;
-    let r = evaluate(backend, &loader, plan.config.num_classes, |_| {})?;
-    eprintln!(
+    let r = evaluate_sharded(backend, &loader, plan.config.num_classes, comm, |_| {})?;
+    say!(
         "epoch {epoch} eval on {} images: {}",
         r.images,
         r.seed_line()
@@ -620,14 +937,24 @@ fn run_eval(
     Ok(r)
 }
 
-fn save_checkpoint(
-    backend: &mut dyn Backend,
-    cfg: &TrainConfig,
-    meta: &CheckpointMeta,
-    run: &RunState,
-) -> Result<PathBuf> {
+/// Rank 0 writes the checkpoint (atomically); every rank returns its path. The other ranks only
+/// take part in gathering the epoch positions of a mid-epoch save.
+fn save_checkpoint(backend: &mut dyn Backend, ctx: &RunCtx, run: &RunState) -> Result<PathBuf> {
+    let (cfg, comm) = (ctx.cfg, ctx.comm);
+    let positions = match (comm.world(), run.position.batches) {
+        (1, _) | (_, 0) => Vec::new(),
+        _ => gather_positions(comm, run.position)?,
+    };
+    let path = cfg.out.join(checkpoint::file_name(
+        CHECKPOINT_PREFIX,
+        run.epoch as u64,
+        run.step,
+    ));
+    if !dist::is_primary() {
+        return Ok(path);
+    }
     let (model, optim) = backend.state()?;
-    let mut meta = meta.clone();
+    let mut meta = ctx.meta.clone();
     meta.step = run.step;
     meta.epoch = run.epoch as u64;
     meta.loss_scaler = run.scaler;
@@ -647,13 +974,16 @@ fn save_checkpoint(
             serde_json::to_string(&TallyState::from(&run.tally))?,
         );
     }
+    if !positions.is_empty() {
+        meta.rng.extra.insert(
+            EXTRA_EPOCH_POSITIONS.into(),
+            serde_json::to_string(&positions)?,
+        );
+    }
+    meta.extra
+        .insert("world_size".into(), comm.world().to_string());
     meta.extra
         .insert("train_config".into(), serde_json::to_string(cfg)?);
-    let path = cfg.out.join(checkpoint::file_name(
-        CHECKPOINT_PREFIX,
-        run.epoch as u64,
-        run.step,
-    ));
     Checkpoint::from_state(&model, Some(&optim), meta).save(&path)?;
     for old in checkpoint::rotate(&cfg.out, CHECKPOINT_PREFIX, cfg.keep_max)? {
         eprintln!("removed old checkpoint {}", old.display());

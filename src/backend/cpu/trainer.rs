@@ -2,16 +2,20 @@
 
 use super::executor::{CpuExecutor, Mode};
 use crate::backend::{Backend, StepOutcome};
+use crate::dist::GradReducer;
 use crate::optim::{has_overflow, LossScaler, RmsProp};
 use crate::params::ModelState;
 use crate::plan::Plan;
 use anyhow::{bail, Result};
+use std::rc::Rc;
 
 pub struct CpuTrainer {
     exec: CpuExecutor,
     model: ModelState,
     optim: RmsProp,
     grads: Vec<f32>,
+    /// Sums the gradients over the ranks of a distributed run (None: one process).
+    reducer: Option<Rc<dyn GradReducer>>,
 }
 
 impl CpuTrainer {
@@ -32,7 +36,15 @@ impl CpuTrainer {
             model,
             optim,
             grads,
+            reducer: None,
         })
+    }
+
+    /// Data-parallel training: every step sums the gradients over the ranks with `reducer`
+    /// before the overflow check and the update, and the update divides by the world size.
+    pub fn with_reducer(mut self, reducer: Rc<dyn GradReducer>) -> Self {
+        self.reducer = Some(reducer);
+        self
     }
 
     pub fn executor_mut(&mut self) -> &mut CpuExecutor {
@@ -65,11 +77,24 @@ impl Backend for CpuTrainer {
         );
         self.exec
             .backward(&self.model.params, &mut self.grads, scale);
+        // Reduced before the overflow check, so every rank sees the same sum and skips the
+        // same steps; the mean's 1/world rides on the unscale factor instead of its own pass.
+        let world = match &self.reducer {
+            Some(r) => {
+                r.all_reduce_sum(&mut self.grads)?;
+                r.world()
+            }
+            None => 1,
+        };
         let overflow = scaler.checks_overflow() && has_overflow(&self.grads);
         let decision = scaler.update(overflow);
         if !decision.skip {
-            self.optim
-                .step(&mut self.model.params, &self.grads, lr, 1.0 / scale);
+            self.optim.step(
+                &mut self.model.params,
+                &self.grads,
+                lr,
+                1.0 / (scale * world as f32),
+            );
         }
         Ok(vec![StepOutcome {
             step,
@@ -94,5 +119,21 @@ impl Backend for CpuTrainer {
 
     fn state(&mut self) -> Result<(ModelState, RmsProp)> {
         Ok((self.model.clone(), self.optim.clone()))
+    }
+
+    fn bn_states(&mut self) -> Result<Vec<f32>> {
+        Ok(self.model.states.clone())
+    }
+
+    fn set_bn_states(&mut self, states: &[f32]) -> Result<()> {
+        if states.len() != self.model.states.len() {
+            bail!(
+                "{} BN statistics given for {}",
+                states.len(),
+                self.model.states.len()
+            );
+        }
+        self.model.states.copy_from_slice(states);
+        Ok(())
     }
 }

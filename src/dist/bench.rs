@@ -1,0 +1,92 @@
+//! `bench allreduce`: the time to sum InceptionV4's fp32 gradient buffer over the ranks, per
+//! bucket size, on the transport this build has (MPI on the host).
+
+use super::Comm;
+use crate::params::ParamLayout;
+use crate::plan::{self, PlanConfig};
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+/// One bucket size's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct AllreduceRow {
+    /// Bucket size in MiB; None: the whole buffer in one call.
+    pub bucket_mib: Option<usize>,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    /// Bus bandwidth as NCCL counts it: bytes * 2 (world - 1) / world per second.
+    pub bus_gb_per_s: f64,
+}
+
+/// Gradients of the v4 plan with `classes` classes (42,679,816 for 1000).
+pub fn v4_gradient_len(classes: usize) -> Result<usize> {
+    let config = PlanConfig {
+        batch: 1,
+        image_size: 299,
+        num_classes: classes,
+        ..Default::default()
+    };
+    Ok(ParamLayout::new(&plan::build("v4", config)?).param_len)
+}
+
+/// Times `iters` all-reduces of `elems` f32 per bucket size (after one untimed warm-up each).
+/// Every rank must call it with the same arguments.
+pub fn run(
+    comm: &dyn Comm,
+    elems: usize,
+    buckets_mib: &[Option<usize>],
+    iters: usize,
+) -> Result<Vec<AllreduceRow>> {
+    let mut buf: Vec<f32> = (0..elems).map(|i| (i % 97) as f32 * 1e-3).collect();
+    let world = comm.world() as f64;
+    let bytes = elems as f64 * 4.0;
+    let mut rows = Vec::new();
+    for &mib in buckets_mib {
+        comm.set_bucket_elems(mib.map_or(elems, |m| (m << 20) / 4));
+        comm.all_reduce_sum(&mut buf)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            let mut sync = [0.0f64];
+            comm.all_reduce_sum_f64(&mut sync)?;
+            let t = Instant::now();
+            comm.all_reduce_sum(&mut buf)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        // Every rank reports the slowest rank's time: the step waits for it.
+        let mut slowest = times.clone();
+        max_over_ranks(comm, &mut slowest)?;
+        slowest.sort_by(f64::total_cmp);
+        let median = slowest[slowest.len() / 2];
+        rows.push(AllreduceRow {
+            bucket_mib: mib,
+            median_ms: median,
+            min_ms: slowest[0],
+            bus_gb_per_s: bytes * 2.0 * (world - 1.0) / world / (median * 1e-3) / 1e9,
+        });
+    }
+    comm.set_bucket_elems(super::DEFAULT_BUCKET_ELEMS);
+    Ok(rows)
+}
+
+/// Elementwise maximum over the ranks, from sums: each rank fills its own column.
+fn max_over_ranks(comm: &dyn Comm, values: &mut [f64]) -> Result<()> {
+    let (world, rank, n) = (comm.world(), comm.rank(), values.len());
+    let mut table = vec![0.0; world * n];
+    table[rank * n..(rank + 1) * n].copy_from_slice(values);
+    comm.all_reduce_sum_f64(&mut table)?;
+    for (i, v) in values.iter_mut().enumerate() {
+        *v = (0..world)
+            .map(|r| table[r * n + i])
+            .fold(f64::MIN, f64::max);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn v4_has_the_published_parameter_count() {
+        assert_eq!(super::v4_gradient_len(1000).unwrap(), 42_679_816);
+    }
+}
