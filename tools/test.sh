@@ -54,4 +54,6 @@ INCEPTION_CACHE_DIR="$(mktemp -d)"
 export INCEPTION_CACHE_DIR
 trap 'rm -rf "$INCEPTION_CACHE_DIR"' EXIT
 
+# The default build (no MPI), the one the README's first command runs, must stay green too.
+cargo check --release --bin inception-engine
 cargo test --release --features mpi "$@"
