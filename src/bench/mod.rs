@@ -35,7 +35,7 @@ pub struct KernelArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 299)]
     pub image_size: usize,
-    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::plan::models::plan_values())]
     pub plan: String,
     /// Timed samples per implementation (the median is reported).
     #[arg(long, default_value_t = 15)]

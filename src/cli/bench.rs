@@ -72,7 +72,7 @@ pub struct LoaderArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::plan::models::plan_values())]
     pub plan: String,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,

@@ -21,7 +21,7 @@ pub struct Args {
     /// The state dict file.
     pub file: PathBuf,
     /// The engine model to import into; it needs a timm counterpart.
-    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::plan::models::plan_values())]
     pub plan: String,
     /// The checkpoint to write.
     #[arg(long)]

@@ -12,7 +12,7 @@ use serde_json::json;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Plan to build.
-    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::plan::models::plan_values())]
     pub plan: String,
     /// Input image size (square); v4 needs at least 75.
     #[arg(long, default_value_t = 299)]

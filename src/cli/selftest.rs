@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Plan whose layer shapes are tested.
-    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::plan::models::plan_values())]
     pub plan: String,
     /// Batch size of the test shapes (small keeps the CPU reference quick) [default: 4 at full
     /// shapes, 1 at reduced ones].

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Plan to train.
-    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::cli::plan_values())]
+    #[arg(long, default_value = crate::plan::models::DEFAULT, value_parser = crate::plan::models::plan_values())]
     pub plan: String,
     /// Training images: an ImageFolder (root/class/image) or a packed file. Without it, the bundled
     /// Fashion-MNIST sample with the demo preset.

@@ -120,3 +120,12 @@ impl Model {
             .ok_or_else(|| anyhow!("model {} has no timm counterpart", self.name))
     }
 }
+
+/// The `--plan` values: the table's names, each with its summary, so `--help` lists them and
+/// clap rejects an unknown name with the list.
+pub fn plan_values() -> clap::builder::PossibleValuesParser {
+    let values = MODELS
+        .iter()
+        .map(|m| clap::builder::PossibleValue::new(m.name).help(m.summary));
+    clap::builder::PossibleValuesParser::new(values)
+}
