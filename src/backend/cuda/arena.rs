@@ -245,8 +245,8 @@ pub fn stem_conv(plan: &Plan) -> Option<usize> {
 /// depends on it).
 pub const H200_SMS: u32 = 132;
 
-/// The device memory of `plan` at `amp`, worked out on the host exactly as the executor sizes its
-/// buffers: a training step, or with `train` false an inference-only executor.
+/// The device memory of `plan` at `amp`, worked out on the host exactly as the trainer sizes its
+/// buffers: a training step, or with `train` false an inference-only trainer.
 pub fn plan_estimate(
     plan: &Plan,
     amp: Amp,

@@ -96,7 +96,7 @@ impl Call {
 impl Call {
     /// Kernel launches this call queues: BN's two-pass reductions, the split-K weight gradients
     /// and the classifier's bias kernels make some calls several. tests/emu_launch_count.rs
-    /// checks the sum against the launches the emulated GPU counts.
+    /// checks the sum against the launches the launchers really queue (on the emulated GPU).
     pub fn kernel_launches(&self) -> usize {
         match self {
             Call::BnForwardTrain(_) | Call::BnBackward(_) | Call::LinearBackwardWeight(_) => 3,

@@ -17,6 +17,7 @@ use crate::plan::backward::{derive, BackwardPlan};
 use crate::plan::memory::MemoryPlan;
 use crate::plan::{Plan, TensorId};
 use crate::precision::Amp;
+
 /// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter, and the
 /// device loss scaler's state (scale as f32 bits, clean steps).
 pub const REPORT_LOSS: usize = 0;
@@ -26,8 +27,8 @@ pub const REPORT_SCALE: usize = 3;
 pub const REPORT_CLEAN: usize = 4;
 pub const REPORT_WORDS: usize = 8;
 
-/// Base addresses of the device buffers (the executor's allocations), taken once: the launchers
-/// work on raw pointers. 0 where a buffer does not exist.
+/// Base addresses of the device buffers (the trainer's allocations), taken once: the calls
+/// carry raw pointers. 0 where a buffer does not exist.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ptrs {
     pub arena: DevPtr,
@@ -90,7 +91,7 @@ pub struct StepLayout {
     pub stem: Option<usize>,
     pub ws_elems: usize,
     pub optim: RmsPropConfig,
-    /// Base addresses of the buffers; all 0 until the executor has allocated them.
+    /// Base addresses of the buffers; all 0 until the trainer has allocated them.
     pub ptr: Ptrs,
 }
 

@@ -1,6 +1,6 @@
 //! The CUDA training backend: a plan's step program over one preallocated device arena.
 //!
-//! Memory (all allocated when the executor is built, nothing during a step):
+//! Memory (all allocated when the trainer is built, nothing during a step):
 //! - the arena: activations, BN saved statistics and activation gradients, placed over the fused
 //!   step program's lifetimes (see [`Fusion`](super::fusion::Fusion): BN outputs a ReLU absorbs
 //!   are never stored, and
@@ -9,7 +9,7 @@
 //! - parameter buffers over padded slots ([`ParamSlots`]): fp32 master weights, the fp16 working
 //!   copy the convolutions and the FC layer read (O2/O3; O0 reads the masters), fp32 gradients,
 //!   RMSProp ms and mom, a per-element weight-decay mask; BN running statistics in fp32. An
-//!   inference-only executor ([`CudaTrainer::for_inference`]) has only the masters, the working
+//!   inference-only trainer ([`CudaTrainer::for_inference`]) has only the masters, the working
 //!   copy and the statistics, and an arena planned over the forward pass alone;
 //! - one fp32 workspace shared by every split-K weight gradient and BN reduction;
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
@@ -85,7 +85,7 @@ impl CudaTrainer {
         Self::create(plan, model, optim, amp, true)
     }
 
-    /// An inference-only executor (eval, predict): its arena holds only what the forward pass
+    /// An inference-only trainer (eval, predict): its arena holds only what the forward pass
     /// needs, and no gradients, optimizer state or workspace are allocated. `optim` is kept on
     /// the host only, for [`Backend::state`].
     pub fn for_inference(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
@@ -134,7 +134,7 @@ impl CudaTrainer {
 
     fn check_training(&self) -> Result<()> {
         if !self.train {
-            bail!("this CUDA executor was built for inference only (no gradient buffers)");
+            bail!("this CUDA trainer was built for inference only (no gradient buffers)");
         }
         Ok(())
     }
