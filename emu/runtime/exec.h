@@ -1,5 +1,6 @@
-// Grid execution on the CPU: the interface between the driver API (driver.cpp) and the executor
-// (exec.cpp: fibers, barriers, warp collectives, cp.async, shared-memory race checking).
+// Grid execution on the CPU: the interface between the driver API (driver.cpp, driver_launch.cpp)
+// and the executor (exec.cpp, exec_entry.cpp: fibers, barriers, warp collectives, cp.async,
+// shared-memory race checking).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -16,7 +16,13 @@ pub const DRIVER_FILE: &str = "libcuda-emulated.so";
 pub const KERNELS_FILE: &str = "libinception-emu-kernels.so";
 pub const KERNELS_RACE_FILE: &str = "libinception-emu-kernels-race.so";
 
-const RUNTIME_SOURCES: [&str; 3] = ["exec.cpp", "driver.cpp", "cubin.cpp"];
+const RUNTIME_SOURCES: [&str; 5] = [
+    "exec.cpp",
+    "exec_entry.cpp",
+    "driver.cpp",
+    "driver_launch.cpp",
+    "cubin.cpp",
+];
 
 fn cxx() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
