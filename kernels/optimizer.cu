@@ -30,7 +30,7 @@ struct RmspropParams {
     const int* overflow;  // skip the whole update when *overflow != 0 (null: never skip)
     u64 count;
     float lr, rho, momentum, eps, weight_decay, inv_loss_scale;
-    const float* loss_scale;  // device-resident loss scale (null: use inv_loss_scale)
+    const float* loss_scale;  // device-resident loss scale (null: inv_loss_scale alone)
 };
 
 // MindSpore/TF RMSProp with coupled L2:
@@ -40,7 +40,9 @@ template <class G>
 __device__ __forceinline__ void rmsprop(const RmspropParams& p) {
     if (p.overflow && *p.overflow) return;
     float lr = p.lr_dev ? *p.lr_dev : p.lr;
-    float inv_scale = p.loss_scale ? 1.0f / *p.loss_scale : p.inv_loss_scale;
+    // With a device-resident scale, inv_loss_scale is what remains of the unscale factor (1 / world
+    // in a data-parallel run, whose gradients are sums over the ranks).
+    float inv_scale = p.loss_scale ? p.inv_loss_scale / *p.loss_scale : p.inv_loss_scale;
     const G* grad = (const G*)p.grad;
     GRID_STRIDE(i, p.count) {
         float w = p.w[i];

@@ -3,8 +3,11 @@
 //!
 //! Needs the binary built with `--features mpi` and Open MPI's `mpirun`: without them the group is
 //! skipped with a note, and fails under tools/test.sh (`INCEPTION_REQUIRE_ALL=1`), which installs
-//! Open MPI and builds with the feature.
+//! Open MPI and builds with the feature. One test runs the two ranks on the emulated GPU (emu/)
+//! over the CUDA trainer's host-staged all-reduce.
 
+#[path = "common/emu_env.rs"]
+mod emu_env;
 #[path = "common/tool_groups.rs"]
 mod tool_groups;
 
@@ -642,4 +645,71 @@ fn bench_allreduce_reports_every_bucket_size() {
     assert_eq!(report["rows"].as_array().unwrap().len(), 2);
     assert!(report["rows"][1]["bucket_mib"].is_null());
     assert!(report["rows"][0]["median_ms"].as_f64().unwrap() > 0.0);
+}
+
+/// The training loss of every logged step of a run, from its metrics.jsonl.
+fn step_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+/// Two ranks on the emulated GPU (the CUDA trainer, its gradients all-reduced through host
+/// memory) against the same two ranks on the CPU: both ranks end with the same model bit for
+/// bit, and the loss curve follows the CPU's to fp16 tolerance.
+#[test]
+fn two_ranks_on_the_emulated_gpu_follow_the_cpu_run() {
+    if !mpi_available() || !emu_env::nvrtc_available("distributed training on the emulated GPU") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_folder(dir.path(), "train", 6);
+    let driver = inception_emu::driver_path();
+    let home = emu_env::cuda_home().map(|h| h.display().to_string());
+    let mut curves = Vec::new();
+    for device in ["cpu", "cuda"] {
+        let (out, dump) = (
+            dir.path().join(device),
+            dir.path().join(format!("dump-{device}")),
+        );
+        let mut args = train_args(s(&data), s(&out), "2");
+        let at = args.iter().position(|a| *a == "--device").unwrap();
+        args[at + 1] = device;
+        let mut env = vec![("INCEPTION_DIST_DUMP", s(&dump))];
+        if device == "cuda" {
+            env.push(("INCEPTION_CUDA_DRIVER", s(&driver)));
+            if let Some(h) = &home {
+                env.push(("INCEPTION_CUDA_HOME", h.as_str()));
+            }
+        }
+        let (o, _) = mpirun(2, &args, &env, Duration::from_secs(300));
+        assert!(o.status.success(), "{device}: {}", text(&o));
+        if device == "cuda" {
+            assert!(text(&o).contains("through host memory"), "{}", text(&o));
+        }
+        assert_same_state(
+            &dump.join("rank0.safetensors"),
+            &dump.join("rank1.safetensors"),
+        );
+        curves.push(step_losses(&out));
+    }
+    let (cpu, gpu) = (&curves[0], &curves[1]);
+    assert!(
+        cpu.len() >= 6 && cpu.len() == gpu.len(),
+        "{cpu:?} vs {gpu:?}"
+    );
+    // fp16 activations against fp32, the same reduced gradients on both: close at every step.
+    let worst = cpu
+        .iter()
+        .zip(gpu)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 0.05,
+        "loss curves differ by {worst:.3}: {cpu:?} vs {gpu:?}"
+    );
 }

@@ -110,23 +110,28 @@ pub fn build(
 }
 
 /// The training backend of one rank of a data-parallel run: like [`build`], with `reducer`
-/// summing every step's gradients over the ranks. The CPU backend only for now: the CUDA
-/// trainer takes a reducer once its host-staged gradient path exists.
+/// summing every step's gradients over the ranks. On CUDA the rank takes GPU `ordinal` (its
+/// local rank) and its gradients are reduced through host memory (NCCL is not wired yet).
 pub fn build_distributed(
     device: Device,
     amp: Amp,
+    ordinal: usize,
     plan: crate::plan::Plan,
     model: ModelState,
     optim: RmsProp,
     reducer: std::rc::Rc<dyn crate::dist::GradReducer>,
 ) -> Result<Box<dyn Backend>> {
+    let amp = resolve_amp(device, Some(amp))?;
+    if device == Device::Cuda {
+        let trainer = cuda::CudaTrainer::on_device(ordinal, plan, model, optim, amp)?;
+        return Ok(Box::new(match reducer.world() {
+            1 => trainer,
+            _ => trainer.with_reducer(reducer),
+        }));
+    }
     if reducer.world() == 1 {
         return build(device, amp, plan, model, optim);
     }
-    if device == Device::Cuda {
-        anyhow::bail!("distributed training runs on the CPU backend only in this version (--device cpu); the CUDA gradient reduction is not wired yet");
-    }
-    resolve_amp(device, Some(amp))?;
     Ok(Box::new(
         cpu::CpuTrainer::new(plan, model, optim)?.with_reducer(reducer),
     ))

@@ -27,7 +27,8 @@ pub struct RmspropParams {
     pub eps: f32,
     pub weight_decay: f32,
     pub inv_loss_scale: f32,
-    /// Device address of the loss scale (0: use `inv_loss_scale`).
+    /// Device address of the loss scale (0: `inv_loss_scale` alone; otherwise the kernel
+    /// multiplies `inv_loss_scale` by its inverse).
     pub loss_scale: u64,
 }
 // SAFETY: plain repr(C) data laid out like the CUDA struct.

@@ -578,9 +578,11 @@ impl StepLayout {
     fn update(&self, a: StepArgs) -> Call {
         let cfg = self.optim;
         let overflow = a.growth.map_or(0, |_| self.report_word(REPORT_OVERFLOW));
+        // The mean over the ranks rides on the unscale factor (an exact no-op for one rank).
+        let world = self.world as f32;
         let (inv_loss_scale, loss_scale) = match a.scale {
-            ScaleArg::Value(v) => (1.0 / v, 0),
-            ScaleArg::Device(p) => (1.0, p),
+            ScaleArg::Value(v) => (1.0 / (v * world), 0),
+            ScaleArg::Device(p) => (1.0 / world, p),
         };
         let params = RmspropParams {
             w: self.ptr.master,

@@ -93,6 +93,9 @@ pub struct StepLayout {
     pub optim: RmsPropConfig,
     /// Base addresses of the buffers; all 0 until the trainer has allocated them.
     pub ptr: Ptrs,
+    /// Ranks whose gradients are summed into the buffer before the update (1 unless the
+    /// trainer reduces over a data-parallel job): the update divides by it.
+    pub world: usize,
 }
 
 impl StepLayout {
@@ -149,6 +152,7 @@ impl StepLayout {
             ws_elems,
             optim,
             ptr: Ptrs::default(),
+            world: 1,
         };
         Ok((step, mem))
     }

@@ -27,18 +27,21 @@
 //! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
 
 use anyhow::{bail, Context, Result};
+use cudarc::driver::CudaSlice;
 use half::f16;
 use rayon::prelude::*;
+use std::rc::Rc;
 
 use super::arena::{self, MemoryEstimate};
 use super::buffers::{check_free_memory, oom_error, DeviceBuffers, Pinned};
-use super::calls::Calls;
+use super::calls::{Call, Calls};
 use super::fusion;
 use super::layout::{StepArgs, StepLayout};
 use super::layout::{REPORT_CLEAN, REPORT_LOSS, REPORT_OVERFLOW, REPORT_SCALE};
 use super::program::Stage;
 use super::verify::verify_fast_convs;
 use crate::backend::{Backend, StepOutcome};
+use crate::dist::GradReducer;
 use crate::gpu::{CudaDevice, Launch};
 use crate::ops::softmax_ce::cuda::ScaleArg;
 use crate::optim::{LossScaler, RmsProp};
@@ -73,6 +76,9 @@ pub struct CudaTrainer {
     /// only when the scaler's kind or fixed value changes); per step only the step number and
     /// learning rate are patched in.
     train_calls: Option<(ScaleKey, Calls)>,
+    /// Data-parallel training: sums the gradients over the ranks between the backward pass and
+    /// the overflow check, staged through host memory (no NCCL yet).
+    reducer: Option<Rc<dyn GradReducer>>,
 }
 
 /// What a training step's calls depend on besides addresses: the loss scale argument and the
@@ -82,17 +88,40 @@ type ScaleKey = (ScaleArg, Option<u32>);
 impl CudaTrainer {
     /// Builds the step program, allocates everything on GPU 0 and uploads the model and optimizer.
     pub fn new(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
-        Self::create(plan, model, optim, amp, true)
+        Self::on_device(0, plan, model, optim, amp)
+    }
+
+    /// As [`Self::new`] on GPU `ordinal` (a data-parallel rank's local rank; wraps around the
+    /// GPUs present, so ranks share a card when there are fewer cards than ranks).
+    pub fn on_device(
+        ordinal: usize,
+        plan: Plan,
+        model: ModelState,
+        optim: RmsProp,
+        amp: Amp,
+    ) -> Result<Self> {
+        Self::create(ordinal, plan, model, optim, amp, true)
+    }
+
+    /// Data-parallel training: every step sums the gradients over the ranks with `reducer`
+    /// before the overflow check and the update, and the update divides by the world size. The
+    /// gradients go through host memory (a device sync per step): the slow, portable path.
+    pub fn with_reducer(mut self, reducer: Rc<dyn GradReducer>) -> Self {
+        self.step.world = reducer.world();
+        self.train_calls = None; // the update's unscale factor changed
+        self.reducer = Some(reducer);
+        self
     }
 
     /// An inference-only trainer (eval, predict): its arena holds only what the forward pass
     /// needs, and no gradients, optimizer state or workspace are allocated. `optim` is kept on
     /// the host only, for [`Backend::state`].
     pub fn for_inference(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
-        Self::create(plan, model, optim, amp, false)
+        Self::create(0, plan, model, optim, amp, false)
     }
 
     fn create(
+        ordinal: usize,
         plan: Plan,
         model: ModelState,
         optim: RmsProp,
@@ -101,7 +130,7 @@ impl CudaTrainer {
     ) -> Result<Self> {
         let layout = ParamLayout::new(&plan);
         check_state(&plan, &layout, &model, &optim)?;
-        let mut dev = CudaDevice::new(0)?;
+        let mut dev = CudaDevice::new(ordinal % device_count()?)?;
         // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
         // parameters and statistics in O3).
         dev.set_amp(amp);
@@ -127,6 +156,7 @@ impl CudaTrainer {
             train,
             infer_calls,
             train_calls: None,
+            reducer: None,
         };
         trainer.upload(&model)?;
         Ok(trainer)
@@ -387,13 +417,50 @@ impl CudaTrainer {
         for (_, call) in calls.iter_mut() {
             call.set_step(args.step, args.lr);
         }
-        run_calls(&self.dev, calls, &self.step.plan.name)?;
+        // The gradients are complete once the backward stages have run: reduce them there.
+        let update = calls
+            .iter()
+            .position(|(stage, _)| matches!(stage, Stage::OverflowCheck | Stage::Update))
+            .unwrap_or(calls.len());
+        let plan = &self.step.plan.name;
+        run_calls(&self.dev, &calls[..update], plan)?;
+        if let Some(reducer) = &self.reducer {
+            reduce_through_host(&self.dev, &mut self.bufs.grads, reducer.as_ref())?;
+        }
+        run_calls(&self.dev, &calls[update..], plan)?;
         self.queue_report(slot)
     }
 }
 
+/// GPUs the driver reports (at least one, or an error). The driver is opened the engine's way
+/// first: cudarc would panic on a machine without one.
+fn device_count() -> Result<usize> {
+    crate::gpu::libs::ensure_driver()?;
+    cudarc::driver::result::init()
+        .map_err(|e| anyhow::anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
+    let n = cudarc::driver::result::device::get_count()
+        .map_err(|e| anyhow::anyhow!("cannot count CUDA devices: {e:?}"))?;
+    if n < 1 {
+        bail!("the CUDA driver reports no GPU");
+    }
+    Ok(n as usize)
+}
+
+/// Sums the gradient buffer over the ranks through host memory: waits for the backward pass,
+/// copies the buffer out, reduces it, and copies the sum back before the update runs.
+fn reduce_through_host(
+    dev: &CudaDevice,
+    grads: &mut CudaSlice<f32>,
+    reducer: &dyn GradReducer,
+) -> Result<()> {
+    let mut host = dev.stream.clone_dtoh(grads)?;
+    reducer.all_reduce_sum(&mut host)?;
+    dev.stream.memcpy_htod(&host, grads)?;
+    Ok(())
+}
+
 /// Queues `calls` in order, naming the stage of a call that fails to launch.
-fn run_calls(dev: &CudaDevice, calls: &Calls, plan: &str) -> Result<()> {
+fn run_calls(dev: &CudaDevice, calls: &[(Stage, Call)], plan: &str) -> Result<()> {
     for (stage, call) in calls {
         call.launch(dev)
             .with_context(|| format!("{stage:?} of plan '{plan}'"))?;
@@ -494,6 +561,27 @@ impl Backend for CudaTrainer {
             states,
         };
         Ok((model, optim))
+    }
+
+    fn bn_states(&mut self) -> Result<Vec<f32>> {
+        self.dev.synchronize()?;
+        let states = self.dev.stream.clone_dtoh(&self.bufs.states)?;
+        Ok(self.step.states.gather(&states))
+    }
+
+    fn set_bn_states(&mut self, states: &[f32]) -> Result<()> {
+        if states.len() != self.layout.state_len {
+            bail!(
+                "{} BN statistics given for {}",
+                states.len(),
+                self.layout.state_len
+            );
+        }
+        // The queued steps read and update the statistics: replace them after those.
+        self.dev.synchronize()?;
+        let slots = self.step.states.scatter(states, 0.0);
+        self.dev.stream.memcpy_htod(&slots, &mut self.bufs.states)?;
+        self.dev.synchronize()
     }
 }
 

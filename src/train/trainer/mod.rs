@@ -134,11 +134,7 @@ pub fn train_with(cfg: &TrainConfig, comm: Rc<dyn Comm>) -> Result<TrainSummary>
     if distributed {
         share_cpu_threads(comm.local_size());
     }
-    let device = match cfg.device {
-        // The CUDA backend cannot reduce gradients yet: `auto` must not pick it.
-        Device::Auto if distributed => Device::Cpu,
-        d => resolve_device(d)?,
-    };
+    let device = resolve_device(cfg.device)?;
     let train_set = Arc::new(Dataset::open(&cfg.data)?);
     let classes = train_set.classes().to_vec();
     let eval_set = cfg

@@ -34,7 +34,11 @@ pub(super) fn rank_backend(
         Some(dir) => Rc::new(dist::dump::DumpFirst::new(comm.clone(), dir)),
         None => comm.clone(),
     };
-    backend::build_distributed(device, amp, rank_plan, model, optim, reducer)
+    if device == Device::Cuda && comm.world() > 1 {
+        say!("distributed on CUDA: gradients are all-reduced through host memory (no NCCL yet), a device sync per step");
+    }
+    let ordinal = comm.local_rank();
+    backend::build_distributed(device, amp, ordinal, rank_plan, model, optim, reducer)
 }
 
 /// `--workers`, or (0) this rank's share of the node's cores.
