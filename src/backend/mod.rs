@@ -137,18 +137,20 @@ pub fn build_distributed(
     ))
 }
 
-/// A backend for evaluation and prediction: on CUDA an inference-only trainer (no gradient or
-/// optimizer buffers, an arena sized for the forward pass); the CPU trainer otherwise.
+/// A backend for evaluation and prediction: on CUDA an inference-only trainer on GPU `ordinal`
+/// (no gradient or optimizer buffers, an arena sized for the forward pass); the CPU trainer
+/// otherwise.
 pub fn build_inference(
     device: Device,
     amp: Amp,
+    ordinal: usize,
     plan: crate::plan::Plan,
     model: ModelState,
     optim: RmsProp,
 ) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cuda => {
-            let exec = cuda::CudaTrainer::for_inference(plan, model, optim, amp)?;
+            let exec = cuda::CudaTrainer::for_inference_on(ordinal, plan, model, optim, amp)?;
             Ok(Box::new(exec))
         }
         Device::Cpu | Device::Auto => build(device, amp, plan, model, optim),

@@ -68,7 +68,13 @@ fn run_on(args: Args, comm: &dyn Comm) -> Result<()> {
     }
     let trained = ckpt.meta.preprocessing.image_size;
     let size = args.image_size.unwrap_or(trained);
-    let (plan, mut backend) = inference_backend(&ckpt, args.batch_size, Some(size), args.device)?;
+    let (plan, mut backend) = inference_backend(
+        &ckpt,
+        args.batch_size,
+        Some(size),
+        args.device,
+        comm.local_rank(),
+    )?;
     let loader = Loader::new(
         set.clone(),
         LoaderConfig {

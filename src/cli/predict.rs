@@ -48,7 +48,8 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("{} is not a readable image", path.display()))?;
         inputs.extend(eval_transform_crop(&img, size, args.crop_pct, &norm));
     }
-    let (plan, mut backend) = inference_backend(&ckpt, args.images.len(), Some(size), args.device)?;
+    let (plan, mut backend) =
+        inference_backend(&ckpt, args.images.len(), Some(size), args.device, 0)?;
     if !args.json {
         println!("{}", describe(size, args.crop_pct, trained));
     }

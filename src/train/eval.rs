@@ -100,12 +100,14 @@ fn shard_tally(
 }
 
 /// Build the checkpoint's plan for `batch` images of `image_size` (None: the size it was trained
-/// or imported at) and a backend holding its weights.
+/// or imported at) and a backend holding its weights, on GPU `ordinal` when it is CUDA (a
+/// sharded evaluation's local rank).
 pub fn inference_backend(
     ckpt: &Checkpoint,
     batch: usize,
     image_size: Option<usize>,
     device: Device,
+    ordinal: usize,
 ) -> Result<(Plan, Box<dyn Backend>)> {
     let mut config: PlanConfig = serde_json::from_value(ckpt.meta.plan_config.clone())
         .context("the checkpoint's plan configuration is unreadable")?;
@@ -118,6 +120,6 @@ pub fn inference_backend(
     let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
     let device = resolve_device(device)?;
     let amp = backend::resolve_amp(device, None)?;
-    let backend = backend::build_inference(device, amp, plan.clone(), model, optim)?;
+    let backend = backend::build_inference(device, amp, ordinal, plan.clone(), model, optim)?;
     Ok((plan, backend))
 }

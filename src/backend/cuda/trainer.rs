@@ -120,6 +120,17 @@ impl CudaTrainer {
         Self::create(0, plan, model, optim, amp, false)
     }
 
+    /// As [`Self::for_inference`] on GPU `ordinal` (a sharded evaluation's local rank).
+    pub fn for_inference_on(
+        ordinal: usize,
+        plan: Plan,
+        model: ModelState,
+        optim: RmsProp,
+        amp: Amp,
+    ) -> Result<Self> {
+        Self::create(ordinal, plan, model, optim, amp, false)
+    }
+
     fn create(
         ordinal: usize,
         plan: Plan,
