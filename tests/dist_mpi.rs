@@ -8,6 +8,10 @@
 
 #[path = "common/emu_env.rs"]
 mod emu_env;
+#[path = "common/metrics.rs"]
+mod metrics;
+
+use metrics::step_losses;
 #[path = "common/tool_groups.rs"]
 mod tool_groups;
 
@@ -645,17 +649,6 @@ fn bench_allreduce_reports_every_bucket_size() {
     assert_eq!(report["rows"].as_array().unwrap().len(), 2);
     assert!(report["rows"][1]["bucket_mib"].is_null());
     assert!(report["rows"][0]["median_ms"].as_f64().unwrap() > 0.0);
-}
-
-/// The training loss of every logged step of a run, from its metrics.jsonl.
-fn step_losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .filter_map(|v| v["loss"].as_f64())
-        .collect()
 }
 
 /// Two ranks on the emulated GPU (the CUDA trainer, its gradients all-reduced through host

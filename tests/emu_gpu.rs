@@ -13,6 +13,8 @@ use std::process::{Command, Output};
 
 #[path = "common/emu_env.rs"]
 mod emu_env;
+#[path = "common/metrics.rs"]
+mod metrics;
 #[path = "common/tool_groups.rs"]
 mod tool_groups;
 
@@ -310,17 +312,6 @@ fn train(device: &str, data: &Path, out: &Path) -> Output {
     )
 }
 
-/// The training loss of every logged step, from metrics.jsonl.
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .filter_map(|v| v["loss"].as_f64())
-        .collect()
-}
-
 fn checkpoint(run: &Path) -> PathBuf {
     let mut c: Vec<PathBuf> = std::fs::read_dir(run)
         .unwrap()
@@ -344,7 +335,10 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     let o = train("cuda", &data, &gpu_run);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("emulated"), "{}", text(&o));
-    let (a, b) = (losses(&cpu_run), losses(&gpu_run));
+    let (a, b) = (
+        metrics::step_losses(&cpu_run),
+        metrics::step_losses(&gpu_run),
+    );
     assert!(
         a.len() >= 24 && a.len() == b.len(),
         "{} vs {} losses",
