@@ -6,11 +6,11 @@
 use inception_engine::backend::cuda::arena::{
     self, elem_bytes, ParamSlots, PARAM_ELEM_BYTES, SLOT_ALIGN,
 };
+use inception_engine::backend::cuda::buffers::{check_batch, check_state};
 use inception_engine::backend::cuda::fusion::{channels, Fusion};
 use inception_engine::backend::cuda::program::{
     accesses, check_program, program_lifetimes, Stage, StepProgram,
 };
-use inception_engine::backend::cuda::trainer::{check_batch, check_state};
 use inception_engine::backend::cuda::CudaTrainer;
 use inception_engine::backend::{self, cuda_probe, resolve_device, Amp, Device};
 use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};

@@ -1,6 +1,7 @@
 //! The CUDA trainer's allocations: every device buffer of a step (allocated once, zeroed), the
-//! pinned host buffers of the async copies and step reports, and the memory checks that turn an
-//! out-of-memory into a clear error quoting the plan's estimate.
+//! pinned host buffers of the async copies and step reports, the memory checks that turn an
+//! out-of-memory into a clear error quoting the plan's estimate, and the checks that a model
+//! state or a batch fits those buffers before anything is copied into them.
 
 use anyhow::{bail, Result};
 use cudarc::driver::sys::{CUevent_flags, CUresult};
@@ -12,6 +13,8 @@ use half::f16;
 use super::arena::{self, MemoryEstimate, ParamSlots};
 use super::layout::{Ptrs, REPORT_WORDS};
 use crate::gpu::CudaDevice;
+use crate::optim::RmsProp;
+use crate::params::{ModelState, ParamLayout};
 use crate::plan::memory::MemoryPlan;
 use crate::plan::Plan;
 
@@ -165,4 +168,57 @@ pub fn oom_error(e: DriverError, plan: &Plan, est: &MemoryEstimate) -> anyhow::E
     } else {
         anyhow::anyhow!("device allocation failed: {e:?}")
     }
+}
+
+/// Checks that a model and optimizer state fit the plan's layout (every buffer the upload
+/// scatters), so a mismatch is an error rather than an out-of-range panic.
+pub fn check_state(
+    plan: &Plan,
+    layout: &ParamLayout,
+    model: &ModelState,
+    optim: &RmsProp,
+) -> Result<()> {
+    let n = layout.param_len;
+    let fits = model.layout == *layout
+        && model.params.len() == n
+        && model.states.len() == layout.state_len
+        && optim.ms.len() == n
+        && optim.mom.len() == n
+        && optim
+            .decay
+            .iter()
+            .all(|(r, _)| r.start <= r.end && r.end <= n);
+    if !fits {
+        bail!("the model state does not fit the plan '{}'", plan.name);
+    }
+    Ok(())
+}
+
+/// Checks a batch against the plan before it is staged: the image and label counts, and labels
+/// inside the class range (softmax-CE would silently train on an out-of-range label).
+pub fn check_batch(plan: &Plan, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
+    if images.len() != plan.tensor(plan.input).numel() {
+        bail!(
+            "image batch has {} values, plan '{}' takes {}",
+            images.len(),
+            plan.name,
+            plan.tensor(plan.input).numel()
+        );
+    }
+    let Some(labels) = labels else {
+        return Ok(());
+    };
+    if labels.len() != plan.batch() {
+        bail!(
+            "label batch has {} labels, plan '{}' takes {}",
+            labels.len(),
+            plan.name,
+            plan.batch()
+        );
+    }
+    let classes = *plan.shape(plan.logits).last().unwrap_or(&0);
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+        bail!("label {bad} is out of range for {classes} classes");
+    }
+    Ok(())
 }

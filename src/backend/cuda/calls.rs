@@ -4,11 +4,10 @@
 //! ([`Call::set_step`]) and runs them; tests/cuda_launch.rs inspects the same values without a GPU;
 //! a CUDA graph could capture them as they are.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::arena::STEM_CHANNELS;
-use super::layout::{StepArgs, StepLayout, REPORT_CLEAN, REPORT_COUNTER, REPORT_LOSS};
-use super::layout::{REPORT_OVERFLOW, REPORT_SCALE};
+use super::layout::{StepArgs, StepLayout};
 use super::program::Stage;
 use crate::gpu::{CudaDevice, DevPtr, Launch};
 use crate::ops::batchnorm::cuda::{BnArgs, BnBackward, BnForwardInfer, BnForwardTrain};
@@ -22,8 +21,8 @@ use crate::ops::linear::cuda::{LinearBackwardData, LinearBackwardWeight, LinearF
 use crate::ops::pool::cuda::{PoolBackward, PoolForward};
 use crate::ops::pool::PoolShape;
 use crate::ops::relu::cuda::{ReluBackward, ReluForward};
-use crate::ops::softmax_ce::cuda::{Labels, ScaleArg, SoftmaxCe};
-use crate::optim::cuda::{LossScaleUpdate, OverflowCheck, Rmsprop, RmspropParams};
+use crate::ops::softmax_ce::cuda::SoftmaxCe;
+use crate::optim::cuda::{LossScaleUpdate, OverflowCheck, Rmsprop};
 use crate::plan::{Conv2d, Op};
 use crate::precision::Amp;
 
@@ -276,7 +275,7 @@ impl StepLayout {
         Ok(call.into())
     }
 
-    fn bn_args(&self, i: usize) -> BnArgs {
+    pub(super) fn bn_args(&self, i: usize) -> BnArgs {
         let node = &self.plan.nodes[i];
         let Op::BatchNorm { eps, momentum } = node.op else {
             unreachable!("bn_args on a batchnorm node")
@@ -302,7 +301,7 @@ impl StepLayout {
     }
 
     /// Channel counts and offsets of a concat's inputs, and the output's row count.
-    fn concat_layout(&self, i: usize) -> (Vec<(usize, usize)>, usize) {
+    pub(super) fn concat_layout(&self, i: usize) -> (Vec<(usize, usize)>, usize) {
         let node = &self.plan.nodes[i];
         let ys = self.plan.shape(node.outputs[0]);
         let rows = ys[..ys.len() - 1].iter().product();
@@ -335,277 +334,5 @@ impl StepLayout {
             }
         }
         Ok(())
-    }
-}
-
-impl StepLayout {
-    fn backward(&self, j: usize, a: StepArgs, out: &mut Vec<Call>) -> Result<()> {
-        let step = &self.bwd.steps[j];
-        let node = &self.plan.nodes[step.node];
-        let xs = self.plan.shape(node.inputs[0]);
-        let x = self.t(node.inputs[0]);
-        // A fused BN's own output gradient is never materialised (`bn_backward` reads its ReLU's).
-        let dy = step
-            .grad_output
-            .filter(|&g| !self.fusion.elided[g])
-            .map_or(0, |g| self.t(g));
-        let dx = step.grad_inputs[0].map(|g| self.t(g));
-        let accumulate = step.accumulate[0];
-        let count = self.plan.tensor(node.inputs[0]).numel();
-        let call: Call = match &node.op {
-            Op::Conv2d(_) => return self.conv_backward(step.node, x, dy, dx, accumulate, out),
-            Op::BatchNorm { .. } => self.bn_backward(j, x, dx, accumulate)?,
-            Op::Relu => ReluBackward {
-                count,
-                y: self.t(node.outputs[0]),
-                dy,
-                dx: dx.context("relu gradient")?,
-                accumulate,
-            }
-            .into(),
-            Op::MaxPool(p) | Op::AvgPool(p) => {
-                let s = PoolShape::new(*p, xs[0], xs[1], xs[2], xs[3]);
-                PoolBackward {
-                    s,
-                    max: matches!(node.op, Op::MaxPool(_)),
-                    x,
-                    dy,
-                    ldy: step.grad_output.map_or(s.c, |g| self.ld(g)),
-                    yoff: 0,
-                    dx: dx.context("pool gradient")?,
-                    accumulate,
-                }
-                .into()
-            }
-            Op::GlobalAvgPool => GlobalAvgPoolBackward {
-                n: xs[0],
-                hw: xs[1] * xs[2],
-                c: xs[3],
-                dy,
-                dx: dx.context("global pool gradient")?,
-                accumulate,
-            }
-            .into(),
-            Op::Concat => return self.concat_backward(j, out),
-            Op::Dropout { p, seed } => DropoutBackward {
-                count,
-                p: *p,
-                seed: *seed,
-                step: a.step,
-                dy,
-                dx: dx.context("dropout gradient")?,
-                accumulate,
-            }
-            .into(),
-            Op::Linear { .. } => return self.linear_backward(j, x, dy, dx, accumulate, out),
-            Op::SoftmaxCrossEntropy { smoothing } => SoftmaxCe {
-                n: xs[0],
-                k: xs[1],
-                smoothing: *smoothing,
-                grad_scale: a.scale,
-                logits: x,
-                labels: Labels::F32(self.ptr.labels),
-                row_loss: self.ptr.row_loss,
-                loss: self.report_word(REPORT_LOSS),
-                counter: self.report_word(REPORT_COUNTER),
-                dlogits: dx.context("logits gradient")?,
-            }
-            .into(),
-        };
-        out.push(call);
-        Ok(())
-    }
-
-    /// BN backward; with an absorbed ReLU it reads the ReLU's output and that output's gradient
-    /// (both at the stride `bn_args` gives) and masks the gradient where the ReLU clipped.
-    fn bn_backward(&self, j: usize, x: DevPtr, dx: Option<DevPtr>, acc: bool) -> Result<Call> {
-        let i = self.bwd.steps[j].node;
-        let node = &self.plan.nodes[i];
-        let y_id = self.fusion.effective_output(&self.plan, i);
-        let gout = self.bwd.grad_of[y_id].context("batchnorm output gradient")?;
-        let a = self.bn_args(i);
-        if self.ld(gout) != a.ldy {
-            bail!("{}: output and output gradient strides differ", node.name);
-        }
-        Ok(BnBackward {
-            a,
-            x,
-            // Without a fused ReLU the kernel does not read y: pass x as a valid address.
-            y: if a.relu { self.t(y_id) } else { x },
-            dy: self.t(gout),
-            dgamma: self.grad(node.params[0]),
-            dbeta: self.grad(node.params[1]),
-            dx: dx.context("batchnorm input always has a gradient")?,
-            accumulate: acc,
-            ws: self.ptr.ws,
-        }
-        .into())
-    }
-
-    fn conv_backward(
-        &self,
-        i: usize,
-        x: DevPtr,
-        dy: DevPtr,
-        dx: Option<DevPtr>,
-        accumulate: bool,
-        out: &mut Vec<Call>,
-    ) -> Result<()> {
-        let s = ConvShape::of_node(&self.plan, i).context("conv shape")?;
-        let wt = self.plan.nodes[i].params[0];
-        let (ws, ws_elems) = (self.ptr.ws, self.ws_elems);
-        let dw = self.grad(wt);
-        let wgrad = ConvWgrad {
-            s,
-            x,
-            dy,
-            dw,
-            accumulate: false,
-            ws,
-            ws_elems,
-            imp: None,
-        };
-        out.push(wgrad.into());
-        if let Some(dx) = dx {
-            let out_dx = ConvOut {
-                accumulate,
-                ..ConvOut::dense(dx, s.conv.cin)
-            };
-            let w = self.weight(wt);
-            out.push(
-                ConvDgrad {
-                    s,
-                    dy,
-                    w,
-                    out: out_dx,
-                    imp: None,
-                }
-                .into(),
-            );
-        }
-        Ok(())
-    }
-
-    fn linear_backward(
-        &self,
-        j: usize,
-        x: DevPtr,
-        dy: DevPtr,
-        dx: Option<DevPtr>,
-        accumulate: bool,
-        out: &mut Vec<Call>,
-    ) -> Result<()> {
-        let node = &self.plan.nodes[self.bwd.steps[j].node];
-        let Op::Linear {
-            in_features: in_f,
-            out_features: out_f,
-        } = node.op
-        else {
-            unreachable!("linear_backward on a linear node")
-        };
-        let n = self.plan.batch();
-        let (w, b) = (node.params[0], node.params[1]);
-        if let Some(dx) = dx {
-            let w = self.weight(w);
-            let data = LinearBackwardData {
-                n,
-                in_f,
-                out_f,
-                dy,
-                w,
-                dx,
-                accumulate,
-                imp: None,
-            };
-            out.push(data.into());
-        }
-        let weight = LinearBackwardWeight {
-            n,
-            in_f,
-            out_f,
-            x,
-            dy,
-            dw: self.grad(w),
-            db: self.grad(b),
-            ws: self.ptr.ws,
-            ws_elems: self.ws_elems,
-            imp: None,
-        };
-        out.push(weight.into());
-        Ok(())
-    }
-
-    /// Copies the output gradient's channels into the input gradients that are not slices of it.
-    fn concat_backward(&self, j: usize, out: &mut Vec<Call>) -> Result<()> {
-        let step = &self.bwd.steps[j];
-        let (parts, rows) = self.concat_layout(step.node);
-        let gy = step.grad_output.context("concat output gradient")?;
-        let (dy, ld) = (self.t(gy), self.ld(gy));
-        for ((g, &acc), (c, off)) in step.grad_inputs.iter().zip(&step.accumulate).zip(parts) {
-            if let Some(g) = g.filter(|&g| self.fusion.view[g].is_none()) {
-                let copy = CopyChannels {
-                    src_ld: ld,
-                    src_off: off,
-                    accumulate: acc,
-                    ..CopyChannels::dense(rows, c, dy, self.t(g))
-                };
-                out.push(copy.into());
-            }
-        }
-        Ok(())
-    }
-
-    fn overflow_check(&self) -> Call {
-        OverflowCheck {
-            grads: self.ptr.grads,
-            count: self.params.len,
-            f16: false,
-            flag: self.report_word(REPORT_OVERFLOW),
-        }
-        .into()
-    }
-
-    fn scale_update(&self, growth_interval: u32) -> Call {
-        LossScaleUpdate {
-            flag: self.report_word(REPORT_OVERFLOW),
-            scale: self.report_word(REPORT_SCALE),
-            clean: self.report_word(REPORT_CLEAN),
-            growth_interval,
-        }
-        .into()
-    }
-
-    fn update(&self, a: StepArgs) -> Call {
-        let cfg = self.optim;
-        let overflow = a.growth.map_or(0, |_| self.report_word(REPORT_OVERFLOW));
-        // The mean over the ranks rides on the unscale factor (an exact no-op for one rank).
-        let world = self.world as f32;
-        let (inv_loss_scale, loss_scale) = match a.scale {
-            ScaleArg::Value(v) => (1.0 / (v * world), 0),
-            ScaleArg::Device(p) => (1.0 / world, p),
-        };
-        let params = RmspropParams {
-            w: self.ptr.master,
-            w16: self.ptr.w16,
-            ms: self.ptr.ms,
-            mom: self.ptr.mom,
-            grad: self.ptr.grads,
-            decay: self.ptr.decay,
-            lr_dev: 0,
-            overflow,
-            count: self.params.len as u64,
-            lr: a.lr,
-            rho: cfg.rho,
-            momentum: cfg.momentum,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-            inv_loss_scale,
-            loss_scale,
-        };
-        Rmsprop {
-            params,
-            grad_f16: false,
-        }
-        .into()
     }
 }

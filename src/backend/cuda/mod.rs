@@ -4,7 +4,8 @@
 //! - [`fusion`]: BN+ReLU fusion and concat slices; [`program`]: the step's stages in order, and
 //!   the host proof that they cover the plan;
 //! - [`arena`]: element sizes, arena placement, parameter slots, the memory estimate;
-//! - [`layout`]: where every tensor lives; [`calls`]: the stages resolved into kernel calls;
+//! - [`layout`]: where every tensor lives; [`calls`] (and `backward_calls`): the stages resolved
+//!   into kernel calls;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
 //! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`.
 //!
@@ -27,6 +28,7 @@
 //! - all work is queued on the device's stream; nothing synchronises except `synchronize`.
 
 pub mod arena;
+mod backward_calls;
 pub mod buffers;
 pub mod calls;
 pub mod fusion;

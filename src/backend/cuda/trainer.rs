@@ -33,7 +33,9 @@ use rayon::prelude::*;
 use std::rc::Rc;
 
 use super::arena::{self, MemoryEstimate};
-use super::buffers::{check_free_memory, oom_error, DeviceBuffers, Pinned};
+use super::buffers::{
+    check_batch, check_free_memory, check_state, oom_error, DeviceBuffers, Pinned,
+};
 use super::calls::{Call, Calls};
 use super::fusion;
 use super::layout::{StepArgs, StepLayout};
@@ -603,57 +605,4 @@ impl Drop for CudaTrainer {
     fn drop(&mut self) {
         let _ = self.dev.synchronize();
     }
-}
-
-/// Checks that a model and optimizer state fit the plan's layout (every buffer the upload
-/// scatters), so a mismatch is an error rather than an out-of-range panic.
-pub fn check_state(
-    plan: &Plan,
-    layout: &ParamLayout,
-    model: &ModelState,
-    optim: &RmsProp,
-) -> Result<()> {
-    let n = layout.param_len;
-    let fits = model.layout == *layout
-        && model.params.len() == n
-        && model.states.len() == layout.state_len
-        && optim.ms.len() == n
-        && optim.mom.len() == n
-        && optim
-            .decay
-            .iter()
-            .all(|(r, _)| r.start <= r.end && r.end <= n);
-    if !fits {
-        bail!("the model state does not fit the plan '{}'", plan.name);
-    }
-    Ok(())
-}
-
-/// Checks a batch against the plan before it is staged: the image and label counts, and labels
-/// inside the class range (softmax-CE would silently train on an out-of-range label).
-pub fn check_batch(plan: &Plan, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
-    if images.len() != plan.tensor(plan.input).numel() {
-        bail!(
-            "image batch has {} values, plan '{}' takes {}",
-            images.len(),
-            plan.name,
-            plan.tensor(plan.input).numel()
-        );
-    }
-    let Some(labels) = labels else {
-        return Ok(());
-    };
-    if labels.len() != plan.batch() {
-        bail!(
-            "label batch has {} labels, plan '{}' takes {}",
-            labels.len(),
-            plan.name,
-            plan.batch()
-        );
-    }
-    let classes = *plan.shape(plan.logits).last().unwrap_or(&0);
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-        bail!("label {bad} is out of range for {classes} classes");
-    }
-    Ok(())
 }
