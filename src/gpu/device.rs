@@ -11,6 +11,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
+use super::paths::KernelPaths;
 use super::{libs, nvrtc};
 use crate::precision::Amp;
 
@@ -66,6 +67,9 @@ pub struct CudaDevice {
     /// launcher's kernel entry point ([`AmpVariants`]), and at O0 keeps convolutions on the plain
     /// kernels. The caller must pass tensors of the matching types (see src/backend/cuda/mod.rs).
     pub amp: Amp,
+    /// The leaner step's changes this device's launchers and the trainer use, or the paths they
+    /// replaced (`INCEPTION_KERNELS`; see [`KernelPaths`]).
+    pub paths: KernelPaths,
 }
 
 /// The NVRTC architecture for a compute capability: the `a` variant on Hopper (sm_90a) so
@@ -123,6 +127,7 @@ impl CudaDevice {
             funcs,
             trust_unverified: std::env::var("INCEPTION_TRUST_FAST_KERNELS").as_deref() == Ok("1"),
             amp: Amp::O2,
+            paths: KernelPaths::from_env()?,
         };
         Ok(backend)
     }

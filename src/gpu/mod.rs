@@ -9,8 +9,10 @@
 pub mod device;
 pub mod libs;
 pub mod nvrtc;
+pub mod paths;
 pub mod sources;
 
 pub mod check;
 
 pub use device::{amp_variant, arch_for, AmpVariants, CudaDevice, DevPtr, Launch, BLOCK};
+pub use paths::KernelPaths;
