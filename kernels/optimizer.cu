@@ -1,5 +1,5 @@
-// The optimizer: overflow check, RMSProp over the flat parameter buffer, and the device loss
-// scaler.
+// The optimizer: overflow check, RMSProp over the flat parameter buffer, the device loss
+// scaler, and the per-step values a step replayed from a CUDA graph reads from device memory.
 #include "common.cuh"
 
 // Sets *flag = 1 if any gradient is inf or NaN. The caller zeroes the flag before the step; many
@@ -80,4 +80,14 @@ extern "C" __global__ void loss_scale_update(const int* overflow, float* scale, 
         if (isfinite(grown)) *scale = grown;
     }
     *clean = c;
+}
+
+// Writes a step's own values where its kernels read them when the step is replayed from a
+// captured CUDA graph (whose launch arguments are frozen): the learning rate RMSProp reads
+// through `lr_dev` and the step number dropout reads through `step_dev`. One thread, queued
+// before the replay.
+extern "C" __global__ void step_args_set(float lr, u64 step, float* lr_dst, u64* step_dst) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    *lr_dst = lr;
+    *step_dst = step;
 }

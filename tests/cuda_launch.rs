@@ -371,6 +371,7 @@ impl Checker {
         self.call();
         self.span("dropout x", x, count * self.act());
         self.span("dropout y", y, count * self.act());
+        self.step_word(c.step_dev);
         Ok(())
     }
     fn dropout_backward(&self, c: &DropoutBackward) -> Result<()> {
@@ -378,6 +379,7 @@ impl Checker {
         self.call();
         self.span("dropout dy", dy, count * self.act());
         self.span("dropout dx", dx, count * self.act());
+        self.step_word(c.step_dev);
         Ok(())
     }
     fn linear_forward(&self, c: &LinearForward) -> Result<()> {
@@ -493,7 +495,16 @@ impl Checker {
         for ptr in [p.overflow, p.loss_scale].into_iter().filter(|&p| p != 0) {
             self.from("scaler word", ptr, 4, "report");
         }
+        if p.lr_dev != 0 {
+            self.from("learning rate word", p.lr_dev, 4, "report");
+        }
         Ok(())
+    }
+    /// The step number a graph-replayed dropout reads from device memory (0: an argument).
+    fn step_word(&self, step_dev: u64) {
+        if step_dev != 0 {
+            self.from("step word", step_dev, 8, "report");
+        }
     }
     fn loss_scale_update(&self, c: &LossScaleUpdate) -> Result<()> {
         let (flag, scale, clean) = (c.flag, c.scale, c.clean);
@@ -569,6 +580,7 @@ fn every_launch_addresses_only_memory_the_executor_allocates() {
                 lr: 0.01,
                 scale: ScaleArg::Value(1.0),
                 growth: Some(2000),
+                on_device: false,
             };
             let (step, checker) = layout(name, batch, size, amp, true);
             let scale = ScaleArg::Device(step.report_word(3));
@@ -586,6 +598,18 @@ fn every_launch_addresses_only_memory_the_executor_allocates() {
             assert!(
                 problems.is_empty(),
                 "{name} {amp:?} fixed scale:\n{}",
+                problems.join("\n")
+            );
+            // As a step replayed from a CUDA graph resolves it: step and rate in device words.
+            let on_device = StepArgs {
+                on_device: true,
+                scale,
+                ..dynamic
+            };
+            let problems = run(&step, &checker, true, on_device);
+            assert!(
+                problems.is_empty(),
+                "{name} {amp:?} graph (values on the device):\n{}",
                 problems.join("\n")
             );
             let problems = run(&step, &checker, false, StepArgs::infer());

@@ -116,8 +116,13 @@ impl CudaDevice {
         }
         let device_name = ctx.name()?;
         let registry = Self::registry_name(&arch, &device_name);
+        // A stream of its own rather than the legacy default stream, which cannot be captured
+        // into a CUDA graph (KernelPaths::graph).
+        let stream = ctx
+            .new_stream()
+            .context("creating the device's CUDA stream")?;
         let backend = Self {
-            stream: ctx.default_stream(),
+            stream,
             device_name,
             ctx,
             verified: Mutex::new(Self::load_verified(&registry)),

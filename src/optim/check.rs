@@ -1,12 +1,13 @@
 //! Self-test cases of the optimizer's launchers: one RMSProp step against [`RmsProp`] (half the
 //! elements decayed), a step with the overflow flag set that must change nothing, the overflow
-//! checks, and RMSProp reading fp16 gradients.
+//! checks, RMSProp reading fp16 gradients, and the step values written to device memory (what a
+//! step replayed from a CUDA graph reads).
 
 use std::ops::Range;
 
 use anyhow::Result;
 
-use super::cuda::{OverflowCheck, Rmsprop, RmspropParams};
+use super::cuda::{OverflowCheck, Rmsprop, RmspropParams, SetStepArgs};
 use super::{RmsProp, RmsPropConfig};
 use crate::gpu::check::{SelfTest, TOL};
 use crate::gpu::Launch;
@@ -188,6 +189,73 @@ impl SelfTest<'_> {
             "rmsprop_f32",
             f16_grads,
             Some(f32_grads),
+            0.0,
+        );
+        Ok(())
+    }
+}
+
+impl SelfTest<'_> {
+    /// `step_args_set` writes the learning rate and a step above 2^32 where the graph's kernels
+    /// read them, and RMSProp reading the rate from there (its argument set to a wrong value)
+    /// equals RMSProp given the rate as an argument.
+    pub fn device_step_args(&mut self, count: usize) -> Result<()> {
+        let (lr, step) = (0.1f32, (1u64 << 32) + 7);
+        let words = self.zeros::<u32>(8)?;
+        let (lr_dst, step_dst) = (words.ptr + 20, words.ptr + 24);
+        let args = SetStepArgs {
+            lr,
+            step,
+            lr_dst,
+            step_dst,
+        };
+        args.launch(self.dev)?;
+        let got = self.dev.stream.clone_dtoh(&words.dev)?;
+        let got_step = got[6] as u64 | (got[7] as u64) << 32;
+        let values = [f32::from_bits(got[5]), (got_step - step) as f32];
+        let label = format!("{count}");
+        self.record(
+            "step_args_set",
+            &label,
+            "expected",
+            &values,
+            Some(&[lr, 0.0]),
+            0.0,
+        );
+        let g = self.random(count, 64.0);
+        let (w0, gb) = (self.random(count, 1.0), self.buf(&g)?);
+        let mut updated = Vec::new();
+        for on_device in [false, true] {
+            let (wb, msb, momb) = (
+                self.buf(&w0)?,
+                self.zeros::<f32>(count)?,
+                self.zeros::<f32>(count)?,
+            );
+            let params = RmspropParams {
+                w: wb.ptr,
+                ms: msb.ptr,
+                mom: momb.ptr,
+                grad: gb.ptr,
+                lr_dev: if on_device { lr_dst } else { 0 },
+                count: count as u64,
+                lr: if on_device { 7.0 } else { lr },
+                rho: 0.9,
+                momentum: 0.9,
+                eps: 1.0,
+                inv_loss_scale: 1.0 / 64.0,
+                ..RmspropParams::default()
+            };
+            let grad_f16 = false;
+            Rmsprop { params, grad_f16 }.launch(self.dev)?;
+            updated.push(self.read_f32(&wb)?);
+        }
+        let name = "rmsprop_f32(lr_dev)";
+        self.record(
+            name,
+            &label,
+            "rmsprop_f32",
+            &updated[1],
+            Some(&updated[0]),
             0.0,
         );
         Ok(())

@@ -1,6 +1,7 @@
 //! The optimizer's launchers (kernels/optimizer.cu): the fused RMSProp update over the flat
 //! parameter buffers, the gradient overflow check and the device loss scaler's update, all
-//! reading the loss scale and overflow flag in device memory so the host never waits on them.
+//! reading the loss scale and overflow flag in device memory so the host never waits on them,
+//! and the step's own values written to device memory for a step replayed from a CUDA graph.
 
 use anyhow::{Context, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
@@ -103,5 +104,28 @@ impl Launch for LossScaleUpdate {
             clean,
             growth_interval
         )
+    }
+}
+
+/// Writes the learning rate (f32) to `lr_dst` and the step number (u64) to `step_dst`: the values
+/// a step replayed from a CUDA graph reads from device memory (see `step_args_set` in
+/// kernels/optimizer.cu). Queued before each replay.
+#[derive(Clone, Copy, Debug)]
+pub struct SetStepArgs {
+    pub lr: f32,
+    pub step: u64,
+    pub lr_dst: DevPtr,
+    pub step_dst: DevPtr,
+}
+
+impl Launch for SetStepArgs {
+    fn launch(&self, dev: &CudaDevice) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (lr, step, lr_dst, step_dst) = (self.lr, self.step, self.lr_dst, self.step_dst);
+        cuda_launch!(dev, "step_args_set", cfg, lr, step, lr_dst, step_dst)
     }
 }

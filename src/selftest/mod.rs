@@ -75,6 +75,7 @@ fn run_plan_o2(t: &mut SelfTest, plan: &Plan) -> Result<()> {
     run_activation_ops(t, plan)?;
     t.rmsprop(1 << 20)?;
     t.fp16_gradients(1 << 14)?;
+    t.device_step_args(1 << 12)?;
     t.wgrad_reduce_f16(1 << 14)
 }
 

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 
 use super::calls::Call;
 use super::layout::{StepArgs, StepLayout, REPORT_CLEAN, REPORT_COUNTER, REPORT_LOSS};
-use super::layout::{REPORT_OVERFLOW, REPORT_SCALE};
+use super::layout::{ARG_LR, REPORT_OVERFLOW, REPORT_SCALE};
 use crate::gpu::DevPtr;
 use crate::ops::batchnorm::cuda::BnBackward;
 use crate::ops::concat::cuda::CopyChannels;
@@ -75,6 +75,7 @@ impl StepLayout {
                 p: *p,
                 seed: *seed,
                 step: a.step,
+                step_dev: self.step_word(a),
                 dy,
                 dx: dx.context("dropout gradient")?,
                 accumulate,
@@ -274,7 +275,11 @@ impl StepLayout {
             mom: self.ptr.mom,
             grad: self.ptr.grads,
             decay: self.ptr.decay,
-            lr_dev: 0,
+            lr_dev: if a.on_device {
+                self.report_word(ARG_LR)
+            } else {
+                0
+            },
             overflow,
             count: self.params.len as u64,
             lr: a.lr,

@@ -217,6 +217,7 @@ impl StepLayout {
                 p: if a.train { *p } else { 0.0 },
                 seed: *seed,
                 step: a.step,
+                step_dev: self.step_word(a),
                 x,
                 y,
             }

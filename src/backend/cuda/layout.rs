@@ -25,6 +25,11 @@ pub const REPORT_OVERFLOW: usize = 1;
 pub const REPORT_COUNTER: usize = 2;
 pub const REPORT_SCALE: usize = 3;
 pub const REPORT_CLEAN: usize = 4;
+/// The step's own values in the same buffer, written by `step_args_set` before a step replayed
+/// from a CUDA graph: the learning rate (f32 bits) and the step number (a u64 over words 6 and
+/// 7, 8-byte aligned).
+pub const ARG_LR: usize = 5;
+pub const ARG_STEP: usize = 6;
 pub const REPORT_WORDS: usize = 8;
 
 /// Base addresses of the device buffers (the trainer's allocations), taken once: the calls
@@ -57,6 +62,10 @@ pub struct StepArgs {
     pub scale: ScaleArg,
     /// Dynamic scaling: the scaler's growth interval (the device checks overflow and updates it).
     pub growth: Option<u32>,
+    /// The kernels read the step number and learning rate from device memory ([`ARG_STEP`],
+    /// [`ARG_LR`]) rather than from their arguments: the calls then stay valid from step to
+    /// step, as a captured CUDA graph needs.
+    pub on_device: bool,
 }
 
 impl StepArgs {
@@ -68,6 +77,7 @@ impl StepArgs {
             lr: 0.0,
             scale: ScaleArg::Value(1.0),
             growth: None,
+            on_device: false,
         }
     }
 }
@@ -159,6 +169,16 @@ impl StepLayout {
 
     pub fn report_word(&self, word: usize) -> DevPtr {
         self.ptr.report + 4 * word as u64
+    }
+
+    /// Where the dropout kernels read the step: in device memory when `a.on_device`, else 0 (the
+    /// launch argument).
+    pub(super) fn step_word(&self, a: StepArgs) -> DevPtr {
+        if a.on_device {
+            self.report_word(ARG_STEP)
+        } else {
+            0
+        }
     }
 
     /// Address of an arena tensor (forward or gradient id); a slice's address is its first

@@ -7,7 +7,8 @@
 //! - [`layout`]: where every tensor lives; [`calls`] (and `backward_calls`): the stages resolved
 //!   into kernel calls;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
-//! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`.
+//! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`; [`graph`]: the
+//!   step replayed from captured CUDA graphs.
 //!
 //! Conventions of every launcher:
 //! - tensors are raw device addresses ([`DevPtr`]) carved from the caller's arena; launchers never
@@ -32,6 +33,7 @@ mod backward_calls;
 pub mod buffers;
 pub mod calls;
 pub mod fusion;
+pub mod graph;
 pub mod layout;
 pub mod program;
 pub mod trainer;

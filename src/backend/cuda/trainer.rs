@@ -36,8 +36,9 @@ use super::arena::{self, MemoryEstimate};
 use super::buffers::{
     check_batch, check_free_memory, check_state, oom_error, DeviceBuffers, Pinned,
 };
-use super::calls::{Call, Calls};
+use super::calls::Calls;
 use super::fusion;
+use super::graph::{run_calls, StepGraphs};
 use super::layout::{StepArgs, StepLayout};
 use super::layout::{REPORT_CLEAN, REPORT_LOSS, REPORT_OVERFLOW, REPORT_SCALE};
 use super::program::Stage;
@@ -78,6 +79,9 @@ pub struct CudaTrainer {
     /// only when the scaler's kind or fixed value changes); per step only the step number and
     /// learning rate are patched in.
     train_calls: Option<(ScaleKey, Calls)>,
+    /// The training calls captured as CUDA graphs (`KernelPaths::graph`), once per resolution of
+    /// `train_calls`.
+    graphs: Option<StepGraphs>,
     /// Data-parallel training: sums the gradients over the ranks between the backward pass and
     /// the overflow check, staged through host memory (no NCCL yet).
     reducer: Option<Rc<dyn GradReducer>>,
@@ -111,6 +115,7 @@ impl CudaTrainer {
     pub fn with_reducer(mut self, reducer: Rc<dyn GradReducer>) -> Self {
         self.step.world = reducer.world();
         self.train_calls = None; // the update's unscale factor changed
+        self.graphs = None;
         self.reducer = Some(reducer);
         self
     }
@@ -169,6 +174,7 @@ impl CudaTrainer {
             train,
             infer_calls,
             train_calls: None,
+            graphs: None,
             reducer: None,
         };
         trainer.upload(&model)?;
@@ -243,10 +249,13 @@ impl CudaTrainer {
         self.dev.synchronize()
     }
 
-    /// Kernel launches of one training step, once a step has resolved its calls.
+    /// Kernel launches one training step runs, once a step has resolved its calls (a step
+    /// replayed from a CUDA graph adds the launch that writes its step values; the host then
+    /// queues that launch and the graph, not each kernel).
     pub fn launches_per_step(&self) -> Option<usize> {
         let (_, calls) = self.train_calls.as_ref()?;
-        Some(calls.iter().map(|(_, c)| c.kernel_launches()).sum())
+        let kernels: usize = calls.iter().map(|(_, c)| c.kernel_launches()).sum();
+        Some(kernels + self.dev.paths.graph as usize)
     }
 
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
@@ -420,11 +429,19 @@ impl CudaTrainer {
     }
 
     /// Queues every call of a training step (resolving the program first when the loss scaling
-    /// changed) and the copy of its report to pinned slot `slot` after the last one.
+    /// changed) and the copy of its report to pinned slot `slot` after the last one. With
+    /// `KernelPaths::graph` the calls read the step's values from device memory and are
+    /// replayed from CUDA graphs captured at their first step.
     fn run_train_calls(&mut self, args: StepArgs, slot: usize) -> Result<()> {
+        let graph = self.dev.paths.graph;
+        let args = StepArgs {
+            on_device: graph,
+            ..args
+        };
         let key = (args.scale, args.growth);
         if self.train_calls.as_ref().is_none_or(|(k, _)| *k != key) {
             self.train_calls = Some((key, self.step.program_calls(true, args)?));
+            self.graphs = None;
         }
         let (_, calls) = self.train_calls.as_mut().expect("built above");
         for (_, call) in calls.iter_mut() {
@@ -436,11 +453,29 @@ impl CudaTrainer {
             .position(|(stage, _)| matches!(stage, Stage::OverflowCheck | Stage::Update))
             .unwrap_or(calls.len());
         let plan = &self.step.plan.name;
-        run_calls(&self.dev, &calls[..update], plan)?;
-        if let Some(reducer) = &self.reducer {
-            reduce_through_host(&self.dev, &mut self.bufs.grads, reducer.as_ref())?;
+        if graph {
+            self.step.step_args(args).launch(&self.dev)?;
+            let cuts = if self.reducer.is_some() {
+                &[update][..]
+            } else {
+                &[]
+            };
+            if self.graphs.is_none() {
+                self.graphs = Some(StepGraphs::capture(&self.dev, calls, cuts, plan)?);
+            }
+            let graphs = self.graphs.as_ref().expect("captured above");
+            graphs.launch(0)?;
+            if let Some(reducer) = &self.reducer {
+                reduce_through_host(&self.dev, &mut self.bufs.grads, reducer.as_ref())?;
+                graphs.launch(1)?;
+            }
+        } else {
+            run_calls(&self.dev, &calls[..update], plan)?;
+            if let Some(reducer) = &self.reducer {
+                reduce_through_host(&self.dev, &mut self.bufs.grads, reducer.as_ref())?;
+            }
+            run_calls(&self.dev, &calls[update..], plan)?;
         }
-        run_calls(&self.dev, &calls[update..], plan)?;
         self.queue_report(slot)
     }
 }
@@ -469,15 +504,6 @@ fn reduce_through_host(
     let mut host = dev.stream.clone_dtoh(grads)?;
     reducer.all_reduce_sum(&mut host)?;
     dev.stream.memcpy_htod(&host, grads)?;
-    Ok(())
-}
-
-/// Queues `calls` in order, naming the stage of a call that fails to launch.
-fn run_calls(dev: &CudaDevice, calls: &[(Stage, Call)], plan: &str) -> Result<()> {
-    for (stage, call) in calls {
-        call.launch(dev)
-            .with_context(|| format!("{stage:?} of plan '{plan}'"))?;
-    }
     Ok(())
 }
 
@@ -532,6 +558,7 @@ impl Backend for CudaTrainer {
                 None => ScaleArg::Value(scaler.scale()),
             },
             growth: dynamic,
+            on_device: false, // set by run_train_calls for graphs
         };
         let s = self.dev.stream.clone();
         let flag = REPORT_OVERFLOW..REPORT_OVERFLOW + 1;

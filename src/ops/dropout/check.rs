@@ -1,5 +1,7 @@
 //! Self-test case of the dropout launchers: the forward's mask must match the CPU reference bit
-//! for bit, and the backward must apply the same mask.
+//! for bit, and the backward must apply the same mask. The forward takes the step as an argument
+//! and the backward reads it from device memory (as a step replayed from a CUDA graph does), so
+//! the comparison also proves the two ways of passing it agree.
 
 use anyhow::Result;
 
@@ -15,11 +17,13 @@ impl SelfTest<'_> {
         let xb = self.act(&x)?;
         let (y, dx) = (self.poisoned_act(count)?, self.poisoned_act(count)?);
         let xp = xb.ptr();
+        let step_dev = self.buf(&[step])?;
         DropoutForward {
             count,
             p,
             seed,
             step,
+            step_dev: 0,
             x: xp,
             y: y.ptr(),
         }
@@ -28,7 +32,9 @@ impl SelfTest<'_> {
             count,
             p,
             seed,
-            step,
+            // Not the step: the kernel must read the one in device memory.
+            step: step + 1,
+            step_dev: step_dev.ptr,
             dy: xp,
             dx: dx.ptr(),
             accumulate: false,

@@ -1,5 +1,6 @@
 //! Dropout launchers (kernels/dropout.cu): the mask is a counter-based hash of (seed, step,
-//! element index), so forward and backward agree without storing it.
+//! element index), so forward and backward agree without storing it. The step is a launch
+//! argument, or read from device memory (`step_dev`) by a step replayed as a CUDA graph.
 
 use anyhow::{Context, Result};
 
@@ -13,6 +14,8 @@ pub struct DropoutForward {
     pub p: f32,
     pub seed: u64,
     pub step: u64,
+    /// Device address of the step (a u64), read instead of `step` when not 0.
+    pub step_dev: DevPtr,
     pub x: DevPtr,
     pub y: DevPtr,
 }
@@ -20,9 +23,9 @@ pub struct DropoutForward {
 impl Launch for DropoutForward {
     fn launch(&self, dev: &CudaDevice) -> Result<()> {
         let (p, seed, step, x, y) = (self.p, self.seed, self.step, self.x, self.y);
-        let n = self.count as u64;
+        let (n, step_dev) = (self.count as u64, self.step_dev);
         let name = dev.amp_kernel(["dropout_fwd_o0", "dropout_fwd", "dropout_fwd"]);
-        cuda_launch!(dev, name, dev.grid_1d(n)?, x, n, p, seed, step, y)
+        cuda_launch!(dev, name, dev.grid_1d(n)?, x, n, p, seed, step, y, step_dev)
     }
 }
 
@@ -33,6 +36,8 @@ pub struct DropoutBackward {
     pub p: f32,
     pub seed: u64,
     pub step: u64,
+    /// As [`DropoutForward::step_dev`].
+    pub step_dev: DevPtr,
     pub dy: DevPtr,
     pub dx: DevPtr,
     pub accumulate: bool,
@@ -41,8 +46,20 @@ pub struct DropoutBackward {
 impl Launch for DropoutBackward {
     fn launch(&self, dev: &CudaDevice) -> Result<()> {
         let (p, seed, step, dy, dx) = (self.p, self.seed, self.step, self.dy, self.dx);
-        let (n, acc) = (self.count as u64, self.accumulate as i32);
+        let (n, acc, step_dev) = (self.count as u64, self.accumulate as i32, self.step_dev);
         let name = dev.amp_kernel(["dropout_bwd_o0", "dropout_bwd", "dropout_bwd"]);
-        cuda_launch!(dev, name, dev.grid_1d(n)?, dy, n, p, seed, step, dx, acc)
+        cuda_launch!(
+            dev,
+            name,
+            dev.grid_1d(n)?,
+            dy,
+            n,
+            p,
+            seed,
+            step,
+            dx,
+            acc,
+            step_dev
+        )
     }
 }
