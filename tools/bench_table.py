@@ -5,8 +5,10 @@
         --train gpu-out/bench-train.log --torch gpu-out/torch-baseline.json
 
 Each input may be a JSON file or a log whose last JSON line is the report:
-- --kernels: `inception-engine bench kernels --json` (or its --out file);
-- --train:   `inception-engine bench train --json` (needs "images_per_sec");
+- --kernels: `inception-engine bench kernels --json` (or its --out file); with several
+  `--kernels` paths the main tables show the last, and a table compares the paths case by case;
+- --train:   `inception-engine bench train --json` (needs "images_per_sec"; with several
+  `--kernels` paths, every run is under "runs");
 - --torch:   `tools/torch_baseline.py` (its final JSON line or --json-out file).
 With --ratio-only it prints just the end-to-end lines (tools/gpu-check.sh's summary uses that).
 Standard library only.
@@ -45,10 +47,19 @@ def fmt(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def last_paths_rows(rep):
+    """The rows of the last kernel paths timed (the references, measured once, included)."""
+    specs = rep.get("kernels") or []
+    last = specs[-1] if specs else None
+    refs = {r["id"] for r in rep["rows"] if r.get("kernels") == last}
+    return [r for r in rep["rows"]
+            if last is None or r.get("kernels") == last or r["id"] not in refs]
+
+
 def conv_table(rep):
     """One line per conv shape (and the FC): custom and reference TFLOP/s and ratio per mode."""
     by_layer = {}
-    for r in rep["rows"]:
+    for r in last_paths_rows(rep):
         if r["group"] not in ("conv", "fc"):
             continue
         _, layer, mode = r["id"].split("/")
@@ -94,7 +105,7 @@ def memory_table(rep):
         "| case | shape | kernel | GB/s | of copy |",
         "|---|---|---|---:|---:|",
     ]
-    for r in rep["rows"]:
+    for r in last_paths_rows(rep):
         if r["unit"] != "GB/s" or r["group"] == "copy":
             continue
         c = r.get("custom") or {}
@@ -104,14 +115,61 @@ def memory_table(rep):
     return "\n".join(out)
 
 
+def paths_table(rep):
+    """Each case's time under every kernel path timed, and first over last (above 1: the last
+    path is faster)."""
+    specs = rep.get("kernels") or []
+    if len(specs) < 2:
+        return ""
+    by_id = {}
+    for r in rep["rows"]:
+        c = r.get("custom")
+        if c:
+            by_id.setdefault(r["id"], {})[r.get("kernels")] = c["median_ms"]
+    out = ["| case | " + " | ".join(f"{k} ms" for k in specs) + f" | {specs[0]} / {specs[-1]} |",
+           "|---|" + "---:|" * (len(specs) + 1)]
+    totals = [0.0] * len(specs)
+    for case, times in by_id.items():
+        if not all(k in times for k in specs):
+            continue
+        for i, k in enumerate(specs):
+            totals[i] += times[k]
+        out.append(f"| {case} | " + " | ".join(fmt(times[k], 3) for k in specs)
+                   + f" | {fmt(times[specs[0]] / times[specs[-1]])} |")
+    out.append("| **sum over the cases** | " + " | ".join(fmt(t, 3) for t in totals)
+               + f" | {fmt(totals[0] / totals[-1] if totals[-1] else None)} |")
+    return "\n".join(out)
+
+
+def limit_table(rep):
+    """Each case of the last paths against its limit at the card's matrix rate and copy bandwidth."""
+    rows = [r for r in last_paths_rows(rep) if r.get("limit_ms") is not None and r.get("custom")]
+    if not rows:
+        return ""
+    out = [f"Limits at {fmt(rep.get('matrix_tflops'), 0)} TFLOP/s (cuBLAS fp16) and "
+           f"{fmt(rep.get('copy_gbps'), 0)} GB/s (copy):",
+           "",
+           "| case | shape | limit ms | ours ms | of the limit |",
+           "|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['id']} | `{r['shape']}` | {fmt(r['limit_ms'], 3)} | "
+                   f"{fmt(r['custom']['median_ms'], 3)} | {100 * r['of_limit']:.0f}% |")
+    return "\n".join(out)
+
+
 def e2e_lines(train, torch):
     lines = []
     ours = train and train.get("images_per_sec")
     res = (torch or {}).get("results", {})
-    if ours:
-        peak = train.get("peak_device_bytes") or train.get("peak_memory_bytes")
+    for run in (train or {}).get("runs") or ([train] if ours else []):
+        peak = run.get("peak_device_bytes") or run.get("peak_memory_bytes")
         extra = f", peak {peak / 2**30:.2f} GiB" if peak else ""
-        lines.append(f"engine: {ours:.1f} images/s{extra}")
+        if run.get("of_limit") is not None:
+            extra += f", {100 * run['of_limit']:.1f}% of the limit ({run['limit_ms']:.1f} ms)"
+        if run.get("kernel_launches_per_step") is not None:
+            extra += f", {run['kernel_launches_per_step']} kernel launches per step"
+        paths = f" [{run['kernels']}]" if run.get("kernels") else ""
+        lines.append(f"engine{paths}: {run['images_per_sec']:.1f} images/s{extra}")
     for mode in ("eager", "compile"):
         r = res.get(mode)
         if not r or "images_per_sec" not in r:
@@ -150,6 +208,10 @@ def main(argv=None):
         print()
         print(memory_table(rep))
         print()
+        for table in (paths_table(rep), limit_table(rep)):
+            if table:
+                print(table)
+                print()
     if a.train or a.torch:
         print("End to end:\n")
         for line in e2e_lines(train, torch):

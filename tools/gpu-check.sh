@@ -66,8 +66,11 @@ fi
 step whole-steps 150 "$BIN" selftest --device cuda --shapes full --steps-only --json
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
-# O2 with the default loss scale (dynamic, on the device), then O3 (fp16 BN as well).
-step bench-train 150 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 --json
+# O2 with the default loss scale (dynamic, on the device), the step as it was before the
+# leaner-step changes (baseline) and with them (lean) in one run, each with its limit at the
+# card's measured matrix rate and copy bandwidth; then O3 (fp16 BN as well) on the lean path.
+step bench-train 180 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O2 \
+  --kernels baseline --kernels lean --json
 step bench-train-o3 120 "$BIN" bench train --plan v4 --device cuda --batch-size 128 --amp O3 --json
 # A short real training run: O2 with dynamic loss scaling; the loss should fall. By default the
 # bundled Fashion-MNIST sample (about 300 steps of batch 16 at 75x75); with GPU_CHECK_PACKS=1 and
@@ -124,7 +127,9 @@ fi
 
 # bench (issue 6): every conv shape vs cuDNN (cudnnFind per shape and mode), FC vs cuBLAS, bandwidth
 # kernels; the --json report goes to bench-kernels.json (--out) so the console keeps the text rows.
-step bench-kernels 240 "$BIN" bench kernels --out "$OUT/bench-kernels.json"
+# Both kernel paths: the references (cuDNN, cuBLAS, the copy and the matrix rate) run once.
+step bench-kernels 240 "$BIN" bench kernels --kernels baseline --kernels lean \
+  --out "$OUT/bench-kernels.json"
 rm -rf "$NCCL_DIR"
 # --- 5. summary last --------------------------------------------------------------------------------
 {

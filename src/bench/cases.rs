@@ -96,9 +96,7 @@ impl PoolCase {
     }
 }
 
-/// Bytes RMSProp moves per parameter: fp32 weight, mean square and momentum read and written,
-/// fp32 gradient read, fp16 weight copy written (no decay mask).
-pub const RMSPROP_BYTES_PER_PARAM: f64 = 4.0 * 2.0 * 3.0 + 4.0 + 2.0;
+pub use crate::backend::cuda::cost::RMSPROP_BYTES_PER_PARAM;
 
 /// Everything the suite measures for one plan.
 #[derive(Clone, Debug, Serialize)]

@@ -29,6 +29,8 @@ const SAMPLE_MS: f64 = 1.0;
 pub(super) const CUDNN_WORKSPACE: usize = 1 << 30;
 /// Size of the device-to-device copy that sets the bandwidth reference.
 pub(super) const COPY_BYTES: usize = 1 << 30;
+/// Side of the square fp16 matrix product that sets the matrix-rate reference.
+pub(super) const MATRIX_DIM: usize = 8192;
 
 /// A device allocation and its raw address.
 pub struct DevBuf {
@@ -226,10 +228,34 @@ impl Gpu {
     }
 }
 
+/// The card's matrix rate (TFLOP/s) and copy bandwidth (GB/s), measured as the suite's two
+/// reference rows measure them (`bench train` prints the step's limit at these rates).
+pub fn measure_rates(samples: usize) -> Result<crate::backend::cuda::cost::Rates> {
+    let gpu = Gpu::open(samples)?;
+    let rate = |prep: Result<Prepared>| -> Result<f64> {
+        let mut prep = prep?;
+        let amount = match prep.work {
+            Work::Flop(f) => f / 1e12,
+            Work::Bytes(b) => b / 1e9,
+        };
+        let t = gpu.time(&mut prep.variants[0].run)?;
+        Ok(amount / (t.median_ms / 1e3))
+    };
+    let copy_gbps = rate(gpu.prep_copy())?;
+    // Without cuBLAS the matrix rate stays unknown (the step's limit then too).
+    let matrix_tflops = rate(gpu.prep_matrix()).ok();
+    Ok(crate::backend::cuda::cost::Rates {
+        matrix_tflops,
+        copy_gbps: Some(copy_gbps),
+    })
+}
+
 /// Every case of the suite in order, as ids; [`Gpu::prepare`] builds one.
 #[derive(Clone, Debug)]
 pub enum Case {
     Copy,
+    /// The matrix-rate reference: a large cuBLAS fp16 product.
+    Matrix,
     Conv(ConvCase, ConvMode),
     /// A forward whose input channels are not a multiple of 8 (the 3-channel stem) on the
     /// tensor-core path: input padded to 8 channels on the device (timed), weights padded once.
@@ -252,9 +278,10 @@ fn mode_name(m: ConvMode) -> &'static str {
 }
 
 impl Case {
-    /// All cases of `cases`: the copy reference first (the bandwidth rows need it).
+    /// All cases of `cases`: the copy and matrix references first (the other rows' limits
+    /// need them).
     pub fn all(cases: &Cases) -> Vec<Case> {
-        let mut v = vec![Case::Copy];
+        let mut v = vec![Case::Copy, Case::Matrix];
         for c in &cases.convs {
             v.extend(MODES.iter().map(|&m| Case::Conv(c.clone(), m)));
             if c.shape.conv.cin % 8 != 0 {
@@ -280,6 +307,7 @@ impl Case {
         let dir = |fwd: bool| if fwd { "fwd" } else { "bwd" };
         match self {
             Case::Copy => "copy/dtod".into(),
+            Case::Matrix => format!("matrix/cublas/{MATRIX_DIM}"),
             Case::Conv(c, m) => format!("conv/{}/{}", c.name, mode_name(*m)),
             Case::ConvPad8(c) => format!("conv/{}/fprop_pad8", c.name),
             Case::Fc(m) => format!("fc/classifier/{}", mode_name(*m)),

@@ -7,11 +7,14 @@
 //! - [`cases`]: what is measured, derived from the plan (pure, tested without a GPU);
 //! - [`cudnn`]: the cuDNN reference convolutions on raw device addresses;
 //! - [`gpu`]: buffers, CUDA-event timing and the prepared cases;
+//! - [`limit`]: each case's useful work, timed against the card's measured matrix rate and copy
+//!   bandwidth;
 //! - this file: the CLI arguments, the run and its report (text rows, JSON).
 
 pub mod cases;
 pub mod cudnn;
 pub mod gpu;
+pub mod limit;
 pub mod prepare;
 pub mod prepare_conv;
 
@@ -20,6 +23,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use crate::backend::cuda::cost::{Cost, Rates};
+use crate::gpu::KernelPaths;
 use gpu::{Case, Gpu, Work};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,6 +51,11 @@ pub struct KernelArgs {
     /// Print the ids of the cases (after --filter) and exit; needs no GPU.
     #[arg(long)]
     pub list: bool,
+    /// Kernel paths to time, each a spec as `INCEPTION_KERNELS` takes it (`lean`, `baseline`,
+    /// `lean,-bn_vec`); repeat to time several in one run (the references run once). Default:
+    /// `INCEPTION_KERNELS`, else lean.
+    #[arg(long = "kernels")]
+    pub kernels: Vec<String>,
 }
 
 /// One implementation's figures on one case.
@@ -72,6 +82,12 @@ pub struct Row {
     pub ratio: Option<f64>,
     /// For GB/s rows: the fraction of the measured device-to-device copy bandwidth.
     pub copy_fraction: Option<f64>,
+    /// The kernel paths the custom implementation ran (`KernelPaths::spec`).
+    pub kernels: String,
+    /// The time the case's useful work takes at the measured matrix rate and copy bandwidth
+    /// (whichever binds), and that limit over the custom median (1 = at the limit).
+    pub limit_ms: Option<f64>,
+    pub of_limit: Option<f64>,
     pub note: Option<String>,
     /// An implementation failed to launch (its error is in the note).
     pub failed: bool,
@@ -86,6 +102,10 @@ pub struct Report {
     pub samples: usize,
     /// Read + write bandwidth of a 1 GiB cuMemcpyDtoD, GB/s.
     pub copy_gbps: Option<f64>,
+    /// TFLOP/s of an 8192^3 cuBLAS fp16 product (fp32 compute).
+    pub matrix_tflops: Option<f64>,
+    /// The kernel paths timed, in order.
+    pub kernels: Vec<String>,
     /// Tensor-core conv shapes that failed the check against the plain kernels (they run plain).
     pub unverified_shapes: usize,
     pub rows: Vec<Row>,
@@ -112,7 +132,8 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let gpu = Gpu::open(a.samples).map_err(|e| anyhow::anyhow!("`bench kernels`: {e:#}"))?;
+    let specs = kernel_specs(&a.kernels)?;
+    let mut gpu = Gpu::open(a.samples).map_err(|e| anyhow::anyhow!("`bench kernels`: {e:#}"))?;
     let device = gpu.describe();
     eprintln!(
         "bench kernels: {} batch {} at {}x{} on {device}",
@@ -131,9 +152,13 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
             shapes.push(shape);
         }
     }
-    let unverified = gpu
-        .verify(&shapes)
-        .context("checking the tensor-core kernels")?;
+    let mut unverified = 0;
+    for spec in &specs {
+        gpu.be.paths = *spec;
+        unverified += gpu
+            .verify(&shapes)
+            .context("checking the tensor-core kernels")?;
+    }
     let mut report = Report {
         device,
         plan: a.plan.clone(),
@@ -141,22 +166,47 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
         image_size: a.image_size,
         samples: a.samples,
         copy_gbps: None,
+        matrix_tflops: None,
+        kernels: specs.iter().map(|s| s.spec()).collect(),
         unverified_shapes: unverified,
         rows: Vec::new(),
     };
     println!("{}", text_header());
     let mut failed = 0;
     for case in &selected {
-        // A case that fails is reported and the suite goes on (a launch error that poisons the
-        // context will make the following cases fail too, which the notes then show).
-        let row = measure(&gpu, case, &cases, report.copy_gbps)
-            .unwrap_or_else(|e| Row::failed(case, format!("{e:#}")));
-        failed += row.failed as usize;
-        if matches!(case, Case::Copy) {
-            report.copy_gbps = row.reference.as_ref().map(|m| m.rate);
+        // The references (cuDNN, cuBLAS, the copy) run with the first paths only; later rows
+        // are compared with that measurement.
+        let mut reference = None;
+        for (i, spec) in specs.iter().enumerate() {
+            let reference_row = matches!(case, Case::Copy | Case::Matrix);
+            if i > 0 && reference_row {
+                continue;
+            }
+            gpu.be.paths = *spec;
+            // A case that fails is reported and the suite goes on (a launch error that poisons
+            // the context will make the following cases fail too, which the notes then show).
+            let mut row = measure(&gpu, case, &cases, report.copy_gbps, i == 0)
+                .unwrap_or_else(|e| Row::failed(case, format!("{e:#}")));
+            let rates = Rates {
+                matrix_tflops: report.matrix_tflops,
+                copy_gbps: report.copy_gbps,
+            };
+            if i == 0 {
+                reference = row.reference.clone();
+            } else {
+                row.compare_with(reference.clone());
+            }
+            row.set_limit(limit::case_cost(case, &cases), rates, spec);
+            failed += row.failed as usize;
+            let rate = row.reference.as_ref().map(|m| m.rate);
+            match case {
+                Case::Copy => report.copy_gbps = rate,
+                Case::Matrix => report.matrix_tflops = rate,
+                _ => {}
+            }
+            println!("{}", text_row(&row));
+            report.rows.push(row);
         }
-        println!("{}", text_row(&row));
-        report.rows.push(row);
     }
     let json = serde_json::to_string(&report)?;
     if let Some(path) = &a.out {
@@ -174,14 +224,28 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
     Ok(())
 }
 
+/// The kernel paths of `--kernels` (each parsed), or the environment's when none is given.
+fn kernel_specs(given: &[String]) -> Result<Vec<KernelPaths>> {
+    if given.is_empty() {
+        return Ok(vec![KernelPaths::from_env()?]);
+    }
+    given
+        .iter()
+        .map(|s| KernelPaths::parse(s).map_err(|e| e.context("--kernels")))
+        .collect()
+}
+
 /// Prepares one case and times each of its implementations.
+/// Without `references`, only our implementations run (a second set of kernel paths).
 pub fn measure(
     gpu: &Gpu,
     case: &Case,
     cases: &cases::Cases,
     copy_gbps: Option<f64>,
+    references: bool,
 ) -> Result<Row> {
     let mut prep = gpu.prepare(case, cases)?;
+    prep.variants.retain(|v| references || !v.reference);
     let (unit, amount) = match prep.work {
         Work::Flop(f) => ("TFLOP/s", f / 1e12),
         Work::Bytes(b) => ("GB/s", b / 1e9),
@@ -229,6 +293,9 @@ pub fn measure(
         reference,
         ratio,
         copy_fraction,
+        kernels: String::new(),
+        limit_ms: None,
+        of_limit: None,
         note: (!notes.is_empty()).then(|| notes.join("; ")),
         failed,
     })
@@ -245,16 +312,47 @@ impl Row {
             reference: None,
             ratio: None,
             copy_fraction: None,
+            kernels: String::new(),
+            limit_ms: None,
+            of_limit: None,
             note: Some(format!("failed: {why}")),
             failed: true,
         }
+    }
+
+    /// Takes `reference` (measured with the first kernel paths) as this row's reference.
+    fn compare_with(&mut self, reference: Option<Measure>) {
+        self.ratio = self
+            .custom
+            .as_ref()
+            .zip(reference.as_ref())
+            .map(|(c, r)| c.rate / r.rate);
+        self.reference = reference;
+    }
+
+    /// Records the kernel paths and the case's limit at `rates`, and how close ours came to it.
+    fn set_limit(&mut self, cost: Option<Cost>, rates: Rates, paths: &KernelPaths) {
+        self.kernels = paths.spec();
+        self.limit_ms = cost.and_then(|c| c.limit_ms(rates));
+        self.of_limit = self
+            .limit_ms
+            .zip(self.custom.as_ref())
+            .map(|(limit, c)| limit / c.median_ms);
     }
 }
 
 fn text_header() -> String {
     format!(
-        "{:<44} {:<34} {:>10} {:>10} {:>7} {:>6}  {}",
-        "case", "shape", "custom", "reference", "ratio", "copy%", "implementations"
+        "{:<44} {:<34} {:>10} {:>10} {:>7} {:>6} {:>9} {:>5}  {}",
+        "case",
+        "shape",
+        "custom",
+        "reference",
+        "ratio",
+        "copy%",
+        "limit ms",
+        "lim%",
+        "implementations"
     )
 }
 
@@ -267,17 +365,20 @@ fn text_row(r: &Row) -> String {
                 .map(|m| format!("{} {:.3} ms", m.label, m.median_ms))
         })
         .collect();
+    let pct = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.0}", 100.0 * x));
     format!(
-        "{:<44} {:<34} {:>10} {:>10} {:>7} {:>6}  {} [{}]{}",
+        "{:<44} {:<34} {:>10} {:>10} {:>7} {:>6} {:>9} {:>5}  {} [{}, {}]{}",
         r.id,
         r.shape,
         rate(&r.custom),
         rate(&r.reference),
         r.ratio.map_or("-".into(), |x| format!("{x:.2}")),
-        r.copy_fraction
-            .map_or("-".into(), |x| format!("{:.0}", 100.0 * x)),
+        pct(r.copy_fraction),
+        r.limit_ms.map_or("-".into(), |x| format!("{x:.3}")),
+        pct(r.of_limit),
         labels.join(" | "),
         r.unit,
+        r.kernels,
         r.note
             .as_ref()
             .map_or(String::new(), |n| format!(" (note: {n})"))
@@ -304,6 +405,9 @@ mod tests {
             reference: Some(m("cudnn fwd algo 1 (tc)", 40.0)),
             ratio: Some(0.25),
             copy_fraction: None,
+            kernels: "lean".into(),
+            limit_ms: Some(0.5),
+            of_limit: Some(0.5),
             note: None,
             failed: false,
         }
@@ -319,6 +423,8 @@ mod tests {
             "0.25",
             "custom Plain 1.000 ms",
             "cudnn fwd algo 1",
+            "0.500",
+            "TFLOP/s, lean]",
         ] {
             assert!(t.contains(part), "{part} missing: {t}");
         }
@@ -334,6 +440,8 @@ mod tests {
             image_size: 299,
             samples: 15,
             copy_gbps: Some(3000.0),
+            matrix_tflops: Some(790.0),
+            kernels: vec!["lean".into()],
             unverified_shapes: 0,
             rows: vec![row()],
         };
@@ -345,6 +453,8 @@ mod tests {
             "image_size",
             "samples",
             "copy_gbps",
+            "matrix_tflops",
+            "kernels",
             "unverified_shapes",
         ] {
             assert!(v.get(k).is_some(), "{k}");
@@ -359,6 +469,9 @@ mod tests {
             "copy_fraction",
             "note",
             "failed",
+            "kernels",
+            "limit_ms",
+            "of_limit",
         ] {
             assert!(r.get(k).is_some(), "{k}");
         }

@@ -17,6 +17,7 @@ impl Gpu {
     pub fn prepare<'a>(&'a self, case: &Case, cases: &Cases) -> Result<Prepared<'a>> {
         match case {
             Case::Copy => self.prep_copy(),
+            Case::Matrix => self.prep_matrix(),
             Case::Conv(c, m) => self.prep_conv(case.id(), c.label(), c.flop(), &c.shape, *m),
             Case::ConvPad8(c) => self.prep_conv_pad8(case.id(), c),
             Case::Fc(m) => self.prep_fc(case.id(), &cases.fc_shape(), *m),
@@ -27,7 +28,7 @@ impl Gpu {
         }
     }
 
-    fn prep_copy(&self) -> Result<Prepared<'_>> {
+    pub(super) fn prep_copy(&self) -> Result<Prepared<'_>> {
         let src = self.filled(COPY_BYTES / 4, Fill::F32)?;
         let dst = self.alloc(COPY_BYTES)?;
         let stream = self.be.stream.cu_stream();

@@ -1,5 +1,6 @@
 //! The convolution and classifier benchmark cases: our launchers at each InceptionV4 shape against
-//! cuDNN's best algorithm (found per shape) and the classifier's three GEMMs against cublasGemmEx.
+//! cuDNN's best algorithm (found per shape) and the classifier's three GEMMs against cublasGemmEx;
+//! and the card's matrix rate (one large cublasGemmEx).
 
 use std::rc::Rc;
 
@@ -8,7 +9,7 @@ use cudarc::cublas;
 
 use super::cases::ConvCase;
 use super::cudnn::{Dnn, DnnConv};
-use super::gpu::{DevBuf, Fill, Gpu, Prepared, Variant, Work, CUDNN_WORKSPACE};
+use super::gpu::{Case, DevBuf, Fill, Gpu, Prepared, Variant, Work, CUDNN_WORKSPACE, MATRIX_DIM};
 use crate::gpu::{DevPtr, Launch};
 use crate::ops::concat::cuda::CopyChannels;
 use crate::ops::conv::cuda::{
@@ -262,6 +263,34 @@ impl Gpu {
             work: Work::Flop(2.0 * (n * fin * fout) as f64),
             variants,
             note,
+        })
+    }
+}
+
+impl Gpu {
+    /// The card's matrix rate: one cublasGemmEx of `MATRIX_DIM`^3 with fp16 operands and fp32
+    /// compute (the reference every convolution's limit is computed from).
+    pub(super) fn prep_matrix(&self) -> Result<Prepared<'_>> {
+        let d = MATRIX_DIM;
+        let (a, b, c) = (
+            self.filled(d * d, Fill::F16)?,
+            self.filled(d * d, Fill::F16)?,
+            self.alloc(d * d * 2)?,
+        );
+        let blas = self.blas.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let handle = *blas.handle();
+        let run = move || fc_gemm(handle, ConvMode::Fprop, (d, d, d), a.ptr, b.ptr, c.ptr, 0);
+        Ok(Prepared {
+            id: Case::Matrix.id(),
+            group: "matrix",
+            shape: format!("{d}x{d}x{d}"),
+            work: Work::Flop(2.0 * (d * d * d) as f64),
+            variants: vec![Variant {
+                label: "cublasGemmEx fp16/fp32".into(),
+                reference: true,
+                run: Box::new(run),
+            }],
+            note: None,
         })
     }
 }

@@ -1,8 +1,10 @@
 //! `inception-engine bench`: time full training steps (`bench train`) or kernels (`bench kernels`).
 
+use crate::backend::cuda::cost::Rates;
 use crate::backend::cuda::CudaTrainer;
 use crate::backend::{cpu::CpuTrainer, resolve_device, Amp, Backend, Device};
 pub use crate::bench::KernelArgs;
+use crate::gpu::KernelPaths;
 use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::ModelState;
 use crate::plan::{self, PlanConfig};
@@ -98,6 +100,19 @@ pub struct TrainArgs {
     /// Print the time per op kind (CPU).
     #[arg(long)]
     pub profile: bool,
+    /// CUDA: kernel paths to time, each a spec as `INCEPTION_KERNELS` takes it (`lean`,
+    /// `baseline`, `lean,-graph`); repeat to time several in one run. Default: `INCEPTION_KERNELS`,
+    /// else lean.
+    #[arg(long = "kernels")]
+    pub kernels: Vec<String>,
+    /// CUDA: the matrix rate (TFLOP/s) the step's limit is computed at; measured with cuBLAS on
+    /// the card when not given.
+    #[arg(long)]
+    pub matrix_tflops: Option<f64>,
+    /// CUDA: the copy bandwidth (read + write GB/s) the step's limit is computed at; measured on
+    /// the card when not given.
+    #[arg(long)]
+    pub copy_gbps: Option<f64>,
     /// Print a JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -183,25 +198,15 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     };
     match device {
         Device::Cuda => {
-            let mut trainer = CudaTrainer::new(plan, model, optim, amp)?;
-            let times = time_steps(
-                &a,
-                &mut trainer,
-                &batch,
-                scaler,
-                |_| {},
-                |t| t.synchronize(),
-            )?;
-            // Everything is allocated up front, so memory in use after the timed steps is the
-            // peak (it includes the CUDA context, and any other process on the card).
-            let used = trainer.device_used_bytes()?;
-            let extra = json!({"device": "cuda", "amp": amp, "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used});
-            let note = format!(
-                "device memory {:.0} MiB in use ({:.0} MiB allocated by the step)",
-                used as f64 / 1048576.0,
-                trainer.memory().total() as f64 / 1048576.0
-            );
-            report(&a, &times, &note, extra);
+            let runs = cuda_runs(&a, &plan, &model, &optim, amp, scaler, &batch)?;
+            if a.json {
+                // The last run's object, with every run under "runs" when there are several.
+                let mut last = runs.last().cloned().unwrap_or_default();
+                if let (true, Some(o)) = (runs.len() > 1, last.as_object_mut()) {
+                    o.insert("runs".into(), json!(runs));
+                }
+                println!("{last}");
+            }
         }
         Device::Cpu | Device::Auto => {
             let mut trainer = CpuTrainer::new(plan, model, optim)?;
@@ -223,15 +228,113 @@ fn bench_train(a: TrainArgs) -> Result<()> {
             }
             let rss = peak_rss_bytes();
             let extra = json!({"device": "cpu", "threads": rayon::current_num_threads(), "peak_rss_bytes": rss});
-            report(
-                &a,
-                &times,
-                &format!("peak resident memory {:.0} MiB", rss as f64 / 1048576.0),
-                extra,
-            );
+            let memory = format!("peak resident memory {:.0} MiB", rss as f64 / 1048576.0);
+            let mut out = report(&a, &times, &memory);
+            if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
+                o.extend(e);
+            }
+            if a.json {
+                println!("{out}");
+            }
         }
     }
     Ok(())
+}
+
+/// `bench train` on CUDA: one timed run per kernel-path spec, each with its step's limit at the
+/// card's rates; returns each run's JSON object.
+fn cuda_runs(
+    a: &TrainArgs,
+    plan: &plan::Plan,
+    model: &ModelState,
+    optim: &RmsProp,
+    amp: Amp,
+    scaler: LossScaler,
+    batch: &Batch,
+) -> Result<Vec<serde_json::Value>> {
+    let specs: Vec<KernelPaths> = match a.kernels.is_empty() {
+        true => vec![KernelPaths::from_env()?],
+        false => a
+            .kernels
+            .iter()
+            .map(|s| KernelPaths::parse(s).map_err(|e| e.context("--kernels")))
+            .collect::<Result<_>>()?,
+    };
+    let mut rates = None;
+    let mut runs = Vec::new();
+    for paths in specs {
+        let (p, m, o) = (plan.clone(), model.clone(), optim.clone());
+        let mut trainer = CudaTrainer::with_paths(paths, p, m, o, amp)?;
+        let emulated = trainer.name().contains("emulated");
+        let rates = *rates.get_or_insert_with(|| card_rates(a, emulated));
+        let times = time_steps(a, &mut trainer, batch, scaler, |_| {}, |t| t.synchronize())?;
+        // Everything is allocated up front, so memory in use after the timed steps is the peak
+        // (it includes the CUDA context, and any other process on the card).
+        let used = trainer.device_used_bytes()?;
+        let step_ms = mean(&times);
+        let (cost, limit_ms) = trainer.step_limit(rates).unwrap_or_default();
+        let launches = trainer.launches_per_step();
+        let spec = paths.spec();
+        let note = format!(
+            "device memory {:.0} MiB in use ({:.0} MiB allocated by the step), kernels {spec}",
+            used as f64 / 1048576.0,
+            trainer.memory().total() as f64 / 1048576.0
+        );
+        let mut out = report(a, &times, &note);
+        let of_limit = limit_ms.map(|l| l / step_ms);
+        println!(
+            "  limit at {}: {} per step ({:.1} GFLOP and {:.1} MB of useful work){}; {} kernel launches per step{}",
+            describe_rates(rates),
+            limit_ms.map_or("unknown".into(), |ms| format!("{ms:.3} ms")),
+            cost.flop / 1e9,
+            cost.bytes / 1e6,
+            of_limit.map_or(String::new(), |f| format!(": the step runs at {:.1}% of it", 100.0 * f)),
+            launches.map_or("?".into(), |n| n.to_string()),
+            if paths.graph { " from one CUDA graph" } else { "" },
+        );
+        let extra = json!({"device": "cuda", "amp": amp, "kernels": spec,
+            "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used,
+            "kernel_launches_per_step": launches, "limit_ms": limit_ms, "useful_flop": cost.flop,
+            "useful_bytes": cost.bytes, "rates": rates, "of_limit": of_limit});
+        if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        runs.push(out);
+    }
+    Ok(runs)
+}
+
+/// The rates the step's limit is computed at: the options', else measured on the card (not on
+/// the emulated GPU, whose rates mean nothing).
+fn card_rates(a: &TrainArgs, emulated: bool) -> Rates {
+    let given = Rates {
+        matrix_tflops: a.matrix_tflops,
+        copy_gbps: a.copy_gbps,
+    };
+    if emulated || (given.matrix_tflops.is_some() && given.copy_gbps.is_some()) {
+        return given;
+    }
+    match crate::bench::gpu::measure_rates(5) {
+        Ok(r) => Rates {
+            matrix_tflops: given.matrix_tflops.or(r.matrix_tflops),
+            copy_gbps: given.copy_gbps.or(r.copy_gbps),
+        },
+        Err(e) => {
+            eprintln!("bench train: the card's rates could not be measured: {e:#}");
+            given
+        }
+    }
+}
+
+/// "790 TFLOP/s and 4300 GB/s", with "?" for a rate not known.
+fn describe_rates(r: Rates) -> String {
+    let f =
+        |x: Option<f64>, unit: &str| x.map_or(format!("? {unit}"), |x| format!("{x:.0} {unit}"));
+    format!(
+        "{} and {}",
+        f(r.matrix_tflops, "TFLOP/s"),
+        f(r.copy_gbps, "GB/s")
+    )
 }
 
 /// One synthetic batch, reused by every step.
@@ -291,19 +394,13 @@ fn mean(times: &[f64]) -> f64 {
     times.iter().sum::<f64>() / times.len().max(1) as f64
 }
 
-/// Prints the throughput line and, with --json, a JSON object with `extra`'s fields merged in.
-fn report(a: &TrainArgs, times: &[f64], memory: &str, extra: serde_json::Value) {
+/// Prints the throughput line and returns the run's JSON object.
+fn report(a: &TrainArgs, times: &[f64], memory: &str) -> serde_json::Value {
     let step_ms = mean(times);
     let best_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let ips = a.batch_size as f64 / (step_ms / 1000.0);
     println!("{ips:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), {memory}");
-    if a.json {
-        let mut out = json!({"plan": a.plan, "image_size": a.image_size, "batch_size": a.batch_size, "steps": a.steps, "step_ms": step_ms, "best_step_ms": best_ms, "images_per_sec": ips});
-        if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
-            o.extend(e);
-        }
-        println!("{out}");
-    }
+    json!({"plan": a.plan, "image_size": a.image_size, "batch_size": a.batch_size, "steps": a.steps, "step_ms": step_ms, "best_step_ms": best_ms, "images_per_sec": ips})
 }
 
 /// Milliseconds per step by op kind and direction, largest first.

@@ -6,6 +6,7 @@
 //! - [`arena`]: element sizes, arena placement, parameter slots, the memory estimate;
 //! - [`layout`]: where every tensor lives; [`calls`] (and `backward_calls`): the stages resolved
 //!   into kernel calls;
+//! - [`cost`]: the useful work of each call and the step's limit at a card's rates;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
 //! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`; [`graph`]: the
 //!   step replayed from captured CUDA graphs.
@@ -32,6 +33,7 @@ pub mod arena;
 mod backward_calls;
 pub mod buffers;
 pub mod calls;
+pub mod cost;
 pub mod fusion;
 pub mod graph;
 pub mod layout;

@@ -37,6 +37,7 @@ use super::buffers::{
     check_batch, check_free_memory, check_state, oom_error, DeviceBuffers, Pinned,
 };
 use super::calls::Calls;
+use super::cost::{step_limit, Cost, Rates};
 use super::fusion;
 use super::graph::{run_calls, StepGraphs};
 use super::layout::{StepArgs, StepLayout};
@@ -45,7 +46,7 @@ use super::program::Stage;
 use super::verify::verify_fast_convs;
 use crate::backend::{Backend, StepOutcome};
 use crate::dist::GradReducer;
-use crate::gpu::{CudaDevice, Launch};
+use crate::gpu::{CudaDevice, KernelPaths, Launch};
 use crate::ops::softmax_ce::cuda::ScaleArg;
 use crate::optim::{LossScaler, RmsProp};
 use crate::params::{ModelState, ParamLayout};
@@ -97,6 +98,18 @@ impl CudaTrainer {
         Self::on_device(0, plan, model, optim, amp)
     }
 
+    /// As [`Self::new`] with the kernel paths `paths` instead of `INCEPTION_KERNELS`'s (a
+    /// benchmark timing several in one process).
+    pub fn with_paths(
+        paths: KernelPaths,
+        plan: Plan,
+        model: ModelState,
+        optim: RmsProp,
+        amp: Amp,
+    ) -> Result<Self> {
+        Self::create(0, plan, model, optim, amp, true, Some(paths))
+    }
+
     /// As [`Self::new`] on GPU `ordinal` (a data-parallel rank's local rank; wraps around the
     /// GPUs present, so ranks share a card when there are fewer cards than ranks).
     pub fn on_device(
@@ -106,7 +119,7 @@ impl CudaTrainer {
         optim: RmsProp,
         amp: Amp,
     ) -> Result<Self> {
-        Self::create(ordinal, plan, model, optim, amp, true)
+        Self::create(ordinal, plan, model, optim, amp, true, None)
     }
 
     /// Data-parallel training: every step sums the gradients over the ranks with `reducer`
@@ -124,7 +137,7 @@ impl CudaTrainer {
     /// needs, and no gradients, optimizer state or workspace are allocated. `optim` is kept on
     /// the host only, for [`Backend::state`].
     pub fn for_inference(plan: Plan, model: ModelState, optim: RmsProp, amp: Amp) -> Result<Self> {
-        Self::create(0, plan, model, optim, amp, false)
+        Self::create(0, plan, model, optim, amp, false, None)
     }
 
     /// As [`Self::for_inference`] on GPU `ordinal` (a sharded evaluation's local rank).
@@ -135,7 +148,7 @@ impl CudaTrainer {
         optim: RmsProp,
         amp: Amp,
     ) -> Result<Self> {
-        Self::create(ordinal, plan, model, optim, amp, false)
+        Self::create(ordinal, plan, model, optim, amp, false, None)
     }
 
     fn create(
@@ -145,10 +158,14 @@ impl CudaTrainer {
         optim: RmsProp,
         amp: Amp,
         train: bool,
+        paths: Option<KernelPaths>,
     ) -> Result<Self> {
         let layout = ParamLayout::new(&plan);
         check_state(&plan, &layout, &model, &optim)?;
         let mut dev = CudaDevice::new(ordinal % device_count()?)?;
+        if let Some(paths) = paths {
+            dev.paths = paths;
+        }
         // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
         // parameters and statistics in O3).
         dev.set_amp(amp);
@@ -247,6 +264,18 @@ impl CudaTrainer {
             }
         }
         self.dev.synchronize()
+    }
+
+    /// The step's useful work and its limit at `rates` (see [`super::cost`]), once a step has
+    /// resolved its calls.
+    pub fn step_limit(&self, rates: Rates) -> Option<(Cost, Option<f64>)> {
+        let (_, calls) = self.train_calls.as_ref()?;
+        Some(step_limit(calls, self.step.amp, rates))
+    }
+
+    /// The kernel paths this trainer runs.
+    pub fn paths(&self) -> KernelPaths {
+        self.dev.paths
     }
 
     /// Kernel launches one training step runs, once a step has resolved its calls (a step
