@@ -49,16 +49,31 @@ fn bench_kernels_lists_every_case_without_a_gpu() {
     let ids = String::from_utf8_lossy(&out.stdout);
     let count = |prefix: &str| ids.lines().filter(|l| l.starts_with(prefix)).count();
     // 38 distinct convolutions x 3 directions, the classifier's 3 GEMMs, the copy reference.
-    // Plus the 3-channel stem forward on the padded tensor-core path.
-    assert_eq!(count("conv/"), 115, "{ids}");
+    // Plus the 3-channel stem forward on the padded tensor-core path. Plus the baseline paths'
+    // implementation of every case a leaner-step change affects: the six stride-2 data
+    // gradients (by phase), the stem's weight gradient (tensor cores), and the 32-wide GEMMs
+    // (narrow tiles: features.1 in three directions, features.2's data gradient, the padded stem
+    // forward).
+    assert_eq!(count("conv/"), 115 + 12, "{ids}");
     assert!(ids.contains("conv/features.0.conv/fprop_pad8"));
+    let baseline = ids.lines().filter(|l| l.ends_with("/baseline")).count();
+    assert_eq!(baseline, 12, "{ids}");
+    for id in [
+        "conv/features.0.conv/fprop_pad8/baseline",
+        "conv/features.0.conv/wgrad/baseline",
+        "conv/features.3.conv.conv/dgrad/baseline",
+        "conv/features.1.conv/fprop/baseline",
+    ] {
+        assert!(ids.contains(id), "no {id}");
+    }
     assert_eq!(count("fc/"), 3);
     assert_eq!(count("copy/"), 1);
     assert_eq!(count("rmsprop/"), 1);
     assert!(ids.contains("conv/features.0.conv/fprop"));
     let wgrad = engine(&["bench", "kernels", "--list", "--filter", "wgrad"]);
     let ids = String::from_utf8_lossy(&wgrad.stdout);
-    assert_eq!(ids.lines().count(), 114 / 3 + 1 + 1, "{ids}");
+    // 38 convolutions, 2 of them with a baseline row, the classifier, the copy reference.
+    assert_eq!(ids.lines().count(), 38 + 2 + 1 + 1, "{ids}");
     let none = engine(&["bench", "kernels", "--list", "--filter", "no-such-case"]);
     assert_eq!(none.status.code(), Some(1));
 }

@@ -17,9 +17,10 @@ use rand::{Rng, SeedableRng};
 
 use super::cases::{BnCase, Cases, ConvCase, PoolCase};
 use super::cudnn::Dnn;
-use crate::gpu::{CudaDevice, DevPtr};
-use crate::ops::conv::cuda::ConvMode;
+use crate::gpu::{CudaDevice, DevPtr, KernelPaths};
+use crate::ops::conv::cuda::{candidates, needs_pad8, pad8, ConvMode, ConvTarget};
 use crate::ops::conv::ConvShape;
+use crate::precision::Amp;
 
 /// Untimed launches before measuring.
 const WARMUP: usize = 3;
@@ -231,9 +232,15 @@ impl Gpu {
 pub enum Case {
     Copy,
     Conv(ConvCase, ConvMode),
+    /// The same convolution on the implementation the baseline kernel paths choose, listed after
+    /// a case where a leaner-step change picks another one (a phase-split data gradient, a narrow
+    /// tile, the stem's weight gradient on the tensor cores): one run times both.
+    ConvBaseline(ConvCase, ConvMode),
     /// A forward whose input channels are not a multiple of 8 (the 3-channel stem) on the
     /// tensor-core path: input padded to 8 channels on the device (timed), weights padded once.
     ConvPad8(ConvCase),
+    /// The padded forward on the tile the baseline paths choose (the narrow tiles change it).
+    ConvPad8Baseline(ConvCase),
     Fc(ConvMode),
     Bn(BnCase, bool),
     Pool(PoolCase, bool),
@@ -251,14 +258,40 @@ fn mode_name(m: ConvMode) -> &'static str {
     }
 }
 
+/// Whether the lean kernel paths prefer another implementation than the baseline for `mode` of
+/// `s` (at O2 on a 132-SM GPU, the lent H100/H200; the tile rule's SM threshold does not decide
+/// any of the changes).
+pub fn lean_differs(s: &ConvShape, mode: ConvMode) -> bool {
+    let target = |paths| ConvTarget {
+        amp: Amp::O2,
+        num_sms: 132,
+        paths,
+    };
+    let first = |paths| {
+        let padded = needs_pad8(s);
+        candidates(&target(paths), s, mode, None, padded)
+            .first()
+            .copied()
+    };
+    first(KernelPaths::LEAN) != first(KernelPaths::BASELINE)
+}
+
 impl Case {
     /// All cases of `cases`: the copy reference first (the bandwidth rows need it).
     pub fn all(cases: &Cases) -> Vec<Case> {
         let mut v = vec![Case::Copy];
         for c in &cases.convs {
-            v.extend(MODES.iter().map(|&m| Case::Conv(c.clone(), m)));
+            for m in MODES {
+                v.push(Case::Conv(c.clone(), m));
+                if lean_differs(&c.shape, m) {
+                    v.push(Case::ConvBaseline(c.clone(), m));
+                }
+            }
             if c.shape.conv.cin % 8 != 0 {
                 v.push(Case::ConvPad8(c.clone()));
+                if lean_differs(&pad8(&c.shape), ConvMode::Fprop) {
+                    v.push(Case::ConvPad8Baseline(c.clone()));
+                }
             }
         }
         v.extend(MODES.iter().map(|&m| Case::Fc(m)));
@@ -281,7 +314,9 @@ impl Case {
         match self {
             Case::Copy => "copy/dtod".into(),
             Case::Conv(c, m) => format!("conv/{}/{}", c.name, mode_name(*m)),
+            Case::ConvBaseline(c, m) => format!("conv/{}/{}/baseline", c.name, mode_name(*m)),
             Case::ConvPad8(c) => format!("conv/{}/fprop_pad8", c.name),
+            Case::ConvPad8Baseline(c) => format!("conv/{}/fprop_pad8/baseline", c.name),
             Case::Fc(m) => format!("fc/classifier/{}", mode_name(*m)),
             Case::Bn(b, f) => format!("bn/{}/{}", b.name, dir(*f)),
             Case::Pool(p, f) => format!("pool/{}/{}", p.name, dir(*f)),

@@ -122,8 +122,8 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
     let mut shapes: Vec<_> = Vec::new();
     for case in &selected {
         let shape = match case {
-            Case::Conv(c, _) => c.shape,
-            Case::ConvPad8(c) => prepare_conv::pad8(&c.shape),
+            Case::Conv(c, _) | Case::ConvBaseline(c, _) => c.shape,
+            Case::ConvPad8(c) | Case::ConvPad8Baseline(c) => prepare_conv::pad8(&c.shape),
             Case::Fc(_) => cases.fc_shape(),
             _ => continue,
         };

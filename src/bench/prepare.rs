@@ -18,7 +18,9 @@ impl Gpu {
         match case {
             Case::Copy => self.prep_copy(),
             Case::Conv(c, m) => self.prep_conv(case.id(), c.label(), c.flop(), &c.shape, *m),
-            Case::ConvPad8(c) => self.prep_conv_pad8(case.id(), c),
+            Case::ConvBaseline(c, m) => self.prep_conv_baseline(case.id(), c, *m),
+            Case::ConvPad8(c) => self.prep_conv_pad8(case.id(), c, false),
+            Case::ConvPad8Baseline(c) => self.prep_conv_pad8(case.id(), c, true),
             Case::Fc(m) => self.prep_fc(case.id(), &cases.fc_shape(), *m),
             Case::Bn(b, fwd) => self.prep_bn(case.id(), b, *fwd),
             Case::Pool(p, fwd) => self.prep_pool(case.id(), p, *fwd),

@@ -195,7 +195,8 @@ fn bench_train(a: TrainArgs) -> Result<()> {
             // Everything is allocated up front, so memory in use after the timed steps is the
             // peak (it includes the CUDA context, and any other process on the card).
             let used = trainer.device_used_bytes()?;
-            let extra = json!({"device": "cuda", "amp": amp, "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used});
+            let work = conv_work_line(&trainer);
+            let extra = json!({"device": "cuda", "amp": amp, "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used, "kernel_paths": trainer.kernel_paths().spec(), "conv_work": work});
             let note = format!(
                 "device memory {:.0} MiB in use ({:.0} MiB allocated by the step)",
                 used as f64 / 1048576.0,
@@ -232,6 +233,33 @@ fn bench_train(a: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints what the step's convolutions issue under the paths it ran and under the baseline and
+/// lean paths (host counts from the tile choices, not timings); returns them for the JSON line.
+fn conv_work_line(trainer: &CudaTrainer) -> serde_json::Value {
+    use crate::gpu::KernelPaths;
+    let running = trainer.kernel_paths();
+    let mut out = serde_json::Map::new();
+    for (name, paths) in [
+        ("running", running),
+        ("baseline", KernelPaths::BASELINE),
+        ("lean", KernelPaths::LEAN),
+    ] {
+        let Some(w) = trainer.conv_work(paths) else {
+            continue;
+        };
+        eprintln!(
+            "  conv work per step, {name} paths ({}): {:.3e} tensor-core MMAs, {:.3e} plain \
+             FMAs, {:.1}% of the issued multiply-adds useful",
+            paths.spec(),
+            w.mmas as f64,
+            w.plain_macs as f64,
+            100.0 * w.useful_fraction()
+        );
+        out.insert(name.into(), json!(w));
+    }
+    serde_json::Value::Object(out)
 }
 
 /// One synthetic batch, reused by every step.

@@ -7,6 +7,7 @@
 //! - [`layout`]: where every tensor lives; [`calls`] (and `backward_calls`): the stages resolved
 //!   into kernel calls;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
+//!   [`work`]: what a step's convolutions issue (MMAs, FMAs), counted on the host;
 //! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`.
 //!
 //! Conventions of every launcher:
@@ -36,6 +37,7 @@ pub mod layout;
 pub mod program;
 pub mod trainer;
 pub mod verify;
+pub mod work;
 
 pub use crate::gpu::{CudaDevice, DevPtr};
 pub use trainer::CudaTrainer;
