@@ -48,17 +48,19 @@ fn bench_kernels_lists_every_case_without_a_gpu() {
     assert!(out.status.success());
     let ids = String::from_utf8_lossy(&out.stdout);
     let count = |prefix: &str| ids.lines().filter(|l| l.starts_with(prefix)).count();
-    // 38 distinct convolutions x 3 directions, the classifier's 3 GEMMs, the copy reference.
-    // Plus the 3-channel stem forward on the padded tensor-core path.
+    // 38 distinct convolutions x 3 directions, the classifier's 3 GEMMs, the copy and matrix
+    // references. Plus the 3-channel stem forward on the padded tensor-core path.
     assert_eq!(count("conv/"), 115, "{ids}");
     assert!(ids.contains("conv/features.0.conv/fprop_pad8"));
     assert_eq!(count("fc/"), 3);
     assert_eq!(count("copy/"), 1);
+    assert_eq!(count("matrix/"), 1);
     assert_eq!(count("rmsprop/"), 1);
     assert!(ids.contains("conv/features.0.conv/fprop"));
     let wgrad = engine(&["bench", "kernels", "--list", "--filter", "wgrad"]);
     let ids = String::from_utf8_lossy(&wgrad.stdout);
-    assert_eq!(ids.lines().count(), 114 / 3 + 1 + 1, "{ids}");
+    // 38 convolutions, the classifier, the copy and matrix references.
+    assert_eq!(ids.lines().count(), 38 + 1 + 2, "{ids}");
     let none = engine(&["bench", "kernels", "--list", "--filter", "no-such-case"]);
     assert_eq!(none.status.code(), Some(1));
 }

@@ -19,8 +19,8 @@ use inception_engine::ops::batchnorm::cuda::{bn_workspace, BnArgs};
 use inception_engine::ops::batchnorm::cuda::{BnBackward, BnForwardInfer, BnForwardTrain};
 use inception_engine::ops::cast::cuda::CastF32ToF16;
 use inception_engine::ops::concat::cuda::CopyChannels;
-use inception_engine::ops::conv::cuda::ConvOut;
 use inception_engine::ops::conv::cuda::{ConvDgrad, ConvFprop, ConvWgrad};
+use inception_engine::ops::conv::cuda::{ConvOut, PAD_CHANNELS};
 use inception_engine::ops::conv::ConvShape;
 use inception_engine::ops::dropout::cuda::{DropoutBackward, DropoutForward};
 use inception_engine::ops::global_pool::cuda::{GlobalAvgPoolBackward, GlobalAvgPoolForward};
@@ -271,6 +271,11 @@ impl Checker {
     }
     fn conv_wgrad(&self, c: &ConvWgrad) -> Result<()> {
         let (s, x, dy, dw, ws, ws_elems) = (&c.s, c.x, c.dy, c.dw, c.ws, c.ws_elems);
+        // The stem's input padded to 8 channels, which its weight gradient may read instead.
+        if let Some(xp) = c.x_padded {
+            let padded = s.n * s.h * s.w * PAD_CHANNELS * self.act();
+            self.from("wgrad padded x", xp, padded, "stem_x");
+        }
         self.call();
         let (c, act) = (s.conv, self.act());
         self.span("wgrad x", x, s.n * s.h * s.w * c.cin * act);

@@ -248,6 +248,66 @@ fn injected_kernel_bugs_are_caught() {
     );
 }
 
+/// Runs the small self-test against a mutant library and asserts that it fails with a FAIL line
+/// naming `kernel`.
+fn assert_check_fails(name: &str, lib: &Path, kernel: &str) {
+    let lib = lib.to_string_lossy().to_string();
+    let o = engine(&SMALL, &[("INCEPTION_EMU_KERNELS", &lib)]);
+    let all = text(&o);
+    assert!(!o.status.success(), "{name}: not caught\n{all}");
+    for l in all.lines().filter(|l| l.contains("FAIL")) {
+        eprintln!("{name}: {l}");
+    }
+    assert!(
+        all.lines()
+            .any(|l| l.contains(kernel) && l.contains("FAIL")),
+        "{name}: no failing {kernel} check in\n{all}"
+    );
+}
+
+/// Bugs put back into the leaner convolution variants (the phase-split data gradient, the stem's
+/// weight gradient over its padded input, the narrow tiles) are caught by their self-test checks.
+#[test]
+fn injected_conv_variant_bugs_are_caught() {
+    if !nvrtc_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| tmp.path().join(n);
+    // A wrong phase offset: the output row tap 0 of a phase reads is off by one for odd phases.
+    let lib = mutant(
+        &d("phase"),
+        "conv_tc.cu",
+        "f.qh = (f.h0 + p.pad_top - f.ph) / st;",
+        "f.qh = (f.h0 + p.pad_top + f.ph) / st;",
+        false,
+    );
+    assert_check_fails("wrong phase offset", &lib, "conv_dgrad_phase_tc_");
+    // The stem's reduction drops the wrong channels: the partials read as if unpadded.
+    let lib = mutant(
+        &d("drop"),
+        "conv_tc.cu",
+        "u64 j = (u64)(i / cin) * cin_pad + i % cin;",
+        "u64 j = (u64)(i / cin) * cin + i % cin;",
+        false,
+    );
+    assert_check_fails("wrong channel drop", &lib, "conv_wgrad_reduce_drop_f32");
+    // A narrow tile whose warps lay out the transposed block (32x128, four warps side by side)
+    // in the launcher's 128x32 grid: rows 32-127 of every block are never written.
+    let lib = mutant(
+        &d("narrow"),
+        "conv_tc.cu",
+        "TC_ENTRY(conv_dgrad_tc_128x32, MODE_DGRAD, 128, 32, 4, 1)",
+        "TC_ENTRY(conv_dgrad_tc_128x32, MODE_DGRAD, 32, 128, 1, 4)",
+        false,
+    );
+    assert_check_fails(
+        "wrong narrow-tile warp layout",
+        &lib,
+        "conv_dgrad_tc_128x32",
+    );
+}
+
 #[test]
 fn a_swapped_launch_argument_is_caught() {
     if !nvrtc_available() {

@@ -324,7 +324,7 @@ fn site_names(
 ) -> Vec<String> {
     let mut names: Vec<String> = if name_expr.starts_with('"') {
         vec![name_expr.trim_matches('"').to_string()]
-    } else if name_expr.contains(".kernel(") {
+    } else if name_expr.contains(".kernel(") || name_expr.contains(".phase_kernel(") {
         sigs.keys()
             .filter(|k| k.contains("_tc_"))
             .cloned()

@@ -17,9 +17,10 @@ use rand::{Rng, SeedableRng};
 
 use super::cases::{BnCase, Cases, ConvCase, PoolCase};
 use super::cudnn::Dnn;
-use crate::gpu::{CudaDevice, DevPtr};
-use crate::ops::conv::cuda::ConvMode;
+use crate::gpu::{CudaDevice, DevPtr, KernelPaths};
+use crate::ops::conv::cuda::{candidates, needs_pad8, ConvMode, ConvTarget};
 use crate::ops::conv::ConvShape;
+use crate::precision::Amp;
 
 /// Untimed launches before measuring.
 const WARMUP: usize = 3;
@@ -275,6 +276,25 @@ fn mode_name(m: ConvMode) -> &'static str {
         ConvMode::Dgrad => "dgrad",
         ConvMode::Wgrad => "wgrad",
     }
+}
+
+/// Whether the lean kernel paths prefer another implementation than the baseline for `mode` of
+/// `s` (at O2 on a 132-SM GPU, the lent H100/H200; the tile rule's SM threshold does not decide
+/// any of the changes): the conv cases `bench kernels --kernels baseline --kernels lean` times
+/// differently.
+pub fn lean_differs(s: &ConvShape, mode: ConvMode) -> bool {
+    let target = |paths| ConvTarget {
+        amp: Amp::O2,
+        num_sms: 132,
+        paths,
+    };
+    let first = |paths| {
+        let padded = needs_pad8(s);
+        candidates(&target(paths), s, mode, None, padded)
+            .first()
+            .copied()
+    };
+    first(KernelPaths::LEAN) != first(KernelPaths::BASELINE)
 }
 
 impl Case {

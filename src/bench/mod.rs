@@ -33,7 +33,7 @@ pub struct KernelArgs {
     #[arg(long)]
     pub json: bool,
     /// Only the cases whose id (`group/layer/direction`, e.g. `conv/features.3.conv.conv/wgrad`)
-    /// contains this string. The copy reference always runs.
+    /// contains this string. The copy and matrix references always run (the limits need them).
     #[arg(long)]
     pub filter: Option<String>,
     #[arg(long, default_value_t = 128)]
@@ -117,10 +117,11 @@ pub fn run_kernels(a: &KernelArgs) -> Result<()> {
     let selected: Vec<Case> = Case::all(&cases)
         .into_iter()
         .filter(|c| {
-            matches!(c, Case::Copy) || a.filter.as_deref().is_none_or(|f| c.id().contains(f))
+            matches!(c, Case::Copy | Case::Matrix)
+                || a.filter.as_deref().is_none_or(|f| c.id().contains(f))
         })
         .collect();
-    if selected.len() == 1 && a.filter.is_some() {
+    if selected.len() == 2 && a.filter.is_some() {
         bail!(
             "--filter {:?} matches no case (see --list)",
             a.filter.as_deref().unwrap_or("")

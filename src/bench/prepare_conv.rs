@@ -13,11 +13,109 @@ use super::gpu::{Case, DevBuf, Fill, Gpu, Prepared, Variant, Work, CUDNN_WORKSPA
 use crate::gpu::{DevPtr, Launch};
 use crate::ops::concat::cuda::CopyChannels;
 use crate::ops::conv::cuda::{
-    choose, wgrad_workspace_elems, ConvDgrad, ConvFprop, ConvMode, ConvOut, ConvWgrad,
+    choose, choose_on, needs_pad8, wgrad_workspace_elems, ConvDgrad, ConvFprop, ConvImpl, ConvMode,
+    ConvOut, ConvWgrad, PAD_CHANNELS,
 };
 use crate::ops::conv::ConvShape;
 
+/// A conv case's device tensors, in the roles cuDNN sees them: x (dx for dgrad), w (dw for wgrad),
+/// y (dy for the gradients); `x8` the input padded to 8 channels where it has fewer (the stem's
+/// copy, which the training step's forward makes and its weight gradient may read).
+struct ConvBufs {
+    x: Rc<DevBuf>,
+    w: Rc<DevBuf>,
+    y: Rc<DevBuf>,
+    x8: Option<Rc<DevBuf>>,
+}
+
 impl Gpu {
+    fn conv_bufs(&self, s: &ConvShape) -> Result<ConvBufs> {
+        let c = s.conv;
+        let rows = s.n * s.h * s.w;
+        let x = Rc::new(self.filled(rows * c.cin, Fill::F16)?);
+        let w = Rc::new(self.filled(c.cout * c.kh * c.kw * c.cin, Fill::F16)?);
+        let y = Rc::new(self.filled(s.n * s.oh() * s.ow() * c.cout, Fill::F16)?);
+        let x8 = match needs_pad8(s) {
+            true => {
+                let x8 = self.alloc(rows * PAD_CHANNELS * 2)?;
+                CopyChannels::pad(rows, c.cin, PAD_CHANNELS, x.ptr, x8.ptr).launch(&self.be)?;
+                self.be.synchronize()?;
+                Some(Rc::new(x8))
+            }
+            false => None,
+        };
+        Ok(ConvBufs { x, w, y, x8 })
+    }
+
+    /// Our launch of `mode` on `b`: the implementation the device's kernel paths choose.
+    fn custom_conv(&self, s: ConvShape, mode: ConvMode, b: &ConvBufs) -> Result<Variant<'_>> {
+        let c = s.conv;
+        let be = &self.be;
+        // Each closure holds the buffers it launches on: a row without a reference (no cuDNN, a
+        // second set of kernel paths) would otherwise time launches on freed memory.
+        let keep = (b.x.clone(), b.w.clone(), b.y.clone(), b.x8.clone());
+        let (xc, wc, yc) = (b.x.clone(), b.w.clone(), b.y.clone());
+        let x8 = b.x8.clone();
+        let (run, chosen): (Box<dyn FnMut() -> Result<()> + '_>, ConvImpl) = match mode {
+            ConvMode::Fprop => {
+                let out = ConvOut::dense(yc.ptr, c.cout);
+                let call = ConvFprop {
+                    s,
+                    x: xc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                let chosen = choose(be, &s, mode, Some(&out));
+                let run = move || {
+                    let _ = &keep;
+                    call.launch(be)
+                };
+                (Box::new(run), chosen)
+            }
+            ConvMode::Dgrad => {
+                let out = ConvOut::dense(xc.ptr, c.cin);
+                let call = ConvDgrad {
+                    s,
+                    dy: yc.ptr,
+                    w: wc.ptr,
+                    out,
+                    imp: None,
+                };
+                let chosen = choose(be, &s, mode, Some(&out));
+                let run = move || {
+                    let _ = &keep;
+                    call.launch(be)
+                };
+                (Box::new(run), chosen)
+            }
+            ConvMode::Wgrad => {
+                let ws_elems = wgrad_workspace_elems(&s, be.num_sms);
+                let ws = self.alloc(ws_elems * 4)?;
+                let dw = self.alloc(c.cout * c.kh * c.kw * c.cin * 4)?;
+                let mut call = wgrad(s, xc.ptr, yc.ptr, dw.ptr, ws.ptr, ws_elems);
+                call.x_padded = x8.as_ref().map(|b| b.ptr);
+                let padded = call.x_padded.is_some();
+                let chosen = choose_on(be, &s, mode, None, padded);
+                let run = move || {
+                    let _ = (&ws, &dw, &keep);
+                    call.launch(be)
+                };
+                (Box::new(run), chosen)
+            }
+        };
+        let dw_note = if mode == ConvMode::Wgrad {
+            " (fp32 dW)"
+        } else {
+            ""
+        };
+        Ok(Variant {
+            label: format!("custom {chosen:?}{dw_note}"),
+            reference: false,
+            run,
+        })
+    }
+
     pub(super) fn prep_conv(
         &self,
         id: String,
@@ -26,70 +124,11 @@ impl Gpu {
         s: &ConvShape,
         mode: ConvMode,
     ) -> Result<Prepared<'_>> {
-        let c = s.conv;
-        let x_len = s.n * s.h * s.w * c.cin;
-        let y_len = s.n * s.oh() * s.ow() * c.cout;
-        let w_len = c.cout * c.kh * c.kw * c.cin;
-        // Roles as cuDNN sees them: x (dx for dgrad), w (dw for wgrad), y (dy for the gradients).
-        let x = Rc::new(self.filled(x_len, Fill::F16)?);
-        let w = Rc::new(self.filled(w_len, Fill::F16)?);
-        let y = Rc::new(self.filled(y_len, Fill::F16)?);
-        let be = &self.be;
-        let s = *s;
-        let mut variants = Vec::new();
-        let (xc, wc, yc) = (x.clone(), w.clone(), y.clone());
-        match mode {
-            ConvMode::Fprop => {
-                let out = ConvOut::dense(yc.ptr, c.cout);
-                let imp = choose(be, &s, mode, Some(&out));
-                let call = ConvFprop {
-                    s,
-                    x: xc.ptr,
-                    w: wc.ptr,
-                    out,
-                    imp: None,
-                };
-                variants.push(Variant {
-                    label: format!("custom {imp:?}"),
-                    reference: false,
-                    run: Box::new(move || call.launch(be)),
-                });
-            }
-            ConvMode::Dgrad => {
-                let out = ConvOut::dense(xc.ptr, c.cin);
-                let imp = choose(be, &s, mode, Some(&out));
-                let call = ConvDgrad {
-                    s,
-                    dy: yc.ptr,
-                    w: wc.ptr,
-                    out,
-                    imp: None,
-                };
-                variants.push(Variant {
-                    label: format!("custom {imp:?}"),
-                    reference: false,
-                    run: Box::new(move || call.launch(be)),
-                });
-            }
-            ConvMode::Wgrad => {
-                let imp = choose(be, &s, mode, None);
-                let ws_elems = wgrad_workspace_elems(&s, be.num_sms);
-                let ws = self.alloc(ws_elems * 4)?;
-                let dw = self.alloc(w_len * 4)?;
-                let call = wgrad(s, xc.ptr, yc.ptr, dw.ptr, ws.ptr, ws_elems);
-                variants.push(Variant {
-                    label: format!("custom {imp:?} (fp32 dW)"),
-                    reference: false,
-                    run: Box::new(move || {
-                        let _ = (&ws, &dw);
-                        call.launch(be)
-                    }),
-                });
-            }
-        }
+        let b = self.conv_bufs(s)?;
+        let mut variants = vec![self.custom_conv(*s, mode, &b)?];
         let mut note = None;
         match (&self.dnn, &self.cudnn_ws) {
-            (Ok(dnn), Some(ws)) => match self.cudnn_conv(dnn, ws, &s, mode, &x, &w, &y) {
+            (Ok(dnn), Some(ws)) => match self.cudnn_conv(dnn, ws, s, mode, &b.x, &b.w, &b.y) {
                 Ok(v) => variants.push(v),
                 Err(e) => note = Some(format!("{e:#}")),
             },
@@ -132,7 +171,7 @@ impl Gpu {
             out,
             imp: None,
         };
-        let keep = (x.clone(), x8, w8);
+        let keep = (x.clone(), y.clone(), x8, w8);
         let mut variants = vec![Variant {
             label: format!("pad_channels + custom {imp:?}"),
             reference: false,
@@ -307,6 +346,7 @@ fn wgrad(
     ConvWgrad {
         s,
         x,
+        x_padded: None,
         dy,
         dw,
         accumulate: false,
@@ -317,11 +357,7 @@ fn wgrad(
 }
 
 /// `s` with its input channels padded to 8 (what [`Case::ConvPad8`] runs).
-pub fn pad8(s: &ConvShape) -> ConvShape {
-    let mut p = *s;
-    p.conv.cin = 8;
-    p
-}
+pub use crate::ops::conv::cuda::pad8;
 
 /// One cublasGemmEx of the classifier (column-major view of row-major tensors):
 /// fprop Y^T = W^T^T X^T; dgrad dX^T = W^T dY^T; wgrad dW^T = X^T dY (fp32 output).

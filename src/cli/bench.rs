@@ -295,7 +295,8 @@ fn cuda_runs(
         let extra = json!({"device": "cuda", "amp": amp, "kernels": spec,
             "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used,
             "kernel_launches_per_step": launches, "limit_ms": limit_ms, "useful_flop": cost.flop,
-            "useful_bytes": cost.bytes, "rates": rates, "of_limit": of_limit});
+            "useful_bytes": cost.bytes, "rates": rates, "of_limit": of_limit,
+            "conv_work": conv_work_line(&trainer)});
         if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
             o.extend(e);
         }
@@ -335,6 +336,22 @@ fn describe_rates(r: Rates) -> String {
         f(r.matrix_tflops, "TFLOP/s"),
         f(r.copy_gbps, "GB/s")
     )
+}
+
+/// Prints what the step's convolutions issue under the paths it ran (host counts from the tile
+/// choices, not timings); returns them for the JSON line.
+fn conv_work_line(trainer: &CudaTrainer) -> serde_json::Value {
+    let Some(w) = trainer.conv_work(trainer.paths()) else {
+        return serde_json::Value::Null;
+    };
+    println!(
+        "  conv work per step: {:.3e} tensor-core MMAs, {:.3e} plain FMAs, {:.1}% of the issued \
+         multiply-adds useful",
+        w.mmas as f64,
+        w.plain_macs as f64,
+        100.0 * w.useful_fraction()
+    );
+    json!(w)
 }
 
 /// One synthetic batch, reused by every step.

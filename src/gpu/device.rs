@@ -295,6 +295,16 @@ pub fn launched_entry_points() -> Vec<String> {
     v
 }
 
+/// Launches queued so far by this process of the entry points whose names contain `part`.
+pub fn launches_matching(part: &str) -> u64 {
+    let map = LAUNCHED.lock().unwrap();
+    map.iter()
+        .flat_map(|m| m.iter())
+        .filter(|(name, _)| name.contains(part))
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// Kernel launches queued so far by this process.
 pub fn launches_queued() -> u64 {
     LAUNCHED

@@ -64,11 +64,15 @@ fn run_plan_o2(t: &mut SelfTest, plan: &Plan) -> Result<()> {
             t.stem_padding(s)?;
         }
     }
-    if let Some(s) = shapes
-        .iter()
-        .find(|s| tc_supported(s, ConvMode::Dgrad, None))
-    {
-        t.conv_slice_accumulate(s)?;
+    // The epilogue's slice and accumulate options, on a stride-1 shape and on a strided one (whose
+    // data gradient may run by stride phase, with its own row-to-pixel mapping).
+    for strided in [false, true] {
+        if let Some(s) = shapes
+            .iter()
+            .find(|s| tc_supported(s, ConvMode::Dgrad, None) && (s.conv.stride > 1) == strided)
+        {
+            t.conv_slice_accumulate(s)?;
+        }
     }
     t.casts(1 << 16)?;
     run_bn(t, plan, true)?;

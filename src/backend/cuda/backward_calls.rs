@@ -139,9 +139,16 @@ impl StepLayout {
         let wt = self.plan.nodes[i].params[0];
         let (ws, ws_elems) = (self.ptr.ws, self.ws_elems);
         let dw = self.grad(wt);
+        // The stem's input padded to 8 channels (made by its forward each step): its weight
+        // gradient may run on the tensor cores over that copy (`stem_wgrad_tc`).
+        let x_padded = match (self.stem == Some(i), self.ptr.stem) {
+            (true, Some((xp, _))) => Some(xp),
+            _ => None,
+        };
         let wgrad = ConvWgrad {
             s,
             x,
+            x_padded,
             dy,
             dw,
             accumulate: false,

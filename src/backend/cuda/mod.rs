@@ -8,6 +8,7 @@
 //!   into kernel calls;
 //! - [`cost`]: the useful work of each call and the step's limit at a card's rates;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
+//!   [`work`]: what a step's convolutions issue (MMAs, FMAs), counted on the host;
 //! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`; [`graph`]: the
 //!   step replayed from captured CUDA graphs.
 //!
@@ -40,6 +41,7 @@ pub mod layout;
 pub mod program;
 pub mod trainer;
 pub mod verify;
+pub mod work;
 
 pub use crate::gpu::{CudaDevice, DevPtr};
 pub use trainer::CudaTrainer;

@@ -47,6 +47,8 @@ use super::verify::verify_fast_convs;
 use crate::backend::{Backend, StepOutcome};
 use crate::dist::GradReducer;
 use crate::gpu::{CudaDevice, KernelPaths, Launch};
+use crate::ops::conv::count::ConvWork;
+use crate::ops::conv::cuda::ConvTarget;
 use crate::ops::softmax_ce::cuda::ScaleArg;
 use crate::optim::{LossScaler, RmsProp};
 use crate::params::{ModelState, ParamLayout};
@@ -285,6 +287,18 @@ impl CudaTrainer {
         let (_, calls) = self.train_calls.as_ref()?;
         let kernels: usize = calls.iter().map(|(_, c)| c.kernel_launches()).sum();
         Some(kernels + self.dev.paths.graph as usize)
+    }
+
+    /// What one training step's convolutions issue with kernel paths `paths` on this device (its
+    /// level and SMs, every shape taken as verified), once a step has resolved its calls: a host
+    /// count from the tile choices (work.rs), not a measurement.
+    pub fn conv_work(&self, paths: KernelPaths) -> Option<ConvWork> {
+        let (_, calls) = self.train_calls.as_ref()?;
+        let target = ConvTarget {
+            paths,
+            ..ConvTarget::of(&self.dev)
+        };
+        Some(self.step.conv_work(calls, &target))
     }
 
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU

@@ -1,14 +1,16 @@
 //! The start-up check production needs: before a trainer uses the tensor-core convolutions, each
 //! of its plan's shapes is checked against the plain kernels on this card (a small batch; the
-//! registry key ignores the batch), and only verified shapes take the fast path. The passes are
-//! persisted next to the kernel cache, so later runs skip the check.
+//! registry key ignores the batch), and only verified shapes take the fast path. A shape is
+//! checked when any implementation the device's kernel paths would prefer for it (a narrow tile,
+//! the phase-split data gradient, the stem's weight gradient over its padded input) is not yet
+//! verified. The passes are persisted next to the kernel cache, so later runs skip the check.
 
 use anyhow::Result;
 
 use super::arena::STEM_CHANNELS;
 use crate::gpu::check::{Check, SelfTest, Status};
 use crate::gpu::CudaDevice;
-use crate::ops::conv::cuda::{preferred_tile, tc_supported, ConvImpl, ConvMode};
+use crate::ops::conv::cuda::{choose_on, choose_with, needs_pad8, ConvMode, ConvTarget};
 use crate::ops::conv::{plan_shapes, ConvShape};
 use crate::plan::{Conv2d, Plan};
 use crate::precision::Amp;
@@ -27,11 +29,15 @@ pub fn verify_conv_shapes(dev: &CudaDevice, shapes: &[ConvShape]) -> Result<Vec<
             n: s.n.min(4),
             ..*s
         };
+        // What the launchers would pick with everything verified, against what they pick now (a
+        // 3-channel input counts as padded: the trainer holds the stem's padded copy).
+        let target = ConvTarget::of(dev);
+        let padded = needs_pad8(s);
         let fast = [ConvMode::Fprop, ConvMode::Dgrad, ConvMode::Wgrad]
             .iter()
             .all(|&m| {
-                let t = preferred_tile(s, m, dev.num_sms);
-                !tc_supported(s, m, None) || dev.is_verified(&small.key(m, ConvImpl::Tc(t)))
+                choose_on(dev, &small, m, None, padded)
+                    == choose_with(&target, &small, m, None, padded, |_| true)
             });
         if !fast {
             test.conv(&small)?;

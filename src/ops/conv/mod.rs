@@ -6,11 +6,16 @@
 //!
 //! The op's room: this file is the CPU reference (the specification) and the shape type;
 //! [`cuda`] holds the launchers of kernels/conv_tc.cu and kernels/conv_plain.cu over the GEMM view
-//! of [`tiles`] (modes, tiles, parameter block, split-K), [`check`] the self-test case that runs
-//! them against this file.
+//! of [`tiles`] (modes, tiles, implementations, parameter block, split-K) and [`phase`] (the
+//! stride phases of a data gradient); [`choice`] picks an implementation from the kernel paths
+//! and the verified shapes, [`count`] counts what a launch issues (MMAs, FMAs); [`check`] is the
+//! self-test case that runs the launchers against this file.
 
 pub mod check;
+pub mod choice;
+pub mod count;
 pub mod cuda;
+pub mod phase;
 pub mod tiles;
 
 use super::gemm::{matmul, Mat};

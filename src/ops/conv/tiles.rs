@@ -1,6 +1,7 @@
 //! The implicit-GEMM view of a convolution that the launchers work from: the three modes, the
-//! tensor-core tiles and their shared memory, the kernels' parameter block, which shapes the fast
-//! path supports, and the split-K factors and workspace of the weight gradient.
+//! tensor-core tiles and their shared memory, the implementations, the kernels' parameter block,
+//! which shapes the fast path supports, and the split-K factors and workspace of the weight
+//! gradient.
 
 use anyhow::{bail, Result};
 use cudarc::driver::DeviceRepr;
@@ -27,22 +28,34 @@ impl ConvMode {
     }
 }
 
-/// Tensor-core tile shapes (block M x N); all use BK = 32 and a 3-stage pipeline.
+/// Tensor-core tile shapes (block M x N); all use BK = 32 and a 3-stage pipeline. The narrow
+/// ones (`narrow_tiles`) serve one side of the GEMM each: 128x32 a 32-wide N (fprop, dgrad),
+/// 32x64 a 32-high M (wgrad, whose M is cout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Tile {
     T128x128,
     T128x64,
     T64x64,
+    T128x32,
+    T32x64,
 }
 
-pub const TILES: [Tile; 3] = [Tile::T128x128, Tile::T128x64, Tile::T64x64];
+pub const TILES: [Tile; 5] = [
+    Tile::T128x128,
+    Tile::T128x64,
+    Tile::T64x64,
+    Tile::T128x32,
+    Tile::T32x64,
+];
 
 impl Tile {
-    pub(super) fn dims(self) -> (usize, usize) {
+    pub fn dims(self) -> (usize, usize) {
         match self {
             Tile::T128x128 => (128, 128),
             Tile::T128x64 => (128, 64),
             Tile::T64x64 => (64, 64),
+            Tile::T128x32 => (128, 32),
+            Tile::T32x64 => (32, 64),
         }
     }
     pub(super) fn threads(self) -> u32 {
@@ -50,6 +63,24 @@ impl Tile {
             Tile::T128x128 => 256,
             _ => 128,
         }
+    }
+    /// Whether conv_tc.cu instantiates this tile for `mode` (the narrow tiles only where their
+    /// narrow side is).
+    pub fn serves(self, mode: ConvMode) -> bool {
+        match self {
+            Tile::T128x32 => mode != ConvMode::Wgrad,
+            Tile::T32x64 => mode == ConvMode::Wgrad,
+            _ => true,
+        }
+    }
+    /// The tiles conv_tc.cu instantiates for `mode`.
+    pub fn for_mode(mode: ConvMode) -> impl Iterator<Item = Tile> {
+        TILES.into_iter().filter(move |t| t.serves(mode))
+    }
+    /// mma.sync m16n8k16 instructions one block issues per BK-deep K tile.
+    pub fn mmas_per_k_tile(self) -> u64 {
+        let (bm, bn) = self.dims();
+        (32 / 16) * (bm / 16) as u64 * (bn / 8) as u64
     }
     /// Dynamic shared memory, mirroring TcConv::SMEM_BYTES in conv_tc.cu.
     pub fn smem_bytes(self, mode: ConvMode) -> usize {
@@ -71,22 +102,63 @@ impl Tile {
         let (bm, bn) = self.dims();
         format!("conv_{}_tc_{bm}x{bn}", mode.name())
     }
+    /// The phase-split data gradient's entry point of this tile.
+    pub fn phase_kernel(self) -> String {
+        let (bm, bn) = self.dims();
+        format!("conv_dgrad_phase_tc_{bm}x{bn}")
+    }
 }
 
 /// Every tensor-core kernel with its dynamic shared memory (each opts in at its first launch).
 pub fn tc_smem_table() -> Vec<(String, usize)> {
     let modes = [ConvMode::Fprop, ConvMode::Dgrad, ConvMode::Wgrad];
-    modes
+    let whole = modes
         .iter()
-        .flat_map(|&m| TILES.iter().map(move |&t| (t.kernel(m), t.smem_bytes(m))))
-        .collect()
+        .flat_map(|&m| Tile::for_mode(m).map(move |t| (t.kernel(m), t.smem_bytes(m))));
+    let phase =
+        Tile::for_mode(ConvMode::Dgrad).map(|t| (t.phase_kernel(), t.smem_bytes(ConvMode::Dgrad)));
+    whole.chain(phase).collect()
 }
 
-/// How a convolution runs: a tensor-core tile, or the plain FMA kernel.
+/// How a convolution runs: a tensor-core tile over the whole implicit GEMM, one of the leaner
+/// tensor-core variants, or the plain FMA kernel. The variant is part of the verified-shape key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum ConvImpl {
     Tc(Tile),
+    /// A strided data gradient split by stride phase: `stride^2` sub-GEMMs, one per `blockIdx.z`
+    /// of one launch, each over its own taps only (`dgrad_phase`; see [`super::phase`]).
+    TcPhase(Tile),
+    /// The weight gradient of a convolution with fewer than 8 input channels (the stem) over its
+    /// input padded to 8 channels, the padded channels dropped in the split-K reduction
+    /// (`stem_wgrad_tc`).
+    TcPad8(Tile),
     Plain,
+}
+
+impl ConvImpl {
+    /// The tile of a tensor-core implementation.
+    pub fn tile(self) -> Option<Tile> {
+        match self {
+            ConvImpl::Tc(t) | ConvImpl::TcPhase(t) | ConvImpl::TcPad8(t) => Some(t),
+            ConvImpl::Plain => None,
+        }
+    }
+}
+
+/// Channels a tensor-core gather needs per 16-byte chunk: inputs with fewer (the 3-channel stem)
+/// are padded to this many.
+pub const PAD_CHANNELS: usize = 8;
+
+/// `s` with its input channels padded to [`PAD_CHANNELS`] (the stem's tensor-core shape).
+pub fn pad8(s: &ConvShape) -> ConvShape {
+    let mut p = *s;
+    p.conv.cin = PAD_CHANNELS;
+    p
+}
+
+/// Whether `s` has too few input channels for the tensor-core gathers and is padded instead.
+pub fn needs_pad8(s: &ConvShape) -> bool {
+    s.conv.cin < PAD_CHANNELS
 }
 
 impl ConvShape {
@@ -217,19 +289,40 @@ pub fn tc_supported(s: &ConvShape, mode: ConvMode, out: Option<&ConvOut>) -> boo
     }
 }
 
-/// The tile the launcher prefers for a shape: narrow GEMMs (N <= 64) take 128x64; GEMMs too small
-/// to give every SM a 128x128 block take 64x64.
-pub fn preferred_tile(s: &ConvShape, mode: ConvMode, num_sms: u32) -> Tile {
-    let (m, n, _) = s.gemm(mode);
+/// The tile for a GEMM of `m` x `n` run `grid_z` times side by side (the phases of a data
+/// gradient). Without `narrow`, as before the narrow tiles existed: N <= 64 takes 128x64; GEMMs
+/// too small to give every SM a 128x128 block take 64x64. With `narrow`, a GEMM whose narrow
+/// side is 32 or less takes the tile of that width instead of wasting half a 64-wide one.
+pub fn tile_for(
+    mode: ConvMode,
+    m: usize,
+    n: usize,
+    grid_z: usize,
+    num_sms: u32,
+    narrow: bool,
+) -> Tile {
+    if narrow {
+        match mode {
+            ConvMode::Wgrad if m <= 32 => return Tile::T32x64,
+            ConvMode::Fprop | ConvMode::Dgrad if n <= 32 => return Tile::T128x32,
+            _ => {}
+        }
+    }
     if n <= 64 {
         return Tile::T128x64;
     }
-    let blocks = m.div_ceil(128) * n.div_ceil(128);
+    let blocks = m.div_ceil(128) * n.div_ceil(128) * grid_z;
     if blocks < num_sms as usize {
         Tile::T64x64
     } else {
         Tile::T128x128
     }
+}
+
+/// The tile the launcher prefers for the whole GEMM of a shape (see [`tile_for`]).
+pub fn preferred_tile(s: &ConvShape, mode: ConvMode, num_sms: u32, narrow: bool) -> Tile {
+    let (m, n, _) = s.gemm(mode);
+    tile_for(mode, m, n, 1, num_sms, narrow)
 }
 
 /// K tiles per split and split count of a tensor-core weight gradient: enough splits to give the
@@ -284,15 +377,21 @@ pub(super) fn check_tc_alignment(p: &ConvParams) -> Result<()> {
 }
 
 /// fp32 elements of split-K workspace for a weight gradient on a GPU with `num_sms` SMs: the
-/// largest need of any implementation, so the arena can be sized before choosing one.
+/// largest need of any implementation (for an input of fewer than 8 channels, the tensor cores
+/// over its padded copy too), so the arena can be sized before choosing one.
 pub fn wgrad_workspace_elems(s: &ConvShape, num_sms: u32) -> usize {
+    let tc_need = |s: &ConvShape| {
+        let (m, n, _) = s.gemm(ConvMode::Wgrad);
+        let splits = Tile::for_mode(ConvMode::Wgrad)
+            .map(|t| tc_wgrad_split(s, t, num_sms).1)
+            .max()
+            .unwrap_or(1);
+        m * n * splits
+    };
     let (m, n, _) = s.gemm(ConvMode::Wgrad);
-    let tc = TILES
-        .iter()
-        .map(|&t| tc_wgrad_split(s, t, num_sms).1)
-        .max()
-        .unwrap_or(1);
-    m * n * tc.max(plain_wgrad_splits(s, num_sms))
+    let plain = m * n * plain_wgrad_splits(s, num_sms);
+    let padded = if needs_pad8(s) { tc_need(&pad8(s)) } else { 0 };
+    tc_need(s).max(plain).max(padded)
 }
 
 #[cfg(test)]
@@ -366,7 +465,7 @@ mod tests {
             let (m, n, k) = s.gemm(ConvMode::Wgrad);
             let k_tiles = k.div_ceil(32);
             assert!(plain_wgrad_splits(&s, 132) * m * n <= wgrad_workspace_elems(&s, 132));
-            for t in TILES {
+            for t in Tile::for_mode(ConvMode::Wgrad) {
                 let (per, splits) = tc_wgrad_split(&s, t, 132);
                 assert!(
                     per * splits >= k_tiles && (splits - 1) * per < k_tiles,

@@ -95,6 +95,7 @@ impl Launch for LinearBackwardWeight {
         let gemm = ConvWgrad {
             s: ConvShape::fc(self.n, self.in_f, self.out_f),
             x: self.x,
+            x_padded: None,
             dy: self.dy,
             dw: self.dw,
             accumulate: false,
