@@ -1,5 +1,6 @@
 // Batch normalisation over NHWC activations viewed as [M = n*h*w][C], per-channel statistics.
 //
+// The baseline path (KernelPaths::bn_vec off; batchnorm_vec.cu is the vectorised one).
 // Training forward = bn_stats_partial + bn_stats_finalize + bn_apply. Statistics are sums of
 // (x - shift) and (x - shift)^2 with shift = x[0][c]: shifting by a sample of the channel keeps
 // the one-pass variance from cancelling when |mean| >> std; partials are merged in double.
@@ -16,7 +17,7 @@
 // statistic each step, and at fp16 precision (11-bit mantissa) an update of 0.1 * (batch - running)
 // smaller than half an ulp of the running value would round away, freezing the statistics. dgamma
 // and dbeta stay fp32 too: they land in the fp32 gradient buffer. The workspace is always fp32.
-#include "common.cuh"
+#include "batchnorm.cuh"
 
 // Block shape of the partial reductions: 32 channels x 8 row groups; blockIdx.y splits the rows.
 #define BN_TX 32
@@ -54,9 +55,7 @@ __device__ __forceinline__ void bn_stats_partial_impl(const A* x, u64 M, int C, 
     bn_write_partials(s1, s2, c, C, ws);
 }
 
-// Per channel: batch mean and inverse std (biased variance, as used for normalising) saved for
-// backward; running stats updated with PyTorch's convention and the unbiased variance, from the
-// unrounded fp32 mean even when the saved copy is fp16.
+// Per channel, from the split partials: see bn_channel_stats.
 template <class A, class S>
 __device__ __forceinline__ void bn_stats_finalize_impl(const float* ws, int splits, const A* x, u64 M, int C,
                                                        float eps, float momentum, S* save_mean, S* save_inv_std,
@@ -68,18 +67,7 @@ __device__ __forceinline__ void bn_stats_finalize_impl(const float* ws, int spli
         s1 += ws[((u64)z * C + c) * 2];
         s2 += ws[((u64)z * C + c) * 2 + 1];
     }
-    double md = s1 / (double)M;
-    double var = s2 / (double)M - md * md;
-    if (var < 0.0) var = 0.0;
-    float mean = (float)(md + (double)to_f32(x[c]));
-    save_mean[c] = from_f32<S>(mean);
-    // With eps >= 1e-5 the inverse std is at most ~316, well inside fp16's range for O3.
-    save_inv_std[c] = from_f32<S>((float)(1.0 / sqrt(var + (double)eps)));
-    if (running_mean) {
-        double unbiased = M > 1 ? var * (double)M / (double)(M - 1) : var;
-        running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean;
-        running_var[c] = (1.0f - momentum) * running_var[c] + momentum * (float)unbiased;
-    }
+    bn_channel_stats(s1, s2, to_f32(x[c]), M, c, eps, momentum, save_mean, save_inv_std, running_mean, running_var);
 }
 
 // y = gamma * (x - mean) * inv_std + beta, then ReLU if relu != 0. Used for training (batch
@@ -262,3 +250,4 @@ extern "C" __global__ void bn_bwd_dx_o3(const __half* x, const __half* y, const 
                                         int accumulate) {
     bn_bwd_dx_impl(x, y, dy, mean, inv_std, gamma, dgamma, dbeta, M, C, relu, ldy, yoff, dx, accumulate);
 }
+

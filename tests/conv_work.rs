@@ -21,7 +21,8 @@ fn v4_step(batch: usize, size: usize, amp: Amp) -> (StepLayout, Calls) {
         ..PlanConfig::default()
     };
     let plan = plan::build("v4", config).unwrap();
-    let (mut step, _) = StepLayout::new(plan, amp, true, 132, RmsPropConfig::default()).unwrap();
+    let config = RmsPropConfig::default();
+    let (mut step, _) = StepLayout::new(plan, amp, true, 132, config, KernelPaths::LEAN).unwrap();
     // The padded stem's buffers exist once the trainer allocates (any non-zero address will do:
     // the calls are counted, never launched).
     step.ptr.stem = step.stem.map(|_| (1 << 40, 2 << 40));

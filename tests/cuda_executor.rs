@@ -43,11 +43,25 @@ fn device(
     fused: bool,
     amp: Amp,
 ) -> (Fusion, StepProgram, MemoryPlan) {
-    let fusion = if fused {
+    device_with(plan, bwd, fused, false, amp)
+}
+
+/// As [`device`], with the max pools' saved argmax (the `pool_argmax` path) when `argmax`.
+fn device_with(
+    plan: &Plan,
+    bwd: &BackwardPlan,
+    fused: bool,
+    argmax: bool,
+    amp: Amp,
+) -> (Fusion, StepProgram, MemoryPlan) {
+    let mut fusion = if fused {
         Fusion::new(plan, bwd)
     } else {
         Fusion::none(plan, bwd)
     };
+    if argmax {
+        fusion = fusion.with_pool_argmax(plan, bwd);
+    }
     let program = StepProgram::new(plan, bwd, &fusion, arena::stem_conv(plan));
     let mem = arena::arena_plan(plan, bwd, &fusion, &program.train, amp, true);
     (fusion, program, mem)
@@ -80,8 +94,8 @@ fn assert_no_overlap(mem: &MemoryPlan) {
 fn arena_fits_every_tensor_without_live_overlap_at_each_amp_level() {
     for (plan, bwd) in plans() {
         for amp in [Amp::O0, Amp::O2, Amp::O3] {
-            for fused in [false, true] {
-                let (fusion, program, mem) = device(&plan, &bwd, fused, amp);
+            for (fused, argmax) in [(false, false), (true, false), (true, true)] {
+                let (fusion, program, mem) = device_with(&plan, &bwd, fused, argmax, amp);
                 let life = program_lifetimes(&plan, &bwd, &fusion, &program.train, true);
                 assert_eq!(mem.placements.len(), life.iter().flatten().count());
                 assert_no_overlap(&mem);
@@ -164,7 +178,9 @@ fn v4_fuses_every_bn_relu_and_concatenates_without_copies() {
 /// Replays a training program on a model of the arena. Every write stamps the 2-byte units it
 /// covers with the writer's root tensor; every read checks that each unit it covers still carries
 /// its own root's stamp. A placement overlap, a lifetime that ends too early, a tensor read before
-/// it is written, or a concatenation whose slices leave channels unwritten fails here.
+/// it is written, or a concatenation whose slices leave channels unwritten fails here. Saved
+/// argmax tensors (one byte per element, 256-aligned like every placement) stamp the units their
+/// bytes touch.
 fn replay(
     plan: &Plan,
     bwd: &BackwardPlan,
@@ -177,23 +193,25 @@ fn replay(
     let offsets = arena::offsets(plan, mem, fusion, amp);
     let mut stamp = vec![usize::MAX; mem.peak_bytes / 2 + 1];
     let units = |t: usize| -> Vec<usize> {
-        let (elem, c, ld) = (
-            elem_bytes(plan, amp, t),
-            channels(plan, bwd, t),
+        let (elem, ld) = (
+            arena::id_elem_bytes(plan, fusion, amp, t),
             fusion.ld(plan, bwd, t),
         );
-        let count = if t < bwd.first_grad {
-            plan.tensors[t].numel()
-        } else {
-            bwd.grad_tensor(t).numel()
+        // An argmax is dense: its channels are its row stride.
+        let c = match fusion.argmax_node(t) {
+            Some(_) => ld,
+            None => channels(plan, bwd, t),
         };
+        let count = arena::numel(plan, bwd, fusion, t);
         let off = offsets[t].unwrap_or_else(|| panic!("tensor {t} has no storage"));
-        (0..count)
+        let mut u: Vec<usize> = (0..count)
             .flat_map(|i| {
                 let byte = off + (i / c * ld + i % c) * elem;
-                (byte / 2..(byte + elem) / 2).collect::<Vec<_>>()
+                byte / 2..(byte + elem).div_ceil(2)
             })
-            .collect()
+            .collect();
+        u.dedup();
+        u
     };
     for (time, &launch) in program.iter().enumerate() {
         let (reads, writes) = accesses(plan, bwd, fusion, launch, train);
@@ -218,15 +236,18 @@ fn replay(
 fn replaying_the_program_on_the_arena_finds_every_read_intact() {
     let cases = [build("tiny", 2, 32), build("v4", 1, 75)];
     for (plan, bwd) in &cases {
-        for (fused, amp) in [
-            (true, Amp::O2),
-            (false, Amp::O2),
-            (true, Amp::O0),
-            (true, Amp::O3),
+        for (fused, argmax, amp) in [
+            (true, false, Amp::O2),
+            (false, false, Amp::O2),
+            (true, false, Amp::O0),
+            (true, false, Amp::O3),
+            (true, true, Amp::O2),
+            (true, true, Amp::O0),
         ] {
-            let (fusion, program, mem) = device(plan, bwd, fused, amp);
-            replay(plan, bwd, &fusion, &program.train, &mem, amp, true)
-                .unwrap_or_else(|e| panic!("{} fused={fused} {amp:?}: {e}", plan.name));
+            let (fusion, program, mem) = device_with(plan, bwd, fused, argmax, amp);
+            replay(plan, bwd, &fusion, &program.train, &mem, amp, true).unwrap_or_else(|e| {
+                panic!("{} fused={fused} argmax={argmax} {amp:?}: {e}", plan.name)
+            });
         }
     }
 }
@@ -282,6 +303,57 @@ fn replay_catches_two_live_tensors_sharing_memory() {
     moved.offset = input;
     mem.peak_bytes = mem.peak_bytes.max(input + moved.bytes);
     assert!(replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2, true).is_err());
+}
+
+#[test]
+fn a_saved_argmax_lives_from_its_pool_forward_to_its_backward() {
+    let (plan, bwd) = build("v4", 8, 299);
+    let (fusion, program, mem) = device_with(&plan, &bwd, true, true, Amp::O2);
+    check_program(&plan, &bwd, &fusion, &program.train).unwrap();
+    let life = program_lifetimes(&plan, &bwd, &fusion, &program.train, true);
+    let at = |l: Stage| program.train.iter().position(|&x| x == l).unwrap();
+    let pools: Vec<usize> = (0..plan.nodes.len())
+        .filter(|&i| matches!(plan.nodes[i].op, Op::MaxPool(_)))
+        .collect();
+    assert_eq!(pools.len(), 4, "v4's max pools: Mixed_3a, 5a, 6a, 7a");
+    for &i in &pools {
+        let t = fusion.argmax[i].expect("every v4 max pool saves its argmax");
+        assert_eq!(fusion.argmax_node(t), Some(i));
+        let step = bwd.steps.iter().position(|s| s.node == i).unwrap();
+        let (fwd, back) = (at(Stage::Forward { node: i }), at(Stage::Backward { step }));
+        let l = life[t].unwrap();
+        assert_eq!((l.start, l.end), (fwd, back), "{}", plan.nodes[i].name);
+        // One byte per output, and the backward reads it instead of the pool's input.
+        let p = mem.placements.iter().find(|p| p.tensor == t).unwrap();
+        assert_eq!(p.bytes, plan.tensor(plan.nodes[i].outputs[0]).numel());
+        let (reads, _) = accesses(&plan, &bwd, &fusion, Stage::Backward { step }, true);
+        assert!(reads.contains(&t) && !reads.contains(&plan.nodes[i].inputs[0]));
+        // Inference saves nothing.
+        let (_, writes) = accesses(&plan, &bwd, &fusion, Stage::Forward { node: i }, false);
+        assert!(!writes.contains(&t));
+    }
+    let plain = device(&plan, &bwd, true, Amp::O2).0;
+    assert!(plain.argmax.iter().all(Option::is_none));
+}
+
+#[test]
+fn replay_catches_an_argmax_overwritten_before_its_backward() {
+    let (plan, bwd) = build("tiny", 2, 32);
+    let (fusion, program, mut mem) = device_with(&plan, &bwd, true, true, Amp::O2);
+    replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2, true).unwrap();
+    // Place the first argmax over a tensor alive at the same time.
+    let t = fusion.argmax.iter().flatten().copied().next().unwrap();
+    let p = mem.placements.iter().position(|p| p.tensor == t).unwrap();
+    let life = mem.placements[p].life;
+    let other = mem
+        .placements
+        .iter()
+        .find(|q| q.tensor != t && q.life.overlaps(&life))
+        .unwrap()
+        .offset;
+    mem.placements[p].offset = other;
+    let err = replay(&plan, &bwd, &fusion, &program.train, &mem, Amp::O2, true).unwrap_err();
+    eprintln!("{err}");
 }
 
 #[test]
@@ -490,10 +562,12 @@ fn whole_tiny_step_matches_the_cpu_on_a_gpu() {
         return;
     }
     use inception_engine::gpu::check::Status;
+    use inception_engine::gpu::KernelPaths;
     use inception_engine::plan::models;
     use inception_engine::selftest::step::{self, StepCase, LEVELS};
     let tiny = StepCase::of(models::find("tiny").unwrap(), false);
-    let checks = step::run_case(tiny, &LEVELS, 1).unwrap();
+    let paths = [KernelPaths::LEAN, KernelPaths::BASELINE];
+    let checks = step::run_case(tiny, &LEVELS, 1, &paths).unwrap();
     for c in &checks {
         assert_eq!(c.status, Status::Pass, "{c:?}");
     }

@@ -12,9 +12,9 @@ use std::cell::RefCell;
 use anyhow::Result;
 use inception_engine::backend::cuda::arena::{stem_padded_elems, ParamSlots};
 use inception_engine::backend::cuda::calls::Call;
-use inception_engine::backend::cuda::layout::{Ptrs, StepArgs, StepLayout};
+use inception_engine::backend::cuda::layout::{Ptrs, StepArgs, StepLayout, REPORT_WORDS};
 use inception_engine::backend::Amp;
-use inception_engine::gpu::DevPtr;
+use inception_engine::gpu::{DevPtr, KernelPaths};
 use inception_engine::ops::batchnorm::cuda::{bn_workspace, BnArgs};
 use inception_engine::ops::batchnorm::cuda::{BnBackward, BnForwardInfer, BnForwardTrain};
 use inception_engine::ops::cast::cuda::CastF32ToF16;
@@ -27,7 +27,8 @@ use inception_engine::ops::global_pool::cuda::{GlobalAvgPoolBackward, GlobalAvgP
 use inception_engine::ops::linear::cuda::{
     LinearBackwardData, LinearBackwardWeight, LinearForward,
 };
-use inception_engine::ops::pool::cuda::{PoolBackward, PoolForward};
+use inception_engine::ops::pool::cuda::{argmax_bytes, PoolBackward, PoolForward};
+use inception_engine::ops::pool::PoolShape;
 use inception_engine::ops::relu::cuda::{ReluBackward, ReluForward};
 use inception_engine::ops::softmax_ce::cuda::SoftmaxCe;
 use inception_engine::ops::softmax_ce::cuda::{Labels, ScaleArg};
@@ -61,7 +62,7 @@ impl Buffers {
             ("images", images * 4),
             ("labels", plan.batch() * 4),
             ("row_loss", plan.batch() * 4),
-            ("report", 32),
+            ("report", REPORT_WORDS * 4),
             ("stem_x", stem.0 * 2),
             ("stem_w", stem.1 * 2),
         ];
@@ -205,6 +206,14 @@ impl Checker {
         self.span("bn running mean", a.running_mean, a.c * 4);
         self.span("bn running var", a.running_var, a.c * 4);
     }
+
+    /// The vectorised BN reductions' ticket counter: a report word, and there whenever the
+    /// path is asked for.
+    fn bn_counter(&self, a: &BnArgs) {
+        if a.vec {
+            self.from("bn counter", a.counter, 4, "report");
+        }
+    }
 }
 
 /// One checking method per kind of call.
@@ -288,6 +297,7 @@ impl Checker {
         let (a, x, y, ws) = (&c.a, c.x, c.y, c.ws);
         self.call();
         self.bn_common(a, x);
+        self.bn_counter(a);
         self.strided("bn y", y, a.m, a.ldy, a.yoff + a.c, self.act());
         self.span("bn saved mean", a.save_mean, a.c * self.bn());
         self.span("bn saved inv std", a.save_inv_std, a.c * self.bn());
@@ -306,8 +316,10 @@ impl Checker {
             (&c.a, c.x, c.y, c.dy, c.dgamma, c.dbeta, c.dx, c.ws);
         self.call();
         self.bn_common(a, x);
+        self.bn_counter(a);
         let act = self.act();
-        if a.relu {
+        // The vectorised path recomputes the ReLU mask from x: it reads no y.
+        if a.relu && !c.uses_vec() {
             self.strided("bn y", y, a.m, a.ldy, a.yoff + a.c, act);
         }
         self.strided("bn dy", dy, a.m, a.ldy, a.yoff + a.c, act);
@@ -338,6 +350,7 @@ impl Checker {
         let (s, x, y, ldy, yoff) = (&c.s, c.x, c.y, c.ldy, c.yoff);
         self.call();
         self.span("pool x", x, s.n * s.h * s.w * s.c * self.act());
+        self.pool_argmax(s, c.max, c.argmax);
         self.strided(
             "pool y",
             y,
@@ -352,10 +365,26 @@ impl Checker {
         let (s, x, dy, ldy, yoff, dx) = (&c.s, c.x, c.dy, c.ldy, c.yoff, c.dx);
         self.call();
         let act = self.act();
-        self.span("pool x", x, s.n * s.h * s.w * s.c * act);
+        // Through a saved argmax the backward reads no x (and is given none).
+        match c.argmax {
+            0 => _ = self.span("pool x", x, s.n * s.h * s.w * s.c * act),
+            argmax => self.pool_argmax(s, c.max, argmax),
+        }
         self.strided("pool dy", dy, s.n * s.oh() * s.ow(), ldy, yoff + s.c, act);
         self.span("pool dx", dx, s.n * s.h * s.w * s.c * act);
         Ok(())
+    }
+    /// A saved argmax: a max pool's, one byte per output, in the arena.
+    fn pool_argmax(&self, s: &PoolShape, max: bool, argmax: DevPtr) {
+        if argmax == 0 {
+            return;
+        }
+        if !max {
+            self.errors
+                .borrow_mut()
+                .push("an average pool given an argmax".into());
+        }
+        self.from("pool argmax", argmax, argmax_bytes(s), "arena");
     }
     fn global_avgpool_forward(&self, c: &GlobalAvgPoolForward) -> Result<()> {
         let (n, hw, c, x, y) = (c.n, c.hw, c.c, c.x, c.y);
@@ -522,6 +551,17 @@ impl Checker {
 }
 
 fn layout(name: &str, batch: usize, size: usize, amp: Amp, train: bool) -> (StepLayout, Checker) {
+    layout_with(name, batch, size, amp, train, KernelPaths::LEAN)
+}
+
+fn layout_with(
+    name: &str,
+    batch: usize,
+    size: usize,
+    amp: Amp,
+    train: bool,
+    paths: KernelPaths,
+) -> (StepLayout, Checker) {
     let config = PlanConfig {
         batch,
         image_size: size,
@@ -529,7 +569,8 @@ fn layout(name: &str, batch: usize, size: usize, amp: Amp, train: bool) -> (Step
         ..PlanConfig::default()
     };
     let plan = plan::build(name, config).unwrap();
-    let (mut step, mem) = StepLayout::new(plan, amp, train, 132, RmsPropConfig::default()).unwrap();
+    let optim = RmsPropConfig::default();
+    let (mut step, mem) = StepLayout::new(plan, amp, train, 132, optim, paths).unwrap();
     let buffers = Buffers::place(&mut step, &mem, train);
     let checker = Checker {
         buffers,
@@ -578,7 +619,14 @@ fn run(step: &StepLayout, checker: &Checker, train: bool, args: StepArgs) -> Vec
 #[test]
 fn every_launch_addresses_only_memory_the_executor_allocates() {
     for (name, batch, size) in [("tiny", 2, 32), ("v4", 2, 75)] {
-        for amp in [Amp::O2, Amp::O0, Amp::O3] {
+        for (amp, paths) in [
+            (Amp::O2, KernelPaths::LEAN),
+            (Amp::O0, KernelPaths::LEAN),
+            (Amp::O3, KernelPaths::LEAN),
+            (Amp::O2, KernelPaths::BASELINE),
+        ] {
+            let layout =
+                |name, batch, size, amp, train| layout_with(name, batch, size, amp, train, paths);
             let dynamic = StepArgs {
                 train: true,
                 step: 3,

@@ -248,6 +248,54 @@ fn injected_kernel_bugs_are_caught() {
     );
 }
 
+/// The same kinds of bug in the leaner step's batchnorm and max-pool kernels.
+#[test]
+fn injected_bugs_in_the_vectorised_bn_and_the_argmax_are_caught() {
+    if !nvrtc_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| tmp.path().join(n);
+    // The tree's first barrier removed: row groups add partials other threads have not stored.
+    let lib = mutant(
+        &d("bnv_barrier"),
+        "batchnorm_vec.cu",
+        "        sb[t][i] = b[i];\n    }\n    __syncthreads();\n",
+        "        sb[t][i] = b[i];\n    }\n",
+        true,
+    );
+    assert_caught(
+        "vectorised BN barrier removed",
+        &lib,
+        &[("INCEPTION_EMU_RACECHECK", "1")],
+        "never written in this block",
+    );
+    // The last block no longer resets the ticket counter: the next reduction never finds its
+    // last block, and the backward's dgamma and dbeta stay unwritten (poisoned).
+    let lib = mutant(
+        &d("bnv_counter"),
+        "batchnorm_vec.cu",
+        "    if (threadIdx.x == 0 && threadIdx.y == 0) *counter = 0u;\n",
+        "",
+        false,
+    );
+    assert_caught(
+        "BN ticket counter not reset",
+        &lib,
+        &[],
+        "bn_vec_bwd(dgamma)",
+    );
+    // The saved argmax one position off: the backward sends the gradient to the wrong input.
+    let lib = mutant(
+        &d("argmax"),
+        "pool.cu",
+        "                arg = r * p.k + s;\n",
+        "                arg = r * p.k + s + 1;\n",
+        false,
+    );
+    assert_caught("argmax off by one", &lib, &[], "maxpool_bwd_argmax");
+}
+
 /// Runs the small self-test against a mutant library and asserts that it fails with a FAIL line
 /// naming `kernel`.
 fn assert_check_fails(name: &str, lib: &Path, kernel: &str) {

@@ -8,7 +8,7 @@ use super::cases::{BnCase, Cases, PoolCase, RMSPROP_BYTES_PER_PARAM};
 use super::gpu::{Case, Fill, Gpu, Prepared, Variant, Work, COPY_BYTES};
 use crate::gpu::Launch;
 use crate::ops::batchnorm::cuda::{bn_workspace, BnArgs, BnBackward, BnForwardTrain};
-use crate::ops::pool::cuda::{PoolBackward, PoolForward};
+use crate::ops::pool::cuda::{argmax_bytes, PoolBackward, PoolForward};
 use crate::ops::softmax_ce::cuda::{Labels, ScaleArg, SoftmaxCe};
 use crate::optim::cuda::{Rmsprop, RmspropParams};
 
@@ -68,6 +68,7 @@ impl Gpu {
         let dgamma = self.alloc(c * 4)?;
         let dbeta = self.alloc(c * 4)?;
         let ws = self.alloc(bn_workspace(m, c) * 4)?;
+        let counter = self.alloc(4)?;
         let args = BnArgs {
             m,
             c,
@@ -82,6 +83,9 @@ impl Gpu {
             running_var: rvar.ptr,
             ldy: c,
             yoff: 0,
+            // The kernel paths of this run (`bench kernels --kernels`).
+            vec: self.be.paths.bn_vec,
+            counter: counter.ptr,
         };
         let be = &self.be;
         // The forward overwrites the saved statistics: the backward case has its own buffers.
@@ -102,8 +106,9 @@ impl Gpu {
             accumulate: false,
             ws: ws.ptr,
         };
+        let vec = args.vec_fits(&[x.ptr, y.ptr, dy.ptr, dx.ptr]);
         let keep = (
-            gamma, beta, mean, inv_std, rmean, rvar, x, y, dy, dx, dgamma, dbeta, ws,
+            gamma, beta, mean, inv_std, rmean, rvar, x, y, dy, dx, dgamma, dbeta, ws, counter,
         );
         let run: Box<dyn FnMut() -> Result<()>> = Box::new(move || {
             let _ = &keep;
@@ -112,21 +117,22 @@ impl Gpu {
                 false => backward.launch(be),
             }
         });
+        let kind = if fwd {
+            "bn_forward_train"
+        } else {
+            "bn_backward"
+        };
+        let variants = vec![Variant {
+            label: format!("{kind}{}", if vec { " (vectorised)" } else { "" }),
+            reference: false,
+            run,
+        }];
         Ok(Prepared {
             id,
             group: "batchnorm",
             shape: format!("[{m}][{c}] +relu"),
             work: Work::Bytes(if fwd { b.fwd_bytes() } else { b.bwd_bytes() }),
-            variants: vec![Variant {
-                label: if fwd {
-                    "bn_forward_train"
-                } else {
-                    "bn_backward"
-                }
-                .into(),
-                reference: false,
-                run,
-            }],
+            variants,
             note: None,
         })
     }
@@ -139,6 +145,20 @@ impl Gpu {
         let be = &self.be;
         let max = p.max;
         let (ldy, yoff) = (s.c, 0);
+        // The kernel paths of this run (`bench kernels --kernels`): the max pool saves its argmax
+        // in the forward and the backward gathers through it.
+        let argmax = self.alloc(argmax_bytes(&s))?;
+        let am = if max && self.be.paths.pool_argmax {
+            argmax.ptr
+        } else {
+            0
+        };
+        let label = format!(
+            "{}pool_{}{}",
+            if max { "max" } else { "avg" },
+            if fwd { "fwd" } else { "bwd" },
+            if am != 0 { " (argmax)" } else { "" }
+        );
         let forward = PoolForward {
             s,
             max,
@@ -146,18 +166,23 @@ impl Gpu {
             y: y.ptr,
             ldy,
             yoff,
+            argmax: am,
         };
+        if am != 0 {
+            forward.launch(be)?; // the backward gathers through a real argmax
+        }
         let backward = PoolBackward {
             s,
             max,
-            x: x.ptr,
+            x: if am == 0 { x.ptr } else { 0 },
             dy: y.ptr,
             ldy,
             yoff,
             dx: dx.ptr,
             accumulate: false,
+            argmax: am,
         };
-        let keep = (x, y, dx);
+        let keep = (x, y, dx, argmax);
         let run: Box<dyn FnMut() -> Result<()>> = Box::new(move || {
             let _ = &keep;
             match fwd {
@@ -165,17 +190,17 @@ impl Gpu {
                 false => backward.launch(be),
             }
         });
-        let kind = if max { "maxpool" } else { "avgpool" };
+        let variants = vec![Variant {
+            label,
+            reference: false,
+            run,
+        }];
         Ok(Prepared {
             id,
             group: "pool",
             shape: p.label(),
             work: Work::Bytes(if fwd { p.fwd_bytes() } else { p.bwd_bytes() }),
-            variants: vec![Variant {
-                label: format!("{kind}_{}", if fwd { "fwd" } else { "bwd" }),
-                reference: false,
-                run,
-            }],
+            variants,
             note: None,
         })
     }

@@ -281,6 +281,10 @@ fn cuda_runs(
             trainer.memory().total() as f64 / 1048576.0
         );
         let mut out = report(a, &times, &note);
+        let figures = trainer.step_figures();
+        if let Some(f) = &figures {
+            println!("  {}", f.describe());
+        }
         let of_limit = limit_ms.map(|l| l / step_ms);
         println!(
             "  limit at {}: {} per step ({:.1} GFLOP and {:.1} MB of useful work){}; {} kernel launches per step{}",
@@ -296,7 +300,7 @@ fn cuda_runs(
             "allocated_device_bytes": trainer.memory().total(), "peak_device_bytes": used,
             "kernel_launches_per_step": launches, "limit_ms": limit_ms, "useful_flop": cost.flop,
             "useful_bytes": cost.bytes, "rates": rates, "of_limit": of_limit,
-            "conv_work": conv_work_line(&trainer)});
+            "conv_work": conv_work_line(&trainer), "step_figures": figures});
         if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
             o.extend(e);
         }
@@ -341,7 +345,7 @@ fn describe_rates(r: Rates) -> String {
 /// Prints what the step's convolutions issue under the paths it ran (host counts from the tile
 /// choices, not timings); returns them for the JSON line.
 fn conv_work_line(trainer: &CudaTrainer) -> serde_json::Value {
-    let Some(w) = trainer.conv_work(trainer.paths()) else {
+    let Some(w) = trainer.conv_work(trainer.kernel_paths()) else {
         return serde_json::Value::Null;
     };
     println!(

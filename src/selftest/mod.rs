@@ -84,7 +84,7 @@ fn run_plan_o2(t: &mut SelfTest, plan: &Plan) -> Result<()> {
 }
 
 /// BN with the fused ReLU at every distinct shape (`all`) or only the first, then without ReLU
-/// at the last shape.
+/// at the last shape, each on both paths; then the other layouts at one shape.
 fn run_bn(t: &mut SelfTest, plan: &Plan, all: bool) -> Result<()> {
     let bns = plan_bn_shapes(plan);
     let with_relu = if all { bns.len() } else { 1 };
@@ -93,6 +93,10 @@ fn run_bn(t: &mut SelfTest, plan: &Plan, all: bool) -> Result<()> {
     }
     if let Some(&(m, c)) = bns.last() {
         t.batchnorm(m, c, false)?;
+    }
+    // Concat slices, accumulation and the vectorised path's fallbacks, at the first shape it takes.
+    if let Some(&(m, c)) = bns.iter().find(|&&(_, c)| c.is_multiple_of(8)) {
+        t.batchnorm_layouts(m, c)?;
     }
     Ok(())
 }

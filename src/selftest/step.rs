@@ -1,5 +1,6 @@
 //! Whole-step self-test: one full CUDA training step at each precision level (O2, O0, O3) against
-//! the CPU backend from the same weights and batch, and a check that the device-resident dynamic
+//! the CPU backend from the same weights and batch, on both ends of the leaner-step kernel paths
+//! (`INCEPTION_KERNELS`'s, then the other), and a check that the device-resident dynamic
 //! loss scaler skips a step whose gradients overflow. Run by `selftest --device cuda` after the
 //! per-kernel checks.
 //!
@@ -17,6 +18,7 @@ use crate::backend::cpu::{CpuExecutor, Mode};
 use crate::backend::cuda::CudaTrainer;
 use crate::backend::{Amp, Backend};
 use crate::gpu::check::{Check, Status};
+use crate::gpu::KernelPaths;
 use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::backward::derive;
@@ -116,6 +118,21 @@ pub fn cases(reduced: bool) -> Vec<(StepCase, &'static [Level])> {
         .collect()
 }
 
+/// The kernel paths a case steps: those of `INCEPTION_KERNELS`, then the other end (baseline
+/// after lean, lean otherwise), so both sides of every leaner-step change are compared with the
+/// CPU; a reduced run steps its expensive models on the first only.
+fn case_paths(reduced: bool, expensive: bool) -> Result<Vec<KernelPaths>> {
+    let main = KernelPaths::from_env()?;
+    let other = match main == KernelPaths::LEAN {
+        true => KernelPaths::BASELINE,
+        false => KernelPaths::LEAN,
+    };
+    Ok(match reduced && expensive {
+        true => vec![main],
+        false => vec![main, other],
+    })
+}
+
 /// Every whole-step check: each model's case against the CPU, then the overflow skip on the
 /// cheapest case.
 pub fn run(seed: u64, reduced: bool) -> Result<Vec<Check>> {
@@ -126,7 +143,13 @@ pub fn run(seed: u64, reduced: bool) -> Result<Vec<Check>> {
             "whole step: {} batch {} {}x{}",
             case.plan, case.batch, case.image_size, case.image_size
         );
-        checks.extend(run_case(case, levels, seed)?);
+        let expensive = levels.len() < LEVELS.len();
+        checks.extend(run_case(
+            case,
+            levels,
+            seed,
+            &case_paths(reduced, expensive)?,
+        )?);
     }
     let cheapest = cases
         .iter()
@@ -231,15 +254,22 @@ fn cpu_step(s: &Setup) -> Result<CpuStep> {
     })
 }
 
-/// One case at the given levels: loss, gradients, updates and BN statistics of a whole step against
-/// the CPU (whose step is computed once).
-pub fn run_case(case: StepCase, levels: &[Level], seed: u64) -> Result<Vec<Check>> {
+/// One case at the given levels, on each of the kernel `paths`: loss, gradients, updates and BN
+/// statistics of a whole step against the CPU (whose step is computed once).
+pub fn run_case(
+    case: StepCase,
+    levels: &[Level],
+    seed: u64,
+    paths: &[KernelPaths],
+) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
     let cpu = cpu_step(&s)?;
     let mut checks = Vec::new();
-    for &level in levels {
-        eprintln!("  at {:?}", level.amp);
-        checks.extend(run_level(&s, &cpu, case, level)?);
+    for &p in paths {
+        for &level in levels {
+            eprintln!("  at {:?}, kernels {}", level.amp, p.spec());
+            checks.extend(run_level(&s, &cpu, case, Run { level, paths: p })?);
+        }
     }
     if !case.per_tensor {
         let judged = [": loss", ": inference logits", ": state round trip"];
@@ -253,17 +283,31 @@ pub fn run_case(case: StepCase, levels: &[Level], seed: u64) -> Result<Vec<Check
     Ok(checks)
 }
 
-fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<Vec<Check>> {
-    let model = &s.model;
-    let mut checks = fresh_checks(s, cpu, case, level)?;
-    let mut gpu = CudaTrainer::new(s.plan.clone(), model.clone(), s.optim.clone(), level.amp)?;
+/// A level and the kernel paths a whole step runs with.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    level: Level,
+    paths: KernelPaths,
+}
+
+impl Run {
+    fn trainer(&self, s: &Setup) -> Result<CudaTrainer> {
+        let (plan, model, optim) = (s.plan.clone(), s.model.clone(), s.optim.clone());
+        CudaTrainer::with_paths(self.paths, plan, model, optim, self.level.amp)
+    }
+}
+
+fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, run: Run) -> Result<Vec<Check>> {
+    let (model, level) = (&s.model, run.level);
+    let mut checks = fresh_checks(s, cpu, case, run)?;
+    let mut gpu = run.trainer(s)?;
     let mut scaler = LossScaler::Fixed(SCALE);
     let mut outcomes = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
     outcomes.extend(gpu.settle(&mut scaler)?);
     let out = outcomes.pop().context("the step reports once settled")?;
     let g_gpu = gpu.grads()?;
     let (m_gpu, _) = gpu.state()?;
-    let name = |what: &str| label(case, level, what);
+    let name = |what: &str| label(case, run, what);
     let loss_err = (out.loss - cpu.loss).abs() / cpu.loss.abs().max(1e-6);
     let layout = &model.layout;
     let delta = |w: &[f32], start: &[f32]| -> Vec<f32> {
@@ -271,7 +315,7 @@ fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<V
     };
     let tol = level.tol_step;
     checks.extend([
-        check(name("loss"), "loss".into(), loss_err, level.tol_loss),
+        check(name("loss"), "loss".into(), loss_err, loss_tol(case, level)),
         worst(name("param grads"), &layout.params, &g_gpu, &cpu.grads, tol),
         worst(
             name("weight updates"),
@@ -293,18 +337,37 @@ fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<V
     Ok(checks)
 }
 
-/// A check's name: plan, batch, level and what is compared.
-fn label(case: StepCase, level: Level, what: &str) -> String {
-    format!("step {} b{} {:?}: {what}", case.plan, case.batch, level.amp)
+/// The loss tolerance of a case at a level: the level's, doubled where the per-tensor checks are
+/// too ill-conditioned to judge. There the loss is still judged, but its error is a draw of how
+/// fp16 rounding propagates: v4's reduced case at O2 measured (seeds 0 to 3, emulated GPU)
+/// 7.2e-3, 5.2e-3, 1.27e-2, 8.1e-3 on the baseline kernels and 1.31e-2, 7.0e-4, 6.1e-3, 4.1e-3
+/// on the lean ones, while at O0 both stay at 2e-5 to 4e-5 of the CPU's. A layout or indexing
+/// mistake moves it by far more.
+fn loss_tol(case: StepCase, level: Level) -> f32 {
+    match case.per_tensor {
+        true => level.tol_loss,
+        false => 2.0 * level.tol_loss,
+    }
+}
+
+/// A check's name: plan, batch, level, the kernel paths unless all lean, and what is compared.
+fn label(case: StepCase, run: Run, what: &str) -> String {
+    let paths = match run.paths == KernelPaths::LEAN {
+        true => String::new(),
+        false => format!(" [{}]", run.paths.spec()),
+    };
+    let (plan, batch, amp) = (case.plan, case.batch, run.level.amp);
+    format!("step {plan} b{batch} {amp:?}{paths}: {what}")
 }
 
 /// Checks on a fresh trainer, before any step: the state read back is exactly what was loaded (so
 /// checkpoints move between backends unchanged), inference logits match the CPU's, and the
 /// training forward's tensors match (on this separate trainer, so the step check below sees its
 /// BN statistics updated once).
-fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Result<Vec<Check>> {
-    let mut gpu = CudaTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone(), level.amp)?;
-    let name = |what: &str| label(case, level, what);
+fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase, run: Run) -> Result<Vec<Check>> {
+    let mut gpu = run.trainer(s)?;
+    let level = run.level;
+    let name = |what: &str| label(case, run, what);
     let (model, optim) = gpu.state()?;
     let exact = model == s.model && optim == s.optim;
     let round_trip = check(
@@ -323,7 +386,7 @@ fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase, level: Level) -> Resul
     Ok(vec![
         round_trip,
         infer,
-        forward_check(&mut gpu, s, cpu, case, level)?,
+        forward_check(&mut gpu, s, cpu, case, run)?,
     ])
 }
 
@@ -335,8 +398,9 @@ fn forward_check(
     s: &Setup,
     cpu: &CpuStep,
     case: StepCase,
-    level: Level,
+    run: Run,
 ) -> Result<Check> {
+    let level = run.level;
     gpu.forward_train(&s.images, &s.labels, 0)?;
     let (mut worst, mut worst_name, mut first_bad) = (0f32, String::new(), None);
     for (t, want) in &cpu.forward {
@@ -354,7 +418,7 @@ fn forward_check(
     }
     let first = first_bad.map_or(String::new(), |n| format!(", first over tolerance: {n}"));
     Ok(check(
-        label(case, level, "forward tensors"),
+        label(case, run, "forward tensors"),
         format!("worst: {worst_name}{first}"),
         worst,
         level.tol_step,

@@ -21,8 +21,9 @@ pub const SLOT_ALIGN: usize = 64;
 /// Channels the 3-channel stem is padded to, so its forward convolution can use tensor cores.
 pub const STEM_CHANNELS: usize = 8;
 
-/// Bytes per element of an arena tensor (forward ids, then gradient ids from `bwd.first_grad`).
-/// Labels and the loss are always fp32; BN saved statistics are fp32 except in O3.
+/// Bytes per element of a plan tensor in the arena (forward ids, then gradient ids from
+/// `bwd.first_grad`; see [`id_elem_bytes`] for the argmax ids after them). Labels and the loss are
+/// always fp32; BN saved statistics are fp32 except in O3.
 pub fn elem_bytes(plan: &Plan, amp: Amp, t: TensorId) -> usize {
     let half = if amp == Amp::O0 { 4 } else { 2 };
     if t >= plan.tensors.len() {
@@ -36,12 +37,23 @@ pub fn elem_bytes(plan: &Plan, amp: Amp, t: TensorId) -> usize {
     }
 }
 
-/// Elements of a forward or gradient tensor.
-fn numel(plan: &Plan, bwd: &BackwardPlan, t: TensorId) -> usize {
-    if t < bwd.first_grad {
+/// Elements of an arena tensor: a forward or gradient tensor, or a max pool's saved argmax (one
+/// per pool output).
+pub fn numel(plan: &Plan, bwd: &BackwardPlan, fusion: &Fusion, t: TensorId) -> usize {
+    if let Some(node) = fusion.argmax_node(t) {
+        plan.tensor(plan.nodes[node].outputs[0]).numel()
+    } else if t < bwd.first_grad {
         plan.tensors[t].numel()
     } else {
         bwd.grad_tensor(t).numel()
+    }
+}
+
+/// Bytes per element of any arena id: [`elem_bytes`], and one for a saved argmax.
+pub fn id_elem_bytes(plan: &Plan, fusion: &Fusion, amp: Amp, t: TensorId) -> usize {
+    match fusion.argmax_node(t) {
+        Some(_) => 1,
+        None => elem_bytes(plan, amp, t),
     }
 }
 
@@ -57,7 +69,9 @@ pub fn arena_plan(
     train: bool,
 ) -> MemoryPlan {
     let life = program_lifetimes(plan, bwd, fusion, program, train);
-    place(&life, |t| numel(plan, bwd, t) * elem_bytes(plan, amp, t))
+    place(&life, |t| {
+        numel(plan, bwd, fusion, t) * id_elem_bytes(plan, fusion, amp, t)
+    })
 }
 
 /// Byte offset of every arena tensor, indexed by tensor id: its placement, or for a slice its
@@ -246,7 +260,8 @@ pub fn stem_conv(plan: &Plan) -> Option<usize> {
 pub const H200_SMS: u32 = 132;
 
 /// The device memory of `plan` at `amp`, worked out on the host exactly as the trainer sizes its
-/// buffers: a training step, or with `train` false an inference-only trainer.
+/// buffers: a training step, or with `train` false an inference-only trainer, with the kernel
+/// paths of `INCEPTION_KERNELS`.
 pub fn plan_estimate(
     plan: &Plan,
     amp: Amp,
@@ -254,7 +269,9 @@ pub fn plan_estimate(
     num_sms: u32,
 ) -> anyhow::Result<MemoryEstimate> {
     let optim = crate::optim::RmsPropConfig::default();
-    let (step, mem) = super::layout::StepLayout::new(plan.clone(), amp, train, num_sms, optim)?;
+    let paths = crate::gpu::KernelPaths::from_env()?;
+    let (step, mem) =
+        super::layout::StepLayout::new(plan.clone(), amp, train, num_sms, optim, paths)?;
     Ok(estimate(
         &step.plan,
         &mem,

@@ -48,10 +48,13 @@ impl StepLayout {
             .into(),
             Op::MaxPool(p) | Op::AvgPool(p) => {
                 let s = PoolShape::new(*p, xs[0], xs[1], xs[2], xs[3]);
+                // With a saved argmax the input is not read (nor kept alive for this step).
+                let argmax = self.fusion.argmax[step.node].map_or(0, |t| self.t(t));
                 PoolBackward {
                     s,
                     max: matches!(node.op, Op::MaxPool(_)),
-                    x,
+                    x: if argmax == 0 { x } else { 0 },
+                    argmax,
                     dy,
                     ldy: step.grad_output.map_or(s.c, |g| self.ld(g)),
                     yoff: 0,

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 
 use super::arena::STEM_CHANNELS;
-use super::layout::{StepArgs, StepLayout};
+use super::layout::{StepArgs, StepLayout, REPORT_BN_COUNTER};
 use super::program::Stage;
 use crate::gpu::{CudaDevice, DevPtr, Launch};
 use crate::ops::batchnorm::cuda::{BnArgs, BnBackward, BnForwardInfer, BnForwardTrain};
@@ -93,12 +93,15 @@ impl Call {
 }
 
 impl Call {
-    /// Kernel launches this call queues: BN's two-pass reductions, the split-K weight gradients
-    /// and the classifier's bias kernels make some calls several. tests/emu_launch_count.rs
-    /// checks the sum against the launches the launchers really queue (on the emulated GPU).
+    /// Kernel launches this call queues: BN's reductions (two launches each on the baseline
+    /// path, one on the vectorised), the split-K weight gradients and the classifier's bias
+    /// kernels make some calls several. tests/emu_launch_count.rs checks the sum against the
+    /// launches the launchers really queue (on the emulated GPU).
     pub fn kernel_launches(&self) -> usize {
         match self {
-            Call::BnForwardTrain(_) | Call::BnBackward(_) | Call::LinearBackwardWeight(_) => 3,
+            Call::BnForwardTrain(c) => c.launches(),
+            Call::BnBackward(c) => c.launches(),
+            Call::LinearBackwardWeight(_) => 3,
             Call::ConvWgrad(_) | Call::LinearForward(_) => 2,
             _ => 1,
         }
@@ -201,6 +204,11 @@ impl StepLayout {
                 y,
                 ldy: self.ld(node.outputs[0]),
                 yoff: 0,
+                // Saved for the backward: training only (an inference arena has no argmax).
+                argmax: match a.train {
+                    true => self.fusion.argmax[i].map_or(0, |t| self.t(t)),
+                    false => 0,
+                },
             }
             .into(),
             Op::GlobalAvgPool => GlobalAvgPoolForward {
@@ -298,6 +306,8 @@ impl StepLayout {
             running_var: self.state(node.state[1]),
             ldy: self.ld(self.fusion.effective_output(&self.plan, i)),
             yoff: 0,
+            vec: self.paths.bn_vec,
+            counter: self.report_word(REPORT_BN_COUNTER),
         }
     }
 

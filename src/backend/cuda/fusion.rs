@@ -8,8 +8,18 @@
 //!   output's gradient. Branches write straight into the block output and the concat launches
 //!   disappear.
 //!
+//! One storage decision goes the other way and adds tensors: with `KernelPaths::pool_argmax`
+//! each max pool's training forward saves its argmax (one byte per output, the window position
+//! of the first maximum) for its backward, which then reads that instead of the pool's input
+//! ([`Fusion::with_pool_argmax`]). The argmax is device storage only, not a plan tensor: it is a
+//! detail of one kernel path, the CPU reference recomputes the maximum, the plan's tensors are
+//! f32 on the host side, and a plan tensor would exist on both paths. It gets an arena id after
+//! the gradients' (no view, never elided), so the program's accesses, the lifetimes, the
+//! placement and `check_program` treat it like any other arena tensor.
+//!
 //! Everything here is host-side and tested on the CPU (tests/cuda_executor.rs).
 
+use crate::ops::pool::cuda::ARGMAX_MAX_K;
 use crate::plan::backward::BackwardPlan;
 use crate::plan::{Op, Plan, TensorId, TensorKind};
 
@@ -32,6 +42,10 @@ pub struct Fusion {
     pub view: Vec<Option<View>>,
     /// For each tensor: never materialised (a fused BN's own output and that output's gradient).
     pub elided: Vec<bool>,
+    /// For each node: the arena id of the argmax a max pool saves (the `pool_argmax` path).
+    pub argmax: Vec<Option<TensorId>>,
+    /// The first argmax id: ids from here on are argmax tensors, in node order.
+    pub first_argmax: TensorId,
 }
 
 impl Fusion {
@@ -43,7 +57,33 @@ impl Fusion {
             absorbed: vec![false; plan.nodes.len()],
             view: vec![None; n_tensors],
             elided: vec![false; n_tensors],
+            argmax: vec![None; plan.nodes.len()],
+            first_argmax: n_tensors,
         }
+    }
+
+    /// Adds a saved argmax to every max pool whose input has a gradient and whose window
+    /// positions fit a byte (the others keep recomputing the maximum).
+    pub fn with_pool_argmax(mut self, plan: &Plan, bwd: &BackwardPlan) -> Self {
+        let has_grad = |x: TensorId| bwd.grad_of[x].is_some();
+        for (i, node) in plan.nodes.iter().enumerate() {
+            if let Op::MaxPool(p) = node.op {
+                if has_grad(node.inputs[0]) && p.k <= ARGMAX_MAX_K {
+                    self.argmax[i] = Some(self.view.len());
+                    self.view.push(None);
+                    self.elided.push(false);
+                }
+            }
+        }
+        self
+    }
+
+    /// The max-pool node whose saved argmax `t` is, if `t` is one.
+    pub fn argmax_node(&self, t: TensorId) -> Option<usize> {
+        if t < self.first_argmax {
+            return None;
+        }
+        self.argmax.iter().position(|&a| a == Some(t))
     }
 
     /// BN+ReLU fusion and zero-copy concatenation wherever the rules above allow.
@@ -122,8 +162,12 @@ impl Fusion {
         }
     }
 
-    /// Row stride of a tensor in elements: its root's channel count for a slice, else its own.
+    /// Row stride of a tensor in elements: its root's channel count for a slice, else its own
+    /// (an argmax's is its pool output's).
     pub fn ld(&self, plan: &Plan, bwd: &BackwardPlan, t: TensorId) -> usize {
+        if let Some(node) = self.argmax_node(t) {
+            return channels(plan, bwd, plan.nodes[node].outputs[0]);
+        }
         self.view[t].map_or_else(|| channels(plan, bwd, t), |v| v.ld)
     }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::arena::{self, ParamSlots};
 use super::fusion::Fusion;
 use super::program::{check_program, StepProgram};
-use crate::gpu::DevPtr;
+use crate::gpu::{DevPtr, KernelPaths};
 use crate::ops::softmax_ce::cuda::ScaleArg;
 use crate::optim::RmsPropConfig;
 use crate::params::ParamLayout;
@@ -18,19 +18,21 @@ use crate::plan::memory::MemoryPlan;
 use crate::plan::{Plan, TensorId};
 use crate::precision::Amp;
 
-/// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter, and the
-/// device loss scaler's state (scale as f32 bits, clean steps).
+/// Report words: the mean loss (f32 bits), the overflow flag, softmax-CE's block counter, the
+/// device loss scaler's state (scale as f32 bits, clean steps) and BN's block counter.
 pub const REPORT_LOSS: usize = 0;
 pub const REPORT_OVERFLOW: usize = 1;
 pub const REPORT_COUNTER: usize = 2;
 pub const REPORT_SCALE: usize = 3;
 pub const REPORT_CLEAN: usize = 4;
+/// The vectorised BN reductions' ticket counter (zero between launches, as REPORT_COUNTER).
+pub const REPORT_BN_COUNTER: usize = 5;
 /// The step's own values in the same buffer, written by `step_args_set` before a step replayed
-/// from a CUDA graph: the learning rate (f32 bits) and the step number (a u64 over words 6 and
-/// 7, 8-byte aligned).
-pub const ARG_LR: usize = 5;
+/// from a CUDA graph: the step number (a u64 over words 6 and 7, 8-byte aligned) and the
+/// learning rate (f32 bits).
 pub const ARG_STEP: usize = 6;
-pub const REPORT_WORDS: usize = 8;
+pub const ARG_LR: usize = 8;
+pub const REPORT_WORDS: usize = 16;
 
 /// Base addresses of the device buffers (the trainer's allocations), taken once: the calls
 /// carry raw pointers. 0 where a buffer does not exist.
@@ -87,9 +89,12 @@ pub struct StepLayout {
     pub plan: Plan,
     pub bwd: BackwardPlan,
     pub program: StepProgram,
-    /// BN+ReLU fusion and the concat slices the program and arena were built with.
+    /// BN+ReLU fusion, the concat slices and the saved max-pool argmax the program and arena
+    /// were built with.
     pub fusion: Fusion,
     pub amp: Amp,
+    /// Which path of each leaner-step change the calls take (the device's).
+    pub paths: KernelPaths,
     /// Padded device slots of the parameters and of the BN running statistics.
     pub params: ParamSlots,
     pub states: ParamSlots,
@@ -110,7 +115,8 @@ pub struct StepLayout {
 
 impl StepLayout {
     /// Derives the step program, checks it and places the arena, for a training step (`train`)
-    /// or inference only, on a GPU with `num_sms` SMs (the split-K workspace depends on it).
+    /// or inference only, on a GPU with `num_sms` SMs (the split-K workspace depends on it),
+    /// with the kernel `paths` (the `pool_argmax` path adds arena tensors).
     /// Returns the arena's memory plan beside the layout.
     pub fn new(
         plan: Plan,
@@ -118,9 +124,13 @@ impl StepLayout {
         train: bool,
         num_sms: u32,
         optim: RmsPropConfig,
+        paths: KernelPaths,
     ) -> Result<(Self, MemoryPlan)> {
         let bwd = derive(&plan);
-        let fusion = Fusion::new(&plan, &bwd);
+        let mut fusion = Fusion::new(&plan, &bwd);
+        if paths.pool_argmax {
+            fusion = fusion.with_pool_argmax(&plan, &bwd);
+        }
         // The stem is padded for the tensor cores, which O0 (fp32, plain kernels) never uses.
         let stem = arena::stem_conv(&plan).filter(|_| amp != Amp::O0);
         // Cheap, and it turns a program/plan mismatch into an error before anything launches.
@@ -155,6 +165,7 @@ impl StepLayout {
             program,
             fusion,
             amp,
+            paths,
             params,
             states,
             slot_of,

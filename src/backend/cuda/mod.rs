@@ -1,11 +1,11 @@
 //! The CUDA backend: [`trainer::CudaTrainer`] implements `Backend` over one preallocated device
 //! arena. The kernels' launchers live with their ops (src/ops/<op>/cuda.rs) and the runtime in
 //! src/gpu; this room holds what makes a step out of them:
-//! - [`fusion`]: BN+ReLU fusion and concat slices; [`program`]: the step's stages in order, and
-//!   the host proof that they cover the plan;
+//! - [`fusion`]: BN+ReLU fusion, concat slices and the max pools' saved argmax; [`program`]: the
+//!   step's stages in order, and the host proof that they cover the plan;
 //! - [`arena`]: element sizes, arena placement, parameter slots, the memory estimate;
 //! - [`layout`]: where every tensor lives; [`calls`] (and `backward_calls`): the stages resolved
-//!   into kernel calls;
+//!   into kernel calls; [`figures`]: a program's launches and the bytes BN and the pools move;
 //! - [`cost`]: the useful work of each call and the step's limit at a card's rates;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
 //!   [`work`]: what a step's convolutions issue (MMAs, FMAs), counted on the host;
@@ -35,6 +35,7 @@ mod backward_calls;
 pub mod buffers;
 pub mod calls;
 pub mod cost;
+pub mod figures;
 pub mod fusion;
 pub mod graph;
 pub mod layout;

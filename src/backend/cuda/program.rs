@@ -84,7 +84,7 @@ fn launches(plan: &Plan, bwd: &BackwardPlan, fusion: &Fusion, node: usize) -> bo
 
 /// Arena tensors a launch reads and writes, as (reads, writes), before mapping slices to their
 /// roots; parameters and state are outside the arena and not listed. `train` selects the training
-/// forward (BN writes saved statistics).
+/// forward (BN writes saved statistics, a max pool on the `pool_argmax` path its argmax).
 pub fn accesses(
     plan: &Plan,
     bwd: &BackwardPlan,
@@ -100,6 +100,7 @@ pub fn accesses(
             let mut writes = vec![fusion.effective_output(plan, node)];
             if train {
                 writes.extend(&n.saved);
+                writes.extend(fusion.argmax[node]);
             }
             let mut reads = n.inputs.clone();
             if n.op == Op::Concat {
@@ -135,8 +136,11 @@ fn backward_accesses(
     let grad_out = bwd.grad_of[out].filter(|_| s.grad_output.is_some());
     let (reads_in, reads_out, reads_saved) = backward_reads(&node.op);
     let mut reads: Vec<TensorId> = grad_out.into_iter().collect();
-    if reads_in {
-        reads.extend(&node.inputs);
+    // A max pool that saved its argmax reads that instead of its input.
+    match fusion.argmax[s.node] {
+        Some(argmax) => reads.push(argmax),
+        None if reads_in => reads.extend(&node.inputs),
+        None => {}
     }
     if reads_out || fusion.relu_after[s.node].is_some() {
         reads.push(out);

@@ -38,6 +38,7 @@ use super::buffers::{
 };
 use super::calls::Calls;
 use super::cost::{step_limit, Cost, Rates};
+use super::figures::StepFigures;
 use super::fusion;
 use super::graph::{run_calls, StepGraphs};
 use super::layout::{StepArgs, StepLayout};
@@ -171,7 +172,7 @@ impl CudaTrainer {
         // Every launcher picks the kernel variant of this level (fp32 tensors in O0, fp16 BN
         // parameters and statistics in O3).
         dev.set_amp(amp);
-        let (mut step, mem) = StepLayout::new(plan, amp, train, dev.num_sms, optim.cfg)?;
+        let (mut step, mem) = StepLayout::new(plan, amp, train, dev.num_sms, optim.cfg, dev.paths)?;
         let (plan, params, states) = (&step.plan, &step.params, &step.states);
         let estimate = arena::estimate(plan, &mem, params, states, dev.num_sms, train);
         check_free_memory(&dev, plan, &estimate)?;
@@ -213,6 +214,11 @@ impl CudaTrainer {
 
     pub fn amp(&self) -> Amp {
         self.step.amp
+    }
+
+    /// The leaner step's paths this trainer's calls take.
+    pub fn kernel_paths(&self) -> KernelPaths {
+        self.step.paths
     }
 
     /// The device memory the step allocated (estimate of everything but the CUDA context).
@@ -275,11 +281,6 @@ impl CudaTrainer {
         Some(step_limit(calls, self.step.amp, rates))
     }
 
-    /// The kernel paths this trainer runs.
-    pub fn paths(&self) -> KernelPaths {
-        self.dev.paths
-    }
-
     /// Kernel launches one training step runs, once a step has resolved its calls (a step
     /// replayed from a CUDA graph adds the launch that writes its step values; the host then
     /// queues that launch and the graph, not each kernel).
@@ -299,6 +300,13 @@ impl CudaTrainer {
             ..ConvTarget::of(&self.dev)
         };
         Some(self.step.conv_work(calls, &target))
+    }
+
+    /// Host-side figures of one training step (launches, bytes BN and the pools move by the
+    /// launchers' model), once a step has resolved its calls.
+    pub fn step_figures(&self) -> Option<StepFigures> {
+        let (_, calls) = self.train_calls.as_ref()?;
+        Some(StepFigures::of(calls, self.step.amp))
     }
 
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU

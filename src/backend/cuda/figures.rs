@@ -1,0 +1,66 @@
+//! Host-side figures of a resolved step program ([`StepFigures`]): its kernel launches and the
+//! bytes batchnorm and the window pools move by their launchers' model ([`Traffic`]), for
+//! comparing the leaner step's paths without a GPU (`bench train` prints them; tests/step_figures.rs
+//! checks v4's). Nothing here is timed.
+
+use super::calls::{Call, Calls};
+use crate::gpu::Traffic;
+use crate::precision::Amp;
+
+impl Call {
+    /// The bytes a BN or pool call moves, by the launchers' model ([`Traffic`]); None for the
+    /// other ops.
+    pub fn op_traffic(&self, amp: Amp) -> Option<(OpGroup, Traffic)> {
+        Some(match self {
+            Call::BnForwardTrain(c) => (OpGroup::Batchnorm, c.traffic(amp)),
+            Call::BnForwardInfer(c) => (OpGroup::Batchnorm, c.traffic(amp)),
+            Call::BnBackward(c) => (OpGroup::Batchnorm, c.traffic(amp)),
+            Call::PoolForward(c) => (OpGroup::Pool, c.traffic(amp)),
+            Call::PoolBackward(c) => (OpGroup::Pool, c.traffic(amp)),
+            _ => return None,
+        })
+    }
+}
+
+/// The ops whose bytes a step's figures count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpGroup {
+    Batchnorm,
+    /// The window pools (max and average; the global pool is not among them).
+    Pool,
+}
+
+/// Host-side figures of a resolved program: kernel launches, and the bytes BN and the window
+/// pools move by the launchers' model. Nothing is timed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepFigures {
+    pub launches: usize,
+    pub bn: Traffic,
+    pub pool: Traffic,
+}
+
+impl StepFigures {
+    pub fn of(calls: &Calls, amp: Amp) -> Self {
+        let mut f = StepFigures::default();
+        for (_, call) in calls {
+            f.launches += call.kernel_launches();
+            match call.op_traffic(amp) {
+                Some((OpGroup::Batchnorm, t)) => f.bn = f.bn + t,
+                Some((OpGroup::Pool, t)) => f.pool = f.pool + t,
+                None => {}
+            }
+        }
+        f
+    }
+
+    /// One line for logs: launches and MiB moved.
+    pub fn describe(&self) -> String {
+        let mib = |t: Traffic| t.total() as f64 / (1 << 20) as f64;
+        format!(
+            "{} kernel launches per step; bytes moved by model: batchnorm {:.1} MiB, pools {:.1} MiB (no time measured)",
+            self.launches,
+            mib(self.bn),
+            mib(self.pool)
+        )
+    }
+}
