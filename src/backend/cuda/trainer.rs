@@ -15,14 +15,15 @@
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
 //!   padded stem input and weights, per-sample losses and the step report.
 //!
-//! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
-//! being queued. Each training step's 32-byte report (loss, overflow flag, loss scale, clean-step
-//! count) is copied after its last launch into one of two pinned slots, and the host reads it only
-//! after queueing the next step, so the GPU never waits for the host: `train_step` returns the
-//! previous step's outcome, and [`Backend::settle`] collects the last one. Under dynamic scaling
-//! the scaler lives on the device: softmax-CE and RMSProp read the scale from memory, RMSProp
-//! skips itself on the overflow flag and `loss_scale_update` halves or grows the scale; the host's
-//! [`LossScaler`] replays the reported flags and must land on the reported scale.
+//! Synchronisation policy: launches are queued on the device's stream and nothing waits while a
+//! step is being queued. Each training step's report (loss, overflow flag, loss scale, clean-step
+//! count: `REPORT_WORDS` words) is copied after its last launch into one of two pinned slots,
+//! and the host reads it only after queueing the next step, so the GPU never waits for the host:
+//! `train_step` returns the previous step's outcome, and [`Backend::settle`] collects the last
+//! one (see `report.rs`). Under dynamic scaling the scaler lives on the device: softmax-CE and
+//! RMSProp read the scale from memory, RMSProp skips itself on the overflow flag and
+//! `loss_scale_update` halves or grows the scale; the host's [`LossScaler`] replays the reported
+//! flags and must land on the reported scale.
 //!
 //! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
 
@@ -37,33 +38,24 @@ use super::buffers::{
     check_batch, check_free_memory, check_state, oom_error, DeviceBuffers, Pinned,
 };
 use super::calls::Calls;
-use super::cost::{step_limit, Cost, Rates};
-use super::figures::StepFigures;
 use super::fusion;
 use super::graph::{run_calls, StepGraphs};
-use super::layout::{StepArgs, StepLayout};
-use super::layout::{REPORT_CLEAN, REPORT_LOSS, REPORT_OVERFLOW, REPORT_SCALE};
+use super::layout::{StepArgs, StepLayout, REPORT_OVERFLOW, REPORT_SCALE};
 use super::program::Stage;
 use super::verify::verify_fast_convs;
 use crate::backend::{Backend, StepOutcome};
 use crate::dist::GradReducer;
 use crate::gpu::{CudaDevice, KernelPaths, Launch};
-use crate::ops::conv::count::ConvWork;
-use crate::ops::conv::cuda::ConvTarget;
 use crate::ops::softmax_ce::cuda::ScaleArg;
 use crate::optim::{LossScaler, RmsProp};
 use crate::params::{ModelState, ParamLayout};
 use crate::plan::{Plan, TensorId};
 use crate::precision::Amp;
 
-/// A step whose report has not been read yet.
-#[derive(Clone, Copy, Debug)]
-struct Pending {
-    step: u64,
-    slot: usize,
-    /// Run under dynamic scaling (its overflow flag drives the scaler).
-    dynamic: bool,
-}
+mod figures;
+mod report;
+
+use report::Pending;
 
 pub struct CudaTrainer {
     dev: CudaDevice,
@@ -274,41 +266,6 @@ impl CudaTrainer {
         self.dev.synchronize()
     }
 
-    /// The step's useful work and its limit at `rates` (see [`super::cost`]), once a step has
-    /// resolved its calls.
-    pub fn step_limit(&self, rates: Rates) -> Option<(Cost, Option<f64>)> {
-        let (_, calls) = self.train_calls.as_ref()?;
-        Some(step_limit(calls, self.step.amp, rates))
-    }
-
-    /// Kernel launches one training step runs, once a step has resolved its calls (a step
-    /// replayed from a CUDA graph adds the launch that writes its step values; the host then
-    /// queues that launch and the graph, not each kernel).
-    pub fn launches_per_step(&self) -> Option<usize> {
-        let (_, calls) = self.train_calls.as_ref()?;
-        let kernels: usize = calls.iter().map(|(_, c)| c.kernel_launches()).sum();
-        Some(kernels + self.dev.paths.graph as usize)
-    }
-
-    /// What one training step's convolutions issue with kernel paths `paths` on this device (its
-    /// level and SMs, every shape taken as verified), once a step has resolved its calls: a host
-    /// count from the tile choices (work.rs), not a measurement.
-    pub fn conv_work(&self, paths: KernelPaths) -> Option<ConvWork> {
-        let (_, calls) = self.train_calls.as_ref()?;
-        let target = ConvTarget {
-            paths,
-            ..ConvTarget::of(&self.dev)
-        };
-        Some(self.step.conv_work(calls, &target))
-    }
-
-    /// Host-side figures of one training step (launches, bytes BN and the pools move by the
-    /// launchers' model), once a step has resolved its calls.
-    pub fn step_figures(&self) -> Option<StepFigures> {
-        let (_, calls) = self.train_calls.as_ref()?;
-        Some(StepFigures::of(calls, self.step.amp))
-    }
-
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
     /// absorbs, and that output's gradient).
     pub fn stores(&self, id: TensorId) -> bool {
@@ -401,84 +358,6 @@ impl CudaTrainer {
         Ok(())
     }
 
-    /// Queues the copy of the step report to pinned slot `slot`, in stream order.
-    fn queue_report(&mut self, slot: usize) -> Result<()> {
-        let s = self.dev.stream.clone();
-        let (host, written) = &mut self.pinned.reports[slot];
-        s.memcpy_dtoh(&self.bufs.report, host)?;
-        written.record(&s)?;
-        Ok(())
-    }
-
-    /// Waits for the last report copied to `slot` (not for later work).
-    fn read_report(&self, slot: usize) -> Result<Report> {
-        let (host, written) = &self.pinned.reports[slot];
-        written.synchronize()?;
-        let r = host.as_slice()?;
-        Ok(Report {
-            loss: f32::from_bits(r[REPORT_LOSS]),
-            overflow: r[REPORT_OVERFLOW] != 0,
-            scale: f32::from_bits(r[REPORT_SCALE]),
-            clean: r[REPORT_CLEAN],
-        })
-    }
-
-    /// Starts the device scaler from the host's state (nothing may be in flight: the device
-    /// would otherwise continue from its own, newer state).
-    fn upload_scaler(&mut self, scaler: &LossScaler) -> Result<()> {
-        let LossScaler::Dynamic {
-            scale, clean_steps, ..
-        } = *scaler
-        else {
-            return Ok(());
-        };
-        let words = [scale.to_bits(), clean_steps];
-        let mut dst = self.bufs.report.slice_mut(REPORT_SCALE..REPORT_CLEAN + 1);
-        self.dev.stream.memcpy_htod(&words, &mut dst)?;
-        Ok(())
-    }
-
-    /// Reads the report of the pending step. Under dynamic scaling it replays the overflow flag on
-    /// the host scaler and checks that the host lands where the device did.
-    fn settle_pending(&mut self, scaler: &mut LossScaler) -> Result<Option<StepOutcome>> {
-        let Some(p) = self.pending.take() else {
-            return Ok(None);
-        };
-        let r = self.read_report(p.slot)?;
-        if !p.dynamic {
-            return Ok(Some(StepOutcome {
-                step: p.step,
-                loss: r.loss,
-                skipped: false,
-                scale_changed: None,
-            }));
-        }
-        let decision = scaler.update(r.overflow);
-        let host = match *scaler {
-            LossScaler::Dynamic {
-                scale, clean_steps, ..
-            } => (scale, clean_steps),
-            _ => bail!("the loss scaler changed kind while a dynamic-scaling step was in flight"),
-        };
-        if host != (r.scale, r.clean) {
-            bail!(
-                "after step {} the device loss scaler holds scale {} (clean steps {}) but the host \
-                 holds {} ({})",
-                p.step,
-                r.scale,
-                r.clean,
-                host.0,
-                host.1
-            );
-        }
-        Ok(Some(StepOutcome {
-            step: p.step,
-            loss: r.loss,
-            skipped: decision.skip,
-            scale_changed: decision.scale_changed,
-        }))
-    }
-
     /// Queues every call of a training step (resolving the program first when the loss scaling
     /// changed) and the copy of its report to pinned slot `slot` after the last one. With
     /// `KernelPaths::graph` the calls read the step's values from device memory and are
@@ -556,14 +435,6 @@ fn reduce_through_host(
     reducer.all_reduce_sum(&mut host)?;
     dev.stream.memcpy_htod(&host, grads)?;
     Ok(())
-}
-
-/// What a step report says.
-struct Report {
-    loss: f32,
-    overflow: bool,
-    scale: f32,
-    clean: u32,
 }
 
 impl Backend for CudaTrainer {
