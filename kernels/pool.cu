@@ -24,10 +24,10 @@ struct PoolParams {
     int ldy, yoff, accumulate;
 };
 
-// Index (ih*w + iw) of the first maximum of window (oh, ow) in scan order (kh-major, then kw),
-// ignoring padded positions; this is where max-pool backward sends the gradient.
+// Window position (r * k + s) of the first maximum of window (oh, ow) in scan order (kh-major,
+// then kw), ignoring padded positions, and its value: where max-pool backward sends the gradient.
 template <class A>
-__device__ __forceinline__ int max_window(const PoolParams& p, const A* xn, int oh, int ow, int c, float* best) {
+__device__ __forceinline__ int max_window_pos(const PoolParams& p, const A* xn, int oh, int ow, int c, float* best) {
     int arg = -1;
     float m = -INF_F32;
     for (int r = 0; r < p.k; ++r) {
@@ -39,7 +39,7 @@ __device__ __forceinline__ int max_window(const PoolParams& p, const A* xn, int 
             float v = to_f32(xn[((long long)ih * p.w + iw) * p.c + c]);
             if (arg < 0 || v > m) {
                 m = v;
-                arg = ih * p.w + iw;
+                arg = r * p.k + s;
             }
         }
     }
@@ -62,7 +62,7 @@ __device__ __forceinline__ void maxpool_fwd_impl(const PoolParams& p) {
         u32 pix = i / p.c;
         int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
         float m;
-        max_window(p, x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
+        max_window_pos(p, x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
         ((A*)p.y)[(u64)pix * p.ldy + p.yoff + c] = from_f32<A>(m);
     }
 }
@@ -108,35 +108,15 @@ __device__ __forceinline__ void maxpool_bwd_impl(const PoolParams& p) {
         const A* xn = (const A*)p.x + (long long)n * p.h * p.w * p.c;
         float g = 0.0f, m;
         for (int oh = oh0; oh <= oh1; ++oh)
-            for (int ow = ow0; ow <= ow1; ++ow)
-                if (max_window(p, xn, oh, ow, c, &m) == h * p.w + w)
+            for (int ow = ow0; ow <= ow1; ++ow) {
+                int pos = (h - oh * p.stride + p.pad) * p.k + (w - ow * p.stride + p.pad);  // (h, w) in the window
+                if (max_window_pos(p, xn, oh, ow, c, &m) == pos)
                     g += to_f32(dy[(((u64)n * p.oh + oh) * p.ow + ow) * p.ldy + p.yoff + c]);
+            }
         store_acc((A*)p.dx + i, g, p.accumulate);
     }
 }
 
-// Window position (r * k + s) of the first maximum of window (oh, ow) in scan order, ignoring
-// padded positions (as max_window), and its value.
-template <class A>
-__device__ __forceinline__ int max_window_pos(const PoolParams& p, const A* xn, int oh, int ow, int c, float* best) {
-    int arg = -1;
-    float m = -INF_F32;
-    for (int r = 0; r < p.k; ++r) {
-        int ih = oh * p.stride - p.pad + r;
-        if (ih < 0 || ih >= p.h) continue;
-        for (int s = 0; s < p.k; ++s) {
-            int iw = ow * p.stride - p.pad + s;
-            if (iw < 0 || iw >= p.w) continue;
-            float v = to_f32(xn[((long long)ih * p.w + iw) * p.c + c]);
-            if (arg < 0 || v > m) {
-                m = v;
-                arg = r * p.k + s;
-            }
-        }
-    }
-    *best = m;
-    return arg;
-}
 
 // maxpool_fwd, also saving each output's argmax (dense, one byte per output).
 template <class A>
