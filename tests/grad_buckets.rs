@@ -78,6 +78,16 @@ fn v4_buckets_cover_every_gradient_once_and_follow_their_last_write() {
     // but the last launched (the stem's end of the buffer).
     assert!(len >= 42_679_816, "{len}");
     let n = plan.buckets.len();
+    for b in &plan.buckets {
+        eprintln!(
+            "v4 bucket: elements {:?} ({:.1} MiB) after call {} of {} ({:?})",
+            b.range(),
+            b.len as f64 * 4.0 / 1048576.0,
+            b.after,
+            calls.len(),
+            calls[b.after].0
+        );
+    }
     assert!((len / target..=len / target + 1).contains(&n), "{plan:?}");
     assert!(plan.buckets[..n - 1].iter().all(|b| b.len >= target));
     // The first bucket holds the classifier's gradients, written first: it is triggered in
@@ -88,7 +98,10 @@ fn v4_buckets_cover_every_gradient_once_and_follow_their_last_write() {
         .position(|(s, _)| matches!(s, Stage::Backward { .. }))
         .unwrap();
     let span = last_backward - first_backward;
-    assert!(plan.buckets[0].after - first_backward < span / 5, "{plan:?}");
+    assert!(
+        plan.buckets[0].after - first_backward < span / 5,
+        "{plan:?}"
+    );
     assert_eq!(plan.buckets[0].start + plan.buckets[0].len, len);
     assert_eq!(plan.buckets[n - 1].start, 0);
     assert_eq!(plan.wait_before, wait);
@@ -119,7 +132,10 @@ fn tiny_buckets_hold_whole_tensors_and_each_one_waits_for_its_writer() {
             let s = ((ptr - GRADS) / 4) as usize;
             s < b.start + b.len && b.start < s + n
         });
-        assert!(writes_into, "bucket {b:?} is triggered by a call that does not write it");
+        assert!(
+            writes_into,
+            "bucket {b:?} is triggered by a call that does not write it"
+        );
     }
     // One bucket as large as the buffer: the whole buffer, after the last gradient write.
     let whole = plan_buckets(&calls, GRADS, len, len).unwrap();

@@ -87,7 +87,7 @@ fn writes(calls: &Calls, grads: DevPtr, len: usize) -> Result<Vec<Write>> {
     for (i, (stage, call)) in calls.iter().enumerate() {
         for (ptr, n) in grad_operands(call) {
             let bytes = ptr.wrapping_sub(grads) as usize;
-            if ptr < grads || bytes % 4 != 0 || bytes / 4 + n > len {
+            if ptr < grads || !bytes.is_multiple_of(4) || bytes / 4 + n > len {
                 bail!(
                     "call {i} ({stage:?}) writes a gradient at {ptr:#x} ({n} elements) outside the \
                      gradient buffer at {grads:#x} ({len} elements)"
@@ -195,9 +195,9 @@ pub fn check_buckets(calls: &Calls, grads: DevPtr, len: usize, plan: &BucketPlan
             );
         }
     }
-    if let Some(k) = (1..plan.buckets.len()).find(|&k| {
-        plan.buckets[k].after < plan.buckets[k - 1].after
-    }) {
+    if let Some(k) =
+        (1..plan.buckets.len()).find(|&k| plan.buckets[k].after < plan.buckets[k - 1].after)
+    {
         bail!("bucket {k} is launched before an earlier bucket's trigger: launch order must follow the triggers");
     }
     let reader = first_reader(calls)?;
