@@ -15,8 +15,9 @@
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
 //!   padded stem input and weights, per-sample losses and the step report.
 //!
-//! Synchronisation policy: launches are queued on one stream and nothing waits while a step is
-//! being queued. Each training step's 32-byte report (loss, overflow flag, loss scale, clean-step
+//! Synchronisation policy: launches are queued on one stream (plus, in a data-parallel run on
+//! NCCL, the buckets' all-reduces on a communication stream ordered by events, see
+//! [`super::nccl_sync`]) and nothing waits while a step is being queued. Each training step's 32-byte report (loss, overflow flag, loss scale, clean-step
 //! count) is copied after its last launch into one of two pinned slots, and the host reads it only
 //! after queueing the next step, so the GPU never waits for the host: `train_step` returns the
 //! previous step's outcome, and [`Backend::settle`] collects the last one. Under dynamic scaling
