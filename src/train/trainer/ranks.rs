@@ -37,8 +37,21 @@ pub(super) fn rank_backend(
     };
     let mut nccl = None;
     if comm.world() > 1 {
-        let (choice, line) =
-            backend::choose_grad_sync(cfg.grad_sync, device, crate::gpu::nccl::ensure_nccl)?;
+        // Every rank must take the same path (NCCL's init and MPI's all-reduce do not meet): NCCL
+        // only when every rank can load it.
+        let mine = match device {
+            Device::Cuda => crate::gpu::nccl::ensure_nccl(),
+            _ => Err(anyhow::anyhow!("the CPU backend sums over MPI")),
+        };
+        let mut found = [mine.is_ok() as u8 as f64];
+        comm.all_reduce_sum_f64(&mut found)?;
+        let everywhere = found[0] as usize == comm.world();
+        let find = || match (mine, everywhere) {
+            (Ok(from), true) => Ok(from),
+            (Err(e), _) => Err(e),
+            (Ok(_), false) => Err(anyhow::anyhow!("NCCL cannot be loaded on every rank")),
+        };
+        let (choice, line) = backend::choose_grad_sync(cfg.grad_sync, device, find)?;
         say!("distributed: {line}");
         if choice == backend::SyncChoice::Nccl {
             let elems = bucket_elems(cfg.bucket_mib)?;
