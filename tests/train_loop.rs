@@ -65,6 +65,8 @@ fn tiny_config(data: PathBuf, out: PathBuf, epochs: usize) -> TrainConfig {
         eval_every_epochs: 1,
         log_every: 1,
         resume: None,
+        grad_sync: Default::default(),
+        bucket_mib: 25.0,
     }
 }
 

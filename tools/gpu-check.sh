@@ -64,6 +64,18 @@ fi
 # Whole training steps (tiny, v4 batch 8) at O2, O0 and O3 against the CPU backend, and the
 # device loss scaler (overflow skip, growth).
 step whole-steps 150 "$BIN" selftest --device cuda --shapes full --steps-only --json
+# NCCL with one rank (no mpirun): communicator init, all-reduces of v4's 42,679,816 gradients in
+# 16 MiB buckets and whole, the first sum checked against the known buffer. First through the
+# libnccl.so link of gpu-env.sh, then with only the wheel's libnccl.so.2 (found by the engine's
+# own discovery, INCEPTION_NCCL_HOME, as a machine without the link would).
+if [ -n "$NCCL" ]; then
+  step nccl-smoke 45 "$BIN" bench allreduce --transport nccl --buckets 16,whole --iters 3 --json
+  step nccl-discovery 45 env LD_LIBRARY_PATH="${LD_LIBRARY_PATH//$NCCL_DIR/}" \
+    INCEPTION_NCCL_HOME="$(dirname "$NCCL")" "$BIN" bench allreduce --transport nccl \
+    --buckets whole --iters 1
+else
+  SUMMARY+=("$(printf '%-18s %-24s %5ss' nccl-smoke "SKIP (no libnccl.so.2)" 0)")
+fi
 
 # --- 3./4. benchmarks and end-to-end training, then the PyTorch baseline ----------------------------
 # O2 with the default loss scale (dynamic, on the device), the step as it was before the

@@ -111,7 +111,9 @@ pub fn build(
 
 /// The training backend of one rank of a data-parallel run: like [`build`], with `reducer`
 /// summing every step's gradients over the ranks. On CUDA the rank takes GPU `ordinal` (its
-/// local rank) and its gradients are reduced through host memory (NCCL is not wired yet).
+/// local rank); with `nccl` (the job's communicator and the elements per bucket) its gradients
+/// are all-reduced by NCCL in buckets, else through host memory with `reducer`.
+#[allow(clippy::too_many_arguments)]
 pub fn build_distributed(
     device: Device,
     amp: Amp,
@@ -120,13 +122,15 @@ pub fn build_distributed(
     model: ModelState,
     optim: RmsProp,
     reducer: std::rc::Rc<dyn crate::dist::GradReducer>,
+    nccl: Option<(&dyn crate::dist::Comm, usize)>,
 ) -> Result<Box<dyn Backend>> {
     let amp = resolve_amp(device, Some(amp))?;
     if device == Device::Cuda {
         let trainer = cuda::CudaTrainer::on_device(ordinal, plan, model, optim, amp)?;
-        return Ok(Box::new(match reducer.world() {
-            1 => trainer,
-            _ => trainer.with_reducer(reducer),
+        return Ok(Box::new(match (reducer.world(), nccl) {
+            (1, _) => trainer,
+            (_, Some((comm, bucket_elems))) => trainer.with_nccl(comm, bucket_elems)?,
+            (_, None) => trainer.with_reducer(reducer),
         }));
     }
     if reducer.world() == 1 {
@@ -135,6 +139,57 @@ pub fn build_distributed(
     Ok(Box::new(
         cpu::CpuTrainer::new(plan, model, optim)?.with_reducer(reducer),
     ))
+}
+
+/// How a data-parallel run on `device` sums its gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncChoice {
+    /// MPI through host memory (the CPU backend; CUDA without NCCL).
+    Host,
+    /// NCCL buckets on the GPU.
+    Nccl,
+}
+
+/// Resolves `--grad-sync` for `device`; `find_nccl` is asked (once, only when it matters)
+/// whether NCCL can be loaded and says from where. Returns the choice and a line for the log.
+/// `nccl` on a device other than CUDA, or without the library, is an error naming why.
+pub fn choose_grad_sync(
+    mode: crate::dist::GradSyncMode,
+    device: Device,
+    find_nccl: impl FnOnce() -> Result<String>,
+) -> Result<(SyncChoice, String)> {
+    use crate::dist::GradSyncMode as M;
+    let host = "gradients all-reduced through host memory over MPI (a device sync per step)";
+    match (mode, device) {
+        (M::Nccl, Device::Cuda) => {
+            let from = find_nccl().map_err(|e| e.context("--grad-sync nccl"))?;
+            Ok((
+                SyncChoice::Nccl,
+                format!("gradients all-reduced by NCCL ({from}) in buckets"),
+            ))
+        }
+        (M::Nccl, _) => {
+            anyhow::bail!("--grad-sync nccl needs --device cuda (the CPU backend sums over MPI)")
+        }
+        (M::Host, Device::Cuda) => Ok((
+            SyncChoice::Host,
+            format!("{host}, as --grad-sync host asks"),
+        )),
+        (M::Auto, Device::Cuda) => Ok(match find_nccl() {
+            Ok(from) => (
+                SyncChoice::Nccl,
+                format!("gradients all-reduced by NCCL ({from}) in buckets"),
+            ),
+            Err(e) => (
+                SyncChoice::Host,
+                format!("{host}: NCCL is not usable ({e:#})"),
+            ),
+        }),
+        (_, _) => Ok((
+            SyncChoice::Host,
+            "gradients all-reduced over MPI on the CPU".into(),
+        )),
+    }
 }
 
 /// A backend for evaluation and prediction: on CUDA an inference-only trainer on GPU `ordinal`

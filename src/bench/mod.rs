@@ -15,6 +15,7 @@ pub mod cases;
 pub mod cudnn;
 pub mod gpu;
 pub mod limit;
+pub mod overlap;
 pub mod prepare;
 pub mod prepare_conv;
 

@@ -3,6 +3,7 @@
 use crate::backend::cuda::cost::Rates;
 use crate::backend::cuda::CudaTrainer;
 use crate::backend::{cpu::CpuTrainer, resolve_device, Amp, Backend, Device};
+use crate::bench::overlap;
 pub use crate::bench::KernelArgs;
 use crate::gpu::KernelPaths;
 use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
@@ -28,23 +29,8 @@ pub enum What {
     /// The data loader alone: decoded, augmented images per second.
     Loader(LoaderArgs),
     /// All-reduce of InceptionV4's fp32 gradient buffer per bucket size, under mpirun (needs a
-    /// build with `--features mpi` to measure anything but the one-process no-op).
-    Allreduce(AllreduceArgs),
-}
-
-#[derive(clap::Args, Debug)]
-pub struct AllreduceArgs {
-    /// Bucket sizes in MiB; `whole` is the entire buffer in one call.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,whole")]
-    pub buckets: Vec<String>,
-    /// Timed all-reduces per bucket size (after one untimed).
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
-    /// Gradients to reduce (default: v4's with 1000 classes, 42,679,816).
-    #[arg(long)]
-    pub elems: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
+    /// build with `--features mpi` for more than one rank), over MPI on the host or NCCL.
+    Allreduce(super::bench_allreduce::AllreduceArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +99,10 @@ pub struct TrainArgs {
     /// the card when not given.
     #[arg(long)]
     pub copy_gbps: Option<f64>,
+    /// CUDA under mpirun: MiB per NCCL bucket of the data-parallel step whose hidden
+    /// communication is measured.
+    #[arg(long, default_value_t = crate::backend::cuda::buckets::DEFAULT_BUCKET_MIB as f64)]
+    pub bucket_mib: f64,
     /// Print a JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -123,53 +113,8 @@ pub fn run(args: Args) -> Result<()> {
         What::Train(a) => bench_train(a),
         What::Loader(a) => bench_loader(a),
         What::Kernels(a) => crate::bench::run_kernels(&a),
-        What::Allreduce(a) => bench_allreduce(a),
+        What::Allreduce(a) => super::bench_allreduce::run(a),
     }
-}
-
-fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
-    let buckets = a
-        .buckets
-        .iter()
-        .map(|b| match b.as_str() {
-            "whole" => Ok(None),
-            n => match n.parse::<usize>() {
-                Ok(m) if m > 0 => Ok(Some(m)),
-                _ => bail!("--buckets takes sizes in MiB or 'whole', not '{n}'"),
-            },
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let comm = crate::dist::init(crate::dist::DEFAULT_TIMEOUT)?;
-    let elems = match a.elems {
-        Some(n) => n,
-        None => crate::dist::bench::v4_gradient_len(1000)?,
-    };
-    let rows = crate::dist::bench::run(comm.as_ref(), elems, &buckets, a.iters)?;
-    if comm.rank() != 0 {
-        return Ok(());
-    }
-    println!(
-        "all-reduce (sum) of {elems} fp32 ({:.1} MiB) over {} ranks, {}; slowest rank's time",
-        elems as f64 * 4.0 / 1048576.0,
-        comm.world(),
-        comm.transport()
-    );
-    for r in &rows {
-        let bucket = r
-            .bucket_mib
-            .map_or("whole".to_string(), |m| format!("{m} MiB"));
-        println!(
-            "  bucket {bucket:>8}: median {:8.2} ms, min {:8.2} ms, bus {:6.2} GB/s",
-            r.median_ms, r.min_ms, r.bus_gb_per_s
-        );
-    }
-    if a.json {
-        println!(
-            "{}",
-            json!({"elems": elems, "world": comm.world(), "transport": comm.transport(), "rows": rows})
-        );
-    }
-    Ok(())
 }
 
 fn bench_train(a: TrainArgs) -> Result<()> {
@@ -198,8 +143,18 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     };
     match device {
         Device::Cuda => {
-            let runs = cuda_runs(&a, &plan, &model, &optim, amp, scaler, &batch)?;
-            if a.json {
+            let comm = crate::dist::init(crate::dist::DEFAULT_TIMEOUT)?;
+            let runs = cuda_runs(
+                &a,
+                &plan,
+                &model,
+                &optim,
+                amp,
+                scaler,
+                &batch,
+                comm.as_ref(),
+            )?;
+            if a.json && comm.rank() == 0 {
                 // The last run's object, with every run under "runs" when there are several.
                 let mut last = runs.last().cloned().unwrap_or_default();
                 if let (true, Some(o)) = (runs.len() > 1, last.as_object_mut()) {
@@ -242,7 +197,9 @@ fn bench_train(a: TrainArgs) -> Result<()> {
 }
 
 /// `bench train` on CUDA: one timed run per kernel-path spec, each with its step's limit at the
-/// card's rates; returns each run's JSON object.
+/// card's rates (and, under mpirun, the communication its backward pass hides); returns each
+/// run's JSON object.
+#[allow(clippy::too_many_arguments)]
 fn cuda_runs(
     a: &TrainArgs,
     plan: &plan::Plan,
@@ -251,6 +208,7 @@ fn cuda_runs(
     amp: Amp,
     scaler: LossScaler,
     batch: &Batch,
+    comm: &dyn crate::dist::Comm,
 ) -> Result<Vec<serde_json::Value>> {
     let specs: Vec<KernelPaths> = match a.kernels.is_empty() {
         true => vec![KernelPaths::from_env()?],
@@ -264,7 +222,7 @@ fn cuda_runs(
     let mut runs = Vec::new();
     for paths in specs {
         let (p, m, o) = (plan.clone(), model.clone(), optim.clone());
-        let mut trainer = CudaTrainer::with_paths(paths, p, m, o, amp)?;
+        let mut trainer = CudaTrainer::with_paths_on(comm.local_rank(), paths, p, m, o, amp)?;
         let emulated = trainer.name().contains("emulated");
         let rates = *rates.get_or_insert_with(|| card_rates(a, emulated));
         let times = time_steps(a, &mut trainer, batch, scaler, |_| {}, |t| t.synchronize())?;
@@ -303,6 +261,23 @@ fn cuda_runs(
             "conv_work": conv_work_line(&trainer), "step_figures": figures});
         if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
             o.extend(e);
+        }
+        if comm.world() > 1 {
+            let time = |t: &mut CudaTrainer| -> Result<f64> {
+                Ok(mean(&time_steps(
+                    a,
+                    t,
+                    batch,
+                    scaler,
+                    |_| {},
+                    |t| t.synchronize(),
+                )?))
+            };
+            let overlap = overlap::measure(trainer, comm, a.bucket_mib, step_ms, time)?;
+            println!("  communication: {}", overlap.describe());
+            if let Some(o) = out.as_object_mut() {
+                o.insert("overlap".into(), json!(overlap));
+            }
         }
         runs.push(out);
     }

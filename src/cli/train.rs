@@ -102,6 +102,15 @@ pub struct Args {
     /// all-reduce, a broadcast) before it decides another rank died or hung and aborts the job.
     #[arg(long, default_value_t = crate::dist::DEFAULT_TIMEOUT.as_secs_f64())]
     pub collective_timeout: f64,
+    /// Distributed CUDA runs: how gradients are summed over the ranks. auto: NCCL when the
+    /// library is found (libnccl.so, or the pip wheel's libnccl.so.2), else through host memory
+    /// over MPI; nccl: NCCL or an error; host: through host memory.
+    #[arg(long, value_enum, default_value_t = crate::dist::GradSyncMode::Auto)]
+    pub grad_sync: crate::dist::GradSyncMode,
+    /// Distributed CUDA runs on NCCL: MiB of fp32 gradients per all-reduce bucket (buckets are
+    /// reduced while the backward pass goes on).
+    #[arg(long, default_value_t = crate::backend::cuda::buckets::DEFAULT_BUCKET_MIB as f64)]
+    pub bucket_mib: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -227,6 +236,8 @@ pub fn config_for(a: &Args, world: usize) -> Result<TrainConfig> {
         eval_every_epochs: a.eval_every_epochs,
         log_every: a.log_every.max(1),
         resume: a.resume.clone(),
+        grad_sync: a.grad_sync,
+        bucket_mib: a.bucket_mib,
     };
     cfg.augment.validate()?;
     if demo && crate::dist::is_primary() {

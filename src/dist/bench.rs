@@ -1,5 +1,5 @@
 //! `bench allreduce`: the time to sum InceptionV4's fp32 gradient buffer over the ranks, per
-//! bucket size, on the transport this build has (MPI on the host).
+//! bucket size, on MPI on the host (this file) or NCCL on the GPUs ([`super::nccl_bench`]).
 
 use super::Comm;
 use crate::params::ParamLayout;
@@ -70,7 +70,7 @@ pub fn run(
 }
 
 /// Elementwise maximum over the ranks, from sums: each rank fills its own column.
-fn max_over_ranks(comm: &dyn Comm, values: &mut [f64]) -> Result<()> {
+pub(super) fn max_over_ranks(comm: &dyn Comm, values: &mut [f64]) -> Result<()> {
     let (world, rank, n) = (comm.world(), comm.rank(), values.len());
     let mut table = vec![0.0; world * n];
     table[rank * n..(rank + 1) * n].copy_from_slice(values);
@@ -83,8 +83,32 @@ fn max_over_ranks(comm: &dyn Comm, values: &mut [f64]) -> Result<()> {
     Ok(())
 }
 
+/// The fraction of a step's gradient communication hidden behind its backward pass: one minus
+/// the time the step gains from communicating over the time the communication takes alone,
+/// clamped to [0, 1]. None when there is no communication time to hide.
+pub fn hidden_fraction(step_alone_ms: f64, step_with_ms: f64, comm_alone_ms: f64) -> Option<f64> {
+    if comm_alone_ms.is_nan() || comm_alone_ms <= 0.0 {
+        return None;
+    }
+    let exposed = (step_with_ms - step_alone_ms).max(0.0);
+    Some((1.0 - exposed / comm_alone_ms).clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::hidden_fraction;
+
+    #[test]
+    fn hidden_fraction_from_the_three_times() {
+        assert_eq!(hidden_fraction(100.0, 100.0, 20.0), Some(1.0));
+        assert_eq!(hidden_fraction(100.0, 110.0, 20.0), Some(0.5));
+        assert_eq!(hidden_fraction(100.0, 120.0, 20.0), Some(0.0));
+        // Noise either way stays in [0, 1].
+        assert_eq!(hidden_fraction(100.0, 95.0, 20.0), Some(1.0));
+        assert_eq!(hidden_fraction(100.0, 150.0, 20.0), Some(0.0));
+        assert_eq!(hidden_fraction(100.0, 120.0, 0.0), None);
+    }
+
     #[test]
     fn v4_has_the_published_parameter_count() {
         assert_eq!(super::v4_gradient_len(1000).unwrap(), 42_679_816);

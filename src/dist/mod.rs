@@ -7,7 +7,8 @@
 //!   all-reduce, broadcast from rank 0). [`Single`] is the one-process world; with the cargo
 //!   feature `mpi`, `MpiComm` runs them over MPI (rsmpi). Nothing here is a home-made transport.
 //! - [`GradReducer`]: the one operation a backend needs, summing its flat gradient buffer over
-//!   the ranks, so a backend can take it without knowing about MPI.
+//!   the ranks, so a backend can take it without knowing about MPI. [`GradSyncMode`] is the
+//!   `--grad-sync` choice a CUDA run makes between that and NCCL.
 //! - fault handling: a watchdog that aborts the job when a collective waits longer than
 //!   `--collective-timeout`, and a panic hook that aborts it instead of leaving the others
 //!   blocked, both naming the rank and the step ([`watchdog`]).
@@ -19,6 +20,7 @@ pub mod dump;
 pub mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+pub mod nccl_bench;
 pub mod watchdog;
 
 use anyhow::{bail, Result};
@@ -89,6 +91,30 @@ impl Comm for Single {
     fn transport(&self) -> String {
         "none (one process)".into()
     }
+}
+
+/// `--grad-sync`: how a data-parallel CUDA run sums its gradients (the CPU backend always uses
+/// MPI on the host).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum GradSyncMode {
+    /// NCCL when the library is found and the device is CUDA, else the host-staged path.
+    #[default]
+    Auto,
+    /// NCCL buckets overlapping the backward pass; an error when NCCL cannot be loaded.
+    Nccl,
+    /// Through host memory and MPI (a device sync per step).
+    Host,
 }
 
 /// Elements per all-reduce bucket by default (16 MiB of f32): small enough that the scratch

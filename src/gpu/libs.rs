@@ -21,7 +21,7 @@ const RTLD_GLOBAL: c_int = 0x100;
 
 /// Folders that may hold a CUDA 13 install: the env overrides, the toolkit's usual place, and the
 /// `nvidia/cu13` folder of every Python site-packages we can find.
-fn cuda_roots() -> Vec<PathBuf> {
+pub(crate) fn cuda_roots() -> Vec<PathBuf> {
     let mut roots = Vec::new();
     for var in ["INCEPTION_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"] {
         if let Ok(v) = std::env::var(var) {
@@ -39,7 +39,7 @@ fn cuda_roots() -> Vec<PathBuf> {
 }
 
 /// Python site-packages folders in the usual places (system, user, pyenv, venv, conda).
-fn site_packages() -> Vec<PathBuf> {
+pub(crate) fn site_packages() -> Vec<PathBuf> {
     let home = std::env::var("HOME").unwrap_or_default();
     let mut prefixes: Vec<PathBuf> = ["/usr/lib", "/usr/local/lib", "/opt/conda/lib"]
         .iter()
@@ -106,7 +106,7 @@ pub fn include_dirs() -> Vec<PathBuf> {
     out
 }
 
-fn dlopen_path(path: &Path) -> bool {
+pub(crate) fn dlopen_path(path: &Path) -> bool {
     let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
         return false;
     };

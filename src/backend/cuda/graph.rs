@@ -19,9 +19,10 @@ use super::program::Stage;
 use crate::gpu::{CudaDevice, Launch};
 use crate::optim::cuda::SetStepArgs;
 
-/// The captured segments of a training step, in order. One segment is the whole step; a
-/// data-parallel step reduced through host memory has two (up to the end of the backward pass,
-/// and the rest), since the host reduction between them cannot be captured.
+/// The captured segments of a training step, in order. One segment is the whole step (NCCL
+/// buckets included); a data-parallel step reduced through host memory has two (up to the end
+/// of the backward pass, and the rest), since the host reduction between them cannot be
+/// captured.
 pub struct StepGraphs {
     segments: Vec<CudaGraph>,
 }
@@ -38,10 +39,19 @@ impl StepGraphs {
         let mut segments = Vec::new();
         let mut start = 0;
         for &end in cuts.iter().chain([&calls.len()]) {
-            segments.push(capture(dev, &calls[start..end], plan)?);
+            let segment = &calls[start..end];
+            segments.push(capture(dev, || run_calls(dev, segment, plan))?);
             start = end;
         }
         Ok(StepGraphs { segments })
+    }
+
+    /// One segment of whatever `queue` queues on the device's stream (and on streams it forks
+    /// from it by events and joins back: the NCCL buckets' communication stream).
+    pub fn capture_with(dev: &CudaDevice, queue: impl FnOnce() -> Result<()>) -> Result<Self> {
+        Ok(StepGraphs {
+            segments: vec![capture(dev, queue)?],
+        })
     }
 
     /// Queues segment `i`.
@@ -61,14 +71,14 @@ pub fn run_calls(dev: &CudaDevice, calls: &[(Stage, Call)], plan: &str) -> Resul
     Ok(())
 }
 
-/// One graph of `calls`. The capture is ended even when a launch fails, so the stream is never
-/// left capturing.
-fn capture(dev: &CudaDevice, calls: &[(Stage, Call)], plan: &str) -> Result<CudaGraph> {
+/// One graph of what `queue` queues. The capture is ended even when a launch fails, so the
+/// stream is never left capturing.
+fn capture(dev: &CudaDevice, queue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
     let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     dev.stream
         .begin_capture(mode)
         .context("starting the capture of the step's CUDA graph")?;
-    let queued = run_calls(dev, calls, plan);
+    let queued = queue();
     let graph = dev
         .stream
         .end_capture(CUgraphInstantiate_flags(0))

@@ -9,6 +9,9 @@
 //! - [`cost`]: the useful work of each call and the step's limit at a card's rates;
 //! - [`buffers`]: the allocations; [`verify`]: the start-up check of the fast convolutions;
 //!   [`work`]: what a step's convolutions issue (MMAs, FMAs), counted on the host;
+//! - [`buckets`]: the gradient buffer cut into NCCL all-reduce buckets at plan time, and the host
+//!   proof of their schedule; [`nccl_sync`]: those buckets queued on a communication stream;
+//!   [`grad_sync`]: a step's calls queued around its gradient sum (none, host-staged, NCCL);
 //! - [`trainer`]: staging, the step reports, the device loss scaler, `Backend`; [`graph`]: the
 //!   step replayed from captured CUDA graphs.
 //!
@@ -32,13 +35,16 @@
 
 pub mod arena;
 mod backward_calls;
+pub mod buckets;
 pub mod buffers;
 pub mod calls;
 pub mod cost;
 pub mod figures;
 pub mod fusion;
+pub mod grad_sync;
 pub mod graph;
 pub mod layout;
+pub mod nccl_sync;
 pub mod program;
 pub mod trainer;
 pub mod verify;

@@ -15,20 +15,21 @@
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
 //!   padded stem input and weights, per-sample losses and the step report.
 //!
-//! Synchronisation policy: launches are queued on the device's stream and nothing waits while a
-//! step is being queued. Each training step's report (loss, overflow flag, loss scale, clean-step
-//! count: `REPORT_WORDS` words) is copied after its last launch into one of two pinned slots,
-//! and the host reads it only after queueing the next step, so the GPU never waits for the host:
-//! `train_step` returns the previous step's outcome, and [`Backend::settle`] collects the last
-//! one (see `report.rs`). Under dynamic scaling the scaler lives on the device: softmax-CE and
-//! RMSProp read the scale from memory, RMSProp skips itself on the overflow flag and
-//! `loss_scale_update` halves or grows the scale; the host's [`LossScaler`] replays the reported
-//! flags and must land on the reported scale.
+//! Synchronisation policy: launches are queued on the device's stream (plus, in a data-parallel
+//! run on NCCL, the buckets' all-reduces on a communication stream ordered by events, see
+//! [`super::nccl_sync`]) and nothing waits while a step is being queued. Each training step's
+//! report (loss, overflow flag, loss scale, clean-step count: `REPORT_WORDS` words) is copied
+//! after its last launch into one of two pinned slots, and the host reads it only after queueing
+//! the next step, so the GPU never waits for the host: `train_step` returns the previous step's
+//! outcome, and [`Backend::settle`] collects the last one (see `trainer/report.rs`). Under
+//! dynamic scaling the scaler lives on the device: softmax-CE and RMSProp read the scale from
+//! memory, RMSProp skips itself on the overflow flag and `loss_scale_update` halves or grows the
+//! scale; the host's [`LossScaler`] replays the reported flags and must land on the reported
+//! scale.
 //!
 //! An error of an asynchronous kernel surfaces at the next wait, possibly one step later.
 
-use anyhow::{bail, Context, Result};
-use cudarc::driver::CudaSlice;
+use anyhow::{bail, Result};
 use half::f16;
 use rayon::prelude::*;
 use std::rc::Rc;
@@ -38,21 +39,22 @@ use super::buffers::{
     check_batch, check_free_memory, check_state, oom_error, DeviceBuffers, Pinned,
 };
 use super::calls::Calls;
-use super::fusion;
+use super::grad_sync::{GradSync, StepQueue};
 use super::graph::{run_calls, StepGraphs};
-use super::layout::{StepArgs, StepLayout, REPORT_OVERFLOW, REPORT_SCALE};
-use super::program::Stage;
+use super::layout::{StepArgs, StepLayout};
+use super::layout::{REPORT_OVERFLOW, REPORT_SCALE};
+use super::nccl_sync::NcclSync;
 use super::verify::verify_fast_convs;
 use crate::backend::{Backend, StepOutcome};
-use crate::dist::GradReducer;
+use crate::dist::{Comm, GradReducer};
 use crate::gpu::{CudaDevice, KernelPaths, Launch};
 use crate::ops::softmax_ce::cuda::ScaleArg;
 use crate::optim::{LossScaler, RmsProp};
 use crate::params::{ModelState, ParamLayout};
-use crate::plan::{Plan, TensorId};
+use crate::plan::Plan;
 use crate::precision::Amp;
 
-mod figures;
+mod probe;
 mod report;
 
 use report::Pending;
@@ -78,9 +80,9 @@ pub struct CudaTrainer {
     /// The training calls captured as CUDA graphs (`KernelPaths::graph`), once per resolution of
     /// `train_calls`.
     graphs: Option<StepGraphs>,
-    /// Data-parallel training: sums the gradients over the ranks between the backward pass and
-    /// the overflow check, staged through host memory (no NCCL yet).
-    reducer: Option<Rc<dyn GradReducer>>,
+    /// Data-parallel training: how the gradients are summed over the ranks between the backward
+    /// pass and the overflow check.
+    sync: GradSync,
 }
 
 /// What a training step's calls depend on besides addresses: the loss scale argument and the
@@ -102,7 +104,19 @@ impl CudaTrainer {
         optim: RmsProp,
         amp: Amp,
     ) -> Result<Self> {
-        Self::create(0, plan, model, optim, amp, true, Some(paths))
+        Self::with_paths_on(0, paths, plan, model, optim, amp)
+    }
+
+    /// As [`Self::with_paths`] on GPU `ordinal` (a benchmark's rank).
+    pub fn with_paths_on(
+        ordinal: usize,
+        paths: KernelPaths,
+        plan: Plan,
+        model: ModelState,
+        optim: RmsProp,
+        amp: Amp,
+    ) -> Result<Self> {
+        Self::create(ordinal, plan, model, optim, amp, true, Some(paths))
     }
 
     /// As [`Self::new`] on GPU `ordinal` (a data-parallel rank's local rank; wraps around the
@@ -120,12 +134,29 @@ impl CudaTrainer {
     /// Data-parallel training: every step sums the gradients over the ranks with `reducer`
     /// before the overflow check and the update, and the update divides by the world size. The
     /// gradients go through host memory (a device sync per step): the slow, portable path.
-    pub fn with_reducer(mut self, reducer: Rc<dyn GradReducer>) -> Self {
-        self.step.world = reducer.world();
+    pub fn with_reducer(self, reducer: Rc<dyn GradReducer>) -> Self {
+        self.with_sync(GradSync::Host(reducer))
+    }
+
+    /// Data-parallel training over NCCL: the job's communicator is set up through `comm` (the
+    /// unique id broadcast by MPI), and each step all-reduces the gradients in buckets of
+    /// `bucket_elems` on a second stream while the backward pass goes on.
+    pub fn with_nccl(self, comm: &dyn Comm, bucket_elems: usize) -> Result<Self> {
+        let sync = NcclSync::new(&self.dev, comm, bucket_elems)?;
+        Ok(self.with_sync(GradSync::Nccl(sync)))
+    }
+
+    fn with_sync(mut self, sync: GradSync) -> Self {
+        self.step.world = sync.world();
         self.train_calls = None; // the update's unscale factor changed
         self.graphs = None;
-        self.reducer = Some(reducer);
+        self.sync = sync;
         self
+    }
+
+    /// How this trainer sums gradients over the ranks.
+    pub fn grad_sync(&self) -> &GradSync {
+        &self.sync
     }
 
     /// An inference-only trainer (eval, predict): its arena holds only what the forward pass
@@ -187,7 +218,7 @@ impl CudaTrainer {
             infer_calls,
             train_calls: None,
             graphs: None,
-            reducer: None,
+            sync: GradSync::Local,
         };
         trainer.upload(&model)?;
         Ok(trainer)
@@ -228,88 +259,6 @@ impl CudaTrainer {
     pub fn device_used_bytes(&self) -> Result<usize> {
         let (free, total) = self.dev.ctx.mem_get_info()?;
         Ok(total - free)
-    }
-
-    /// The last step's parameter gradients (still scaled by the loss scale), flat host order.
-    pub fn grads(&self) -> Result<Vec<f32>> {
-        self.check_training()?;
-        // Explicit, rather than relying on a pageable copy blocking: the last step may still be
-        // running (its report is read a step later), and an async kernel error surfaces here.
-        self.dev.synchronize()?;
-        Ok(self
-            .step
-            .params
-            .gather(&self.dev.stream.clone_dtoh(&self.bufs.grads)?))
-    }
-
-    /// Runs only the forward launches of a training step (a diagnostic: the tensors the backward
-    /// will read are then intact in the arena, see [`Self::read_tensor`]).
-    pub fn forward_train(&mut self, images: &[f32], labels: &[u32], step: u64) -> Result<()> {
-        self.check_training()?;
-        self.stage(images, Some(labels))?;
-        let args = StepArgs {
-            train: true,
-            step,
-            ..StepArgs::infer()
-        };
-        let forward = self
-            .step
-            .program
-            .train
-            .iter()
-            .take_while(|l| !matches!(l, Stage::Backward { .. }));
-        for &stage in forward {
-            for call in self.step.calls(stage, args)? {
-                call.launch(&self.dev)?;
-            }
-        }
-        self.dev.synchronize()
-    }
-
-    /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
-    /// absorbs, and that output's gradient).
-    pub fn stores(&self, id: TensorId) -> bool {
-        id < self.step.offsets.len() && !self.step.fusion.elided[id]
-    }
-
-    /// An arena tensor copied back as f32 (valid only while the planner keeps it alive). A slice
-    /// is gathered from its root's rows.
-    pub fn read_tensor(&self, id: TensorId) -> Result<Vec<f32>> {
-        if id >= self.step.offsets.len() {
-            bail!(
-                "tensor {id} is not a tensor of plan '{}'",
-                self.step.plan.name
-            );
-        }
-        if self.step.fusion.elided[id] {
-            bail!("tensor {id} is fused away on the device (a BN output its ReLU absorbs)");
-        }
-        let off = self.step.offsets[id].context("tensor has an arena placement")?;
-        let elem = arena::elem_bytes(&self.step.plan, self.step.amp, id);
-        let (c, ld) = (
-            fusion::channels(&self.step.plan, &self.step.bwd, id),
-            self.step.ld(id),
-        );
-        let count = if id < self.step.bwd.first_grad {
-            self.step.plan.tensor(id).numel()
-        } else {
-            self.step.bwd.grad_tensor(id).numel()
-        };
-        let rows = count / c;
-        // The span from the first element of the first row to the last of the last row.
-        let span = elem * ((rows - 1) * ld + c);
-        let bytes = self
-            .dev
-            .stream
-            .clone_dtoh(&self.bufs.arena.slice(off..off + span))?;
-        let value = |i: usize| -> f32 {
-            let b = &bytes[i * elem..(i + 1) * elem];
-            match elem {
-                2 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            }
-        };
-        Ok((0..count).map(|i| value(i / c * ld + i % c)).collect())
     }
 
     /// Writes the fp32 masters, their fp16 copy, BN statistics, optimizer state and decay mask.
@@ -370,41 +319,29 @@ impl CudaTrainer {
         };
         let key = (args.scale, args.growth);
         if self.train_calls.as_ref().is_none_or(|(k, _)| *k != key) {
-            self.train_calls = Some((key, self.step.program_calls(true, args)?));
+            let calls = self.step.program_calls(true, args)?;
+            if let GradSync::Nccl(s) = &mut self.sync {
+                s.plan(&self.dev, &calls, self.step.ptr.grads, self.step.params.len)?;
+            }
+            self.train_calls = Some((key, calls));
             self.graphs = None;
         }
         let (_, calls) = self.train_calls.as_mut().expect("built above");
         for (_, call) in calls.iter_mut() {
             call.set_step(args.step, args.lr);
         }
-        // The gradients are complete once the backward stages have run: reduce them there.
-        let update = calls
-            .iter()
-            .position(|(stage, _)| matches!(stage, Stage::OverflowCheck | Stage::Update))
-            .unwrap_or(calls.len());
-        let plan = &self.step.plan.name;
+        let queue = StepQueue {
+            dev: &self.dev,
+            calls,
+            grads: &mut self.bufs.grads,
+            grads_ptr: self.step.ptr.grads,
+            plan: &self.step.plan.name,
+        };
         if graph {
             self.step.step_args(args).launch(&self.dev)?;
-            let cuts = if self.reducer.is_some() {
-                &[update][..]
-            } else {
-                &[]
-            };
-            if self.graphs.is_none() {
-                self.graphs = Some(StepGraphs::capture(&self.dev, calls, cuts, plan)?);
-            }
-            let graphs = self.graphs.as_ref().expect("captured above");
-            graphs.launch(0)?;
-            if let Some(reducer) = &self.reducer {
-                reduce_through_host(&self.dev, &mut self.bufs.grads, reducer.as_ref())?;
-                graphs.launch(1)?;
-            }
+            queue.replay(&self.sync, &mut self.graphs)?;
         } else {
-            run_calls(&self.dev, &calls[..update], plan)?;
-            if let Some(reducer) = &self.reducer {
-                reduce_through_host(&self.dev, &mut self.bufs.grads, reducer.as_ref())?;
-            }
-            run_calls(&self.dev, &calls[update..], plan)?;
+            queue.run(&self.sync)?;
         }
         self.queue_report(slot)
     }
@@ -422,19 +359,6 @@ fn device_count() -> Result<usize> {
         bail!("the CUDA driver reports no GPU");
     }
     Ok(n as usize)
-}
-
-/// Sums the gradient buffer over the ranks through host memory: waits for the backward pass,
-/// copies the buffer out, reduces it, and copies the sum back before the update runs.
-fn reduce_through_host(
-    dev: &CudaDevice,
-    grads: &mut CudaSlice<f32>,
-    reducer: &dyn GradReducer,
-) -> Result<()> {
-    let mut host = dev.stream.clone_dtoh(grads)?;
-    reducer.all_reduce_sum(&mut host)?;
-    dev.stream.memcpy_htod(&host, grads)?;
-    Ok(())
 }
 
 impl Backend for CudaTrainer {

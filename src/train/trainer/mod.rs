@@ -76,6 +76,16 @@ pub struct TrainConfig {
     /// A checkpoint to continue from, or `auto` ([`RESUME_AUTO`]): the newest valid checkpoint in
     /// `out`, or a fresh start when there is none.
     pub resume: Option<PathBuf>,
+    /// Distributed CUDA runs: how the gradients are summed (`--grad-sync`).
+    #[serde(default)]
+    pub grad_sync: dist::GradSyncMode,
+    /// Distributed CUDA runs on NCCL: MiB of fp32 gradients per all-reduce bucket.
+    #[serde(default = "default_bucket_mib")]
+    pub bucket_mib: f64,
+}
+
+fn default_bucket_mib() -> f64 {
+    crate::backend::cuda::buckets::DEFAULT_BUCKET_MIB as f64
 }
 
 /// The `--resume` value that picks the newest valid checkpoint in `--out` (a file of that name
@@ -181,7 +191,7 @@ pub fn train_with(cfg: &TrainConfig, comm: Rc<dyn Comm>) -> Result<TrainSummary>
         classes.clone(),
         engine_preprocessing(cfg.image_size, Normalization::IMAGENET),
     );
-    let mut backend = rank_backend(device, amp, &plan, model, optim, &comm)?;
+    let mut backend = rank_backend(device, amp, &plan, model, optim, &comm, cfg)?;
     let mut log = match dist::is_primary() {
         true => RunLog::open(&cfg.out)?,
         false => RunLog::discard(),

@@ -27,6 +27,7 @@ pub(super) fn rank_backend(
     model: ModelState,
     optim: RmsProp,
     comm: &Rc<dyn Comm>,
+    cfg: &TrainConfig,
 ) -> Result<Box<dyn Backend>> {
     let mut rank_plan = plan.clone();
     dist::mix_dropout_seeds(&mut rank_plan, comm.rank());
@@ -34,11 +35,39 @@ pub(super) fn rank_backend(
         Some(dir) => Rc::new(dist::dump::DumpFirst::new(comm.clone(), dir)),
         None => comm.clone(),
     };
-    if device == Device::Cuda && comm.world() > 1 {
-        say!("distributed on CUDA: gradients are all-reduced through host memory (no NCCL yet), a device sync per step");
+    let mut nccl = None;
+    if comm.world() > 1 {
+        // Every rank must take the same path (NCCL's init and MPI's all-reduce do not meet): NCCL
+        // only when every rank can load it.
+        let mine = match device {
+            Device::Cuda => crate::gpu::nccl::ensure_nccl(),
+            _ => Err(anyhow::anyhow!("the CPU backend sums over MPI")),
+        };
+        let mut found = [mine.is_ok() as u8 as f64];
+        comm.all_reduce_sum_f64(&mut found)?;
+        let everywhere = found[0] as usize == comm.world();
+        let find = || match (mine, everywhere) {
+            (Ok(from), true) => Ok(from),
+            (Err(e), _) => Err(e),
+            (Ok(_), false) => Err(anyhow::anyhow!("NCCL cannot be loaded on every rank")),
+        };
+        let (choice, line) = backend::choose_grad_sync(cfg.grad_sync, device, find)?;
+        say!("distributed: {line}");
+        if choice == backend::SyncChoice::Nccl {
+            let elems = bucket_elems(cfg.bucket_mib)?;
+            nccl = Some((comm.as_ref(), elems));
+        }
     }
     let ordinal = comm.local_rank();
-    backend::build_distributed(device, amp, ordinal, rank_plan, model, optim, reducer)
+    backend::build_distributed(device, amp, ordinal, rank_plan, model, optim, reducer, nccl)
+}
+
+/// `--bucket-mib` in fp32 elements.
+fn bucket_elems(mib: f64) -> Result<usize> {
+    if !(mib > 0.0 && mib.is_finite()) {
+        anyhow::bail!("--bucket-mib must be a positive number of MiB, not {mib}");
+    }
+    Ok(crate::backend::cuda::buckets::bucket_elems(mib))
 }
 
 /// `--workers`, or (0) this rank's share of the node's cores.
