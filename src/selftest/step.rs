@@ -16,9 +16,11 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::cpu::CpuTrainer;
 use crate::backend::cpu::{CpuExecutor, Mode};
 use crate::backend::cuda::CudaTrainer;
-use crate::backend::{Amp, Backend};
+use crate::backend::{Amp, Backend, Images};
+use crate::data::{MEAN, STD};
 use crate::gpu::check::{Check, Status};
 use crate::gpu::KernelPaths;
+use crate::ops::normalize::{normalize_u8, Factors};
 use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::{ModelState, ParamEntry};
 use crate::plan::backward::derive;
@@ -160,13 +162,39 @@ pub fn run(seed: u64, reduced: bool) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// A case's plan, fp16-representable initial model, optimizer and one random batch.
+/// A case's plan, fp16-representable initial model, optimizer and one random batch of u8
+/// pixels, as the loader hands them out.
 struct Setup {
     plan: plan::Plan,
     model: ModelState,
     optim: RmsProp,
-    images: Vec<f32>,
+    pixels: Vec<u8>,
+    norm: Factors,
+    /// The pixels normalised (the CPU reference of the device's normalisation): what an O0
+    /// step's first layer reads.
+    exact: Vec<f32>,
+    /// The same rounded to fp16: what the first layer reads at O2 and O3, after the cast.
+    rounded: Vec<f32>,
     labels: Vec<u32>,
+}
+
+impl Setup {
+    /// The batch as the trainers take it: u8 (normalised on the device on the `u8_input` path,
+    /// on the host otherwise, giving the same f32).
+    fn input(&self) -> Images<'_> {
+        Images::U8 {
+            pixels: &self.pixels,
+            norm: self.norm,
+        }
+    }
+
+    /// The input the device's first layer reads at `amp`, which the CPU reference steps on.
+    fn images(&self, amp: Amp) -> &[f32] {
+        match amp {
+            Amp::O0 => &self.exact,
+            _ => &self.rounded,
+        }
+    }
 }
 
 fn setup(case: StepCase, seed: u64) -> Result<Setup> {
@@ -181,10 +209,14 @@ fn setup(case: StepCase, seed: u64) -> Result<Setup> {
     round_f16(&mut model.params);
     let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xba7c);
-    let mut images: Vec<f32> = (0..plan.tensor(plan.input).numel())
-        .map(|_| rng.random_range(-2.0..2.0))
+    let pixels: Vec<u8> = (0..plan.tensor(plan.input).numel())
+        .map(|_| rng.random())
         .collect();
-    round_f16(&mut images);
+    let norm = Factors::new(MEAN, STD);
+    let mut exact = vec![0.0; pixels.len()];
+    normalize_u8(&pixels, &mut exact, &norm);
+    let mut rounded = exact.clone();
+    round_f16(&mut rounded);
     let labels = (0..case.batch)
         .map(|_| rng.random_range(0..case.classes as u32))
         .collect();
@@ -192,7 +224,10 @@ fn setup(case: StepCase, seed: u64) -> Result<Setup> {
         plan,
         model,
         optim,
-        images,
+        pixels,
+        norm,
+        exact,
+        rounded,
         labels,
     })
 }
@@ -229,13 +264,13 @@ fn boundary_tensors(plan: &plan::Plan) -> Vec<TensorId> {
         .collect()
 }
 
-fn cpu_step(s: &Setup) -> Result<CpuStep> {
+fn cpu_step(s: &Setup, images: &[f32]) -> Result<CpuStep> {
     let mut reference = CpuTrainer::new(s.plan.clone(), s.model.clone(), s.optim.clone())?;
-    let logits = reference.infer(&s.images)?;
+    let logits = reference.infer(images)?;
     let mut exec = CpuExecutor::new(s.plan.clone());
     let mut states = s.model.states.clone();
     let params = &s.model.params;
-    let loss = exec.forward(params, &mut states, &s.images, &s.labels, Mode::Train, 0);
+    let loss = exec.forward(params, &mut states, images, &s.labels, Mode::Train, 0);
     let forward = boundary_tensors(&s.plan)
         .into_iter()
         .map(|t| (t, exec.buffer(t).to_vec()))
@@ -255,7 +290,8 @@ fn cpu_step(s: &Setup) -> Result<CpuStep> {
 }
 
 /// One case at the given levels, on each of the kernel `paths`: loss, gradients, updates and BN
-/// statistics of a whole step against the CPU (whose step is computed once).
+/// statistics of a whole step against the CPU (whose step is computed once per input the
+/// device's first layer reads: exact at O0, rounded to fp16 otherwise).
 pub fn run_case(
     case: StepCase,
     levels: &[Level],
@@ -263,12 +299,17 @@ pub fn run_case(
     paths: &[KernelPaths],
 ) -> Result<Vec<Check>> {
     let s = setup(case, seed)?;
-    let cpu = cpu_step(&s)?;
+    let mut cpu: [Option<CpuStep>; 2] = [None, None];
     let mut checks = Vec::new();
     for &p in paths {
         for &level in levels {
             eprintln!("  at {:?}, kernels {}", level.amp, p.spec());
-            checks.extend(run_level(&s, &cpu, case, Run { level, paths: p })?);
+            let k = usize::from(level.amp == Amp::O0);
+            if cpu[k].is_none() {
+                cpu[k] = Some(cpu_step(&s, s.images(level.amp))?);
+            }
+            let cpu = cpu[k].as_ref().context("the CPU step was just computed")?;
+            checks.extend(run_level(&s, cpu, case, Run { level, paths: p })?);
         }
     }
     if !case.per_tensor {
@@ -302,7 +343,7 @@ fn run_level(s: &Setup, cpu: &CpuStep, case: StepCase, run: Run) -> Result<Vec<C
     let mut checks = fresh_checks(s, cpu, case, run)?;
     let mut gpu = run.trainer(s)?;
     let mut scaler = LossScaler::Fixed(SCALE);
-    let mut outcomes = gpu.train_step(&s.images, &s.labels, 0, LR, &mut scaler)?;
+    let mut outcomes = gpu.train_step(s.input(), &s.labels, 0, LR, &mut scaler)?;
     outcomes.extend(gpu.settle(&mut scaler)?);
     let out = outcomes.pop().context("the step reports once settled")?;
     let g_gpu = gpu.grads()?;
@@ -376,7 +417,7 @@ fn fresh_checks(s: &Setup, cpu: &CpuStep, case: StepCase, run: Run) -> Result<Ve
         if exact { 0.0 } else { f32::INFINITY },
         0.0,
     );
-    let logits = rel_l2(&gpu.infer(&s.images)?, &cpu.logits);
+    let logits = rel_l2(&gpu.infer(&s.exact)?, &cpu.logits);
     let infer = check(
         name("inference logits"),
         "logits".into(),
@@ -401,7 +442,7 @@ fn forward_check(
     run: Run,
 ) -> Result<Check> {
     let level = run.level;
-    gpu.forward_train(&s.images, &s.labels, 0)?;
+    gpu.forward_train(s.input(), &s.labels, 0)?;
     let (mut worst, mut worst_name, mut first_bad) = (0f32, String::new(), None);
     for (t, want) in &cpu.forward {
         if !gpu.stores(*t) {
@@ -433,7 +474,11 @@ fn forward_check(
 /// scale and clean count the device reports.
 fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
     let s = setup(case, seed)?;
-    let (images, labels) = (s.images.clone(), s.labels.clone());
+    let (pixels, labels) = (s.pixels.clone(), s.labels.clone());
+    let images = Images::U8 {
+        pixels: &pixels,
+        norm: s.norm,
+    };
     let mut gpu = CudaTrainer::new(s.plan, s.model, s.optim, Amp::O2)?;
     let (before, opt_before) = gpu.state()?;
     let huge = 1e30;
@@ -442,7 +487,7 @@ fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
         growth_interval: 2000,
         clean_steps: 0,
     };
-    let mut outcomes = gpu.train_step(&images, &labels, 0, LR, &mut scaler)?;
+    let mut outcomes = gpu.train_step(images, &labels, 0, LR, &mut scaler)?;
     let deferred = outcomes.is_empty();
     outcomes.extend(gpu.settle(&mut scaler)?);
     let (after, opt_after) = gpu.state()?;
@@ -454,8 +499,8 @@ fn overflow_skip(case: StepCase, seed: u64) -> Result<Check> {
         growth_interval: 1,
         clean_steps: 0,
     };
-    let mut next = gpu.train_step(&images, &labels, 1, LR, &mut sane)?;
-    next.extend(gpu.train_step(&images, &labels, 2, LR, &mut sane)?);
+    let mut next = gpu.train_step(images, &labels, 1, LR, &mut sane)?;
+    next.extend(gpu.train_step(images, &labels, 2, LR, &mut sane)?);
     next.extend(gpu.settle(&mut sane)?);
     let (applied_model, _) = gpu.state()?;
     let applied = next.len() == 2

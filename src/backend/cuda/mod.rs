@@ -40,6 +40,7 @@ pub mod fusion;
 pub mod graph;
 pub mod layout;
 pub mod program;
+pub mod staging;
 pub mod trainer;
 pub mod verify;
 pub mod work;
