@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use inception_engine::backend::{cpu::CpuTrainer, Backend};
+use inception_engine::backend::{cpu::CpuTrainer, Backend, Images};
 use inception_engine::bench::cases::{self, ConvCase};
 use inception_engine::ops::{batchnorm, conv, pool, relu};
 use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
@@ -213,7 +213,7 @@ fn train_step_bench(c: &mut Criterion) {
         b.iter(|| {
             step += 1;
             trainer
-                .train_step(&images, &labels, step, 1e-4, &mut scaler)
+                .train_step(Images::F32(&images), &labels, step, 1e-4, &mut scaler)
                 .expect("train step")
         })
     });

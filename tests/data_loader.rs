@@ -55,6 +55,29 @@ fn identical_batches_for_any_worker_count() {
     assert_eq!(collect(&Loader::new(ds, cfg).unwrap(), 0), reference);
 }
 
+/// A backend that normalises on its device takes u8 batches: the same images, labels and order
+/// as the f32 batches, whose values are those pixels normalised.
+#[test]
+fn u8_batches_are_the_f32_batches_before_normalisation() {
+    let (_dir, ds) = small_folder();
+    let f32_batches = collect(&Loader::new(ds.clone(), train_cfg(4, 2)).unwrap(), 1);
+    let mut loader = Loader::new(ds, train_cfg(4, 3)).unwrap();
+    loader.set_u8_batches(true);
+    let u8_batches = collect(&loader, 1);
+    assert_eq!(u8_batches.len(), f32_batches.len());
+    for (a, b) in f32_batches.iter().zip(&u8_batches) {
+        assert!(b.images.is_empty() && a.pixels.is_empty());
+        assert_eq!(
+            (&a.labels, &a.indices, a.len),
+            (&b.labels, &b.indices, b.len)
+        );
+        let input = b.input();
+        let normalised = input.to_f32();
+        assert_eq!(&normalised[..], &a.images[..]);
+        assert!(b.pixels.iter().any(|&v| v != 0));
+    }
+}
+
 #[test]
 fn training_batches_are_full_shuffled_and_labelled() {
     let (_dir, ds) = small_folder();

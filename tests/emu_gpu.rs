@@ -356,6 +356,23 @@ fn injected_conv_variant_bugs_are_caught() {
     );
 }
 
+/// The u8 batch normalised with channels 1 and 2's factors exchanged is caught by its check.
+#[test]
+fn an_injected_normalisation_bug_is_caught() {
+    if !nvrtc_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = mutant(
+        &tmp.path().join("normalize"),
+        "normalize.cu",
+        "float m = c == 0 ? m0 : (c == 1 ? m1 : m2);",
+        "float m = c == 0 ? m0 : (c == 1 ? m2 : m1);",
+        false,
+    );
+    assert_check_fails("normalisation factors swapped", &lib, "normalize_u8_f32");
+}
+
 #[test]
 fn a_swapped_launch_argument_is_caught() {
     if !nvrtc_available() {

@@ -2,6 +2,8 @@
 //! step launched call by call, on the emulated GPU: several steps with a changing learning rate
 //! and dropout masks (which the graph's kernels read from device memory) must give bit-identical
 //! weights, BN statistics and optimizer state, under the dynamic loss scaler and a fixed scale.
+//! The batches arrive as u8: normalised on the device (`u8_input`, two device images in turn)
+//! in both runs, and a third run normalising on the host and uploading f32 must match them too.
 //! In-process (it sets the driver variable before the first CUDA call), so it has a test binary
 //! of its own.
 
@@ -11,7 +13,8 @@ mod emu_env;
 mod tool_groups;
 
 use inception_engine::backend::cuda::CudaTrainer;
-use inception_engine::backend::{Amp, Backend};
+use inception_engine::backend::{Amp, Backend, Images};
+use inception_engine::data::Normalization;
 use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ModelState;
 use inception_engine::plan::{self, PlanConfig};
@@ -35,14 +38,18 @@ fn train(spec: &str, amp: Amp, scaler: LossScaler, steps: u64) -> (Vec<Vec<f32>>
     let mut scaler = scaler;
     let mut losses = Vec::new();
     for step in 0..steps {
-        let images: Vec<f32> = (0..plan.tensor(plan.input).numel())
-            .map(|i| ((i as u64 * 7919 + step * 104729) % 255) as f32 / 255.0 - 0.5)
+        let pixels: Vec<u8> = (0..plan.tensor(plan.input).numel())
+            .map(|i| ((i as u64 * 7919 + step * 104729) % 256) as u8)
             .collect();
+        let images = Images::U8 {
+            pixels: &pixels,
+            norm: Normalization::IMAGENET.factors(),
+        };
         let labels = [step as u32 % 10, 3, 7, (step as u32 + 5) % 10];
         // A rate that changes every step, as warmup does.
         let lr = 0.01 * (step + 1) as f32;
         let settled = trainer
-            .train_step(&images, &labels, step, lr, &mut scaler)
+            .train_step(images, &labels, step, lr, &mut scaler)
             .unwrap();
         losses.extend(settled.iter().map(|o| o.loss));
     }
@@ -70,15 +77,21 @@ fn a_step_replayed_from_a_graph_equals_the_step_launched_call_by_call() {
     for (amp, scaler) in cases {
         let (calls, calls_losses) = train("lean,-graph", amp, scaler, 4);
         let (graph, graph_losses) = train("lean", amp, scaler, 4);
+        // The batches normalised on the host and uploaded as f32: the device's normalisation
+        // (two buffers used in turn, uploaded on the copy stream) must give the same bits.
+        let (host, host_losses) = train("lean,-u8_input", amp, scaler, 4);
         assert_eq!(calls_losses.len(), 4, "{amp:?}: every step settles");
         assert_eq!(graph_losses, calls_losses, "{amp:?}: step losses");
+        assert_eq!(
+            host_losses, calls_losses,
+            "{amp:?}: step losses, f32 upload"
+        );
         let names = ["weights", "BN statistics", "ms", "mom"];
-        for ((a, b), name) in calls.iter().zip(&graph).zip(names) {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(
-                same,
-                "{amp:?}: {name} differ between the graph and the calls"
-            );
+        for (other, what) in [(&graph, "the graph"), (&host, "the f32 upload")] {
+            for ((a, b), name) in calls.iter().zip(other).zip(names) {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{amp:?}: {name} differ between {what} and the calls");
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The host-side launch count of a CUDA training step ([`Call::kernel_launches`] summed over the
 //! step's calls, the figure quoted for v4) against the launches the launchers really queue, on
-//! the emulated GPU: with the lean kernel paths launched call by call, replayed from a CUDA
-//! graph, and with the baseline paths (the leaner convolutions and batchnorm run in the lean
+//! the emulated GPU: with the lean kernel paths launched call by call (a u8 batch, normalised on
+//! the device, and an f32 one), replayed from a CUDA graph, and with the baseline paths (the leaner convolutions and batchnorm run in the lean
 //! step only).
 //! In-process (it sets the driver variable before the first CUDA call), so it has a test binary
 //! of its own.
@@ -12,7 +12,8 @@ mod emu_env;
 mod tool_groups;
 
 use inception_engine::backend::cuda::CudaTrainer;
-use inception_engine::backend::{Amp, Backend};
+use inception_engine::backend::{Amp, Backend, Images};
+use inception_engine::data::Normalization;
 use inception_engine::gpu::device::{launches_matching, launches_queued};
 use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ModelState;
@@ -35,16 +36,20 @@ fn three_steps(spec: &str, plan: &plan::Plan, parts: &[&str]) -> Steps {
     let model = ModelState::init(plan, 1);
     let optim = RmsProp::new(RmsPropConfig::default(), &model.layout);
     let mut trainer = CudaTrainer::new(plan.clone(), model, optim, Amp::O2).unwrap();
-    let images: Vec<f32> = (0..plan.tensor(plan.input).numel())
-        .map(|i| ((i * 7919) % 255) as f32 / 255.0 - 0.5)
+    let pixels: Vec<u8> = (0..plan.tensor(plan.input).numel())
+        .map(|i| ((i * 7919) % 255) as u8)
         .collect();
+    let images = Images::U8 {
+        pixels: &pixels,
+        norm: Normalization::IMAGENET.factors(),
+    };
     let mut scaler = LossScaler::for_amp(Amp::O2);
     let (mut queued, mut first_parts) = (Vec::new(), Vec::new());
     for step in 0..3 {
         let before = launches_queued();
         let parts_before: Vec<u64> = parts.iter().map(|p| launches_matching(p)).collect();
         trainer
-            .train_step(&images, &[3, 7], step, 0.01, &mut scaler)
+            .train_step(images, &[3, 7], step, 0.01, &mut scaler)
             .unwrap();
         queued.push((launches_queued() - before) as usize);
         if step == 0 {
@@ -91,6 +96,10 @@ fn a_training_step_queues_the_launches_its_calls_count() {
     // Call by call: every step queues every kernel.
     let calls = three_steps("lean,-graph", &plan, &lean_parts);
     assert_eq!(calls.queued, vec![calls.per_step; 3]);
+    // The u8 batch's normalisation is one launch (the baseline normalises on the host).
+    let f32_input = three_steps("lean,-graph,-u8_input", &plan, &lean_parts);
+    assert_eq!(f32_input.queued, vec![f32_input.per_step; 3]);
+    assert_eq!(calls.per_step, f32_input.per_step + 1);
     assert_eq!(calls.parts[..2], [2, 1], "{:?}", calls.parts);
     assert!(calls.parts[2] > 0, "{:?}", calls.parts);
     let baseline = three_steps("baseline", &plan, &lean_parts);
@@ -105,9 +114,10 @@ fn a_training_step_queues_the_launches_its_calls_count() {
         baseline.per_step
     );
     // From a graph: the first step captures every kernel and writes its step values; later
-    // steps queue only that write, and the graph runs the rest.
+    // steps queue only that write and the batch's normalisation (outside the graph, as the u8
+    // image it reads alternates), and the graph runs the rest.
     let graph = three_steps("lean", &plan, &lean_parts);
     assert_eq!(graph.per_step, calls.per_step + 1);
-    assert_eq!(graph.queued, vec![graph.per_step, 1, 1]);
+    assert_eq!(graph.queued, vec![graph.per_step, 2, 2]);
     assert_eq!(graph.parts, calls.parts);
 }

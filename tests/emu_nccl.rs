@@ -13,7 +13,7 @@ mod tool_groups;
 
 use inception_engine::backend::cuda::grad_sync::GradSync;
 use inception_engine::backend::cuda::CudaTrainer;
-use inception_engine::backend::{Amp, Backend};
+use inception_engine::backend::{Amp, Backend, Images};
 use inception_engine::dist::Single;
 use inception_engine::optim::{LossScaler, RmsProp, RmsPropConfig};
 use inception_engine::params::ModelState;
@@ -80,7 +80,7 @@ fn train(spec: &str, nccl: Option<usize>, steps: u64) -> (Vec<Vec<f32>>, Vec<f32
             .collect();
         let labels = [step as u32 % 10, 3, 7, (step as u32 + 5) % 10];
         let settled = trainer
-            .train_step(&images, &labels, step, 0.01, &mut scaler)
+            .train_step(Images::F32(&images), &labels, step, 0.01, &mut scaler)
             .unwrap();
         losses.extend(settled.iter().map(|o| o.loss));
     }

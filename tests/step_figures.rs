@@ -66,7 +66,7 @@ fn v4_step_figures_on_each_path() {
             .iter()
             .filter(|(_, c)| matches!(c, Call::BnForwardTrain(_)))
             .count();
-        (StepFigures::of(&calls, Amp::O2), bn_layers)
+        (StepFigures::of(&calls, &step), bn_layers)
     };
     let base = KernelPaths::BASELINE;
     let (before, bn_layers) = figures(base);
@@ -116,6 +116,40 @@ fn v4_step_figures_on_each_path() {
     assert_eq!(both.bn, bn.bn);
     assert_eq!(both.pool, pool.pool);
     assert_eq!(both.launches, bn.launches);
+}
+
+/// The batch's upload on each path of the u8 change: 4 bytes a value as f32, 1 as u8 (labels
+/// 4 bytes each either way), and one more launch for the device normalisation.
+#[test]
+fn v4_upload_bytes_on_each_path() {
+    let figures = |paths: KernelPaths| {
+        let step = v4_layout(paths);
+        let args = StepArgs {
+            train: true,
+            step: 0,
+            lr: 0.01,
+            scale: ScaleArg::Device(step.report_word(3)),
+            growth: Some(2000),
+            on_device: paths.graph,
+        };
+        StepFigures::of(&step.program_calls(true, args).unwrap(), &step)
+    };
+    let base = KernelPaths::BASELINE;
+    let (f32_path, u8_path) = (
+        figures(base),
+        figures(KernelPaths {
+            u8_input: true,
+            ..base
+        }),
+    );
+    eprintln!(
+        "v4 b128 299 O2 upload per step: f32 {} bytes, u8 {} bytes",
+        f32_path.upload, u8_path.upload
+    );
+    assert_eq!(f32_path.upload, 137_320_448);
+    assert_eq!(u8_path.upload, 34_330_496);
+    assert_eq!(u8_path.launches, f32_path.launches + 1);
+    assert_eq!((u8_path.bn, u8_path.pool), (f32_path.bn, f32_path.pool));
 }
 
 /// Elements of every BN input of v4 at 299x299 per image, and channels, summed over the layers.

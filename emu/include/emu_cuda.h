@@ -76,6 +76,9 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float __expf(float x) { return std::exp(x); }
+// Separately rounded multiply and add (a host compiler must not fuse them either: volatile).
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 using std::isfinite;
 using std::sqrt;

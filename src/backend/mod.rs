@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::ops::normalize::{normalize_u8, Factors};
 use crate::optim::{LossScaler, RmsProp};
 use crate::params::ModelState;
 pub use crate::precision::Amp;
@@ -22,6 +23,49 @@ pub struct StepOutcome {
     pub scale_changed: Option<(f32, f32)>,
 }
 
+/// A batch of input images, NHWC: normalised f32, or the loader's u8 pixels with the factors
+/// that normalise them (the CUDA trainer uploads these and normalises on the device).
+#[derive(Clone, Copy, Debug)]
+pub enum Images<'a> {
+    F32(&'a [f32]),
+    U8 { pixels: &'a [u8], norm: Factors },
+}
+
+impl Images<'_> {
+    /// Values in the batch (`n * h * w * 3`).
+    pub fn len(&self) -> usize {
+        match self {
+            Images::F32(v) => v.len(),
+            Images::U8 { pixels, .. } => pixels.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The normalised f32 batch (borrowed when it is one already).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match *self {
+            Images::F32(v) => v.into(),
+            Images::U8 { pixels, norm } => {
+                let mut out = vec![0.0; pixels.len()];
+                normalize_u8(pixels, &mut out, &norm);
+                out.into()
+            }
+        }
+    }
+}
+
+/// The batch format a backend's training step takes best.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputFormat {
+    /// Normalised f32, packed by the loader.
+    F32,
+    /// The loader's u8 pixels, normalised by the backend.
+    U8,
+}
+
 /// A backend that can train and run a fixed-shape plan.
 pub trait Backend {
     /// Short name for logs, e.g. "cpu".
@@ -33,12 +77,16 @@ pub trait Backend {
     /// to match as the reports arrive). [`Backend::settle`] collects what is still pending.
     fn train_step(
         &mut self,
-        images: &[f32],
+        images: Images<'_>,
         labels: &[u32],
         step: u64,
         lr: f32,
         scaler: &mut LossScaler,
     ) -> Result<Vec<StepOutcome>>;
+    /// The batch format [`Backend::train_step`] takes best (f32 unless the backend says so).
+    fn input_format(&self) -> InputFormat {
+        InputFormat::F32
+    }
     /// The outcomes of steps not reported yet; afterwards `scaler` holds the state after the last
     /// step. Call it before saving the scaler, evaluating, or stopping.
     fn settle(&mut self, _scaler: &mut LossScaler) -> Result<Vec<StepOutcome>> {

@@ -2,9 +2,10 @@
 
 use crate::backend::cuda::cost::Rates;
 use crate::backend::cuda::CudaTrainer;
-use crate::backend::{cpu::CpuTrainer, resolve_device, Amp, Backend, Device};
+use crate::backend::{cpu::CpuTrainer, resolve_device, Amp, Backend, Device, Images, InputFormat};
 use crate::bench::overlap;
 pub use crate::bench::KernelArgs;
+use crate::data::Normalization;
 use crate::gpu::KernelPaths;
 use crate::optim::{LossScaler, RmsProp, RmsPropConfig};
 use crate::params::ModelState;
@@ -137,8 +138,10 @@ fn bench_train(a: TrainArgs) -> Result<()> {
     let labels: Vec<u32> = (0..a.batch_size)
         .map(|_| rng.random_range(0..a.num_classes as u32))
         .collect();
+    let pixels: Vec<u8> = (0..images.len()).map(|_| rng.random()).collect();
     let batch = Batch {
         images: &images,
+        pixels: &pixels,
         labels: &labels,
     };
     match device {
@@ -336,7 +339,21 @@ fn conv_work_line(trainer: &CudaTrainer) -> serde_json::Value {
 /// One synthetic batch, reused by every step.
 struct Batch<'a> {
     images: &'a [f32],
+    /// The same batch as u8 pixels, for a backend that takes them (`InputFormat::U8`).
+    pixels: &'a [u8],
     labels: &'a [u32],
+}
+
+impl Batch<'_> {
+    fn input(&self, backend: &dyn Backend) -> Images<'_> {
+        match backend.input_format() {
+            InputFormat::U8 => Images::U8 {
+                pixels: self.pixels,
+                norm: Normalization::IMAGENET.factors(),
+            },
+            InputFormat::F32 => Images::F32(self.images),
+        }
+    }
 }
 
 /// Runs the warm-up steps, calls `before_timed`, then times the steps (milliseconds each).
@@ -363,14 +380,21 @@ fn time_steps<B: Backend>(
     );
     let mut scaler = scaler;
     for s in 0..a.warmup {
-        backend.train_step(batch.images, batch.labels, s as u64, 1e-4, &mut scaler)?;
+        backend.train_step(
+            batch.input(backend),
+            batch.labels,
+            s as u64,
+            1e-4,
+            &mut scaler,
+        )?;
     }
     before_timed(backend);
     let mut times = Vec::with_capacity(a.steps);
     for s in 0..a.steps {
         let t = Instant::now();
         let step = (a.warmup + s) as u64;
-        let settled = backend.train_step(batch.images, batch.labels, step, 1e-4, &mut scaler)?;
+        let input = batch.input(backend);
+        let settled = backend.train_step(input, batch.labels, step, 1e-4, &mut scaler)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         let loss = settled
             .last()

@@ -38,6 +38,11 @@ impl Normalization {
         mean: [0.5; 3],
         std: [0.5; 3],
     };
+
+    /// The per-channel multiply and add of the u8 normalisation (CPU packing and the device).
+    pub fn factors(&self) -> crate::ops::normalize::Factors {
+        crate::ops::normalize::Factors::new(self.mean, self.std)
+    }
 }
 
 impl Default for Normalization {

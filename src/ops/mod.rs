@@ -15,6 +15,7 @@ pub mod dropout;
 pub mod gemm;
 pub mod global_pool;
 pub mod linear;
+pub mod normalize;
 pub mod pool;
 pub mod relu;
 pub mod softmax_ce;

@@ -75,6 +75,8 @@ fn run_plan_o2(t: &mut SelfTest, plan: &Plan) -> Result<()> {
         }
     }
     t.casts(1 << 16)?;
+    let input = plan.shape(plan.input);
+    t.normalize_u8(input[0], input[1])?;
     run_bn(t, plan, true)?;
     run_activation_ops(t, plan)?;
     t.rmsprop(1 << 20)?;

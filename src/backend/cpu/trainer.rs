@@ -1,7 +1,7 @@
 //! The CPU training backend: the reference executor plus the host RMSProp.
 
 use super::executor::{CpuExecutor, Mode};
-use crate::backend::{Backend, StepOutcome};
+use crate::backend::{Backend, Images, StepOutcome};
 use crate::dist::GradReducer;
 use crate::optim::{has_overflow, LossScaler, RmsProp};
 use crate::params::ModelState;
@@ -59,12 +59,15 @@ impl Backend for CpuTrainer {
 
     fn train_step(
         &mut self,
-        images: &[f32],
+        images: Images<'_>,
         labels: &[u32],
         step: u64,
         lr: f32,
         scaler: &mut LossScaler,
     ) -> Result<Vec<StepOutcome>> {
+        // The CPU asks for f32 batches (its packing normalises); a u8 batch is normalised here.
+        let images = images.to_f32();
+        let images = &images[..];
         // The scale these gradients carry; `update` may change the scaler for the next step.
         let scale = scaler.scale();
         let loss = self.exec.forward(

@@ -196,11 +196,11 @@ pub fn check_state(
 
 /// Checks a batch against the plan before it is staged: the image and label counts, and labels
 /// inside the class range (softmax-CE would silently train on an out-of-range label).
-pub fn check_batch(plan: &Plan, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
-    if images.len() != plan.tensor(plan.input).numel() {
+pub fn check_batch(plan: &Plan, values: usize, labels: Option<&[u32]>) -> Result<()> {
+    if values != plan.tensor(plan.input).numel() {
         bail!(
             "image batch has {} values, plan '{}' takes {}",
-            images.len(),
+            values,
             plan.name,
             plan.tensor(plan.input).numel()
         );

@@ -1,10 +1,13 @@
-//! Host-side figures of a resolved step program ([`StepFigures`]): its kernel launches and the
-//! bytes batchnorm and the window pools move by their launchers' model ([`Traffic`]), for
+//! Host-side figures of a resolved step program ([`StepFigures`]): its kernel launches, the
+//! bytes batchnorm and the window pools move by their launchers' model ([`Traffic`]), and the
+//! bytes the batch takes over the bus, for
 //! comparing the leaner step's paths without a GPU (`bench train` prints them; tests/step_figures.rs
 //! checks v4's). Nothing here is timed.
 
 use super::calls::{Call, Calls};
+use super::layout::StepLayout;
 use crate::gpu::Traffic;
+use crate::plan::Plan;
 use crate::precision::Amp;
 
 impl Call {
@@ -30,18 +33,33 @@ pub enum OpGroup {
     Pool,
 }
 
-/// Host-side figures of a resolved program: kernel launches, and the bytes BN and the window
-/// pools move by the launchers' model. Nothing is timed.
+/// Host-side figures of a resolved program: kernel launches (the calls' and, on the `u8_input`
+/// path, the normalisation's), the bytes BN and the window pools move by the launchers' model,
+/// and the bytes uploaded per step (images and labels). Nothing is timed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StepFigures {
     pub launches: usize,
     pub bn: Traffic,
     pub pool: Traffic,
+    pub upload: u64,
+}
+
+/// Bytes a training batch takes from the host: the images (f32, or u8 on the `u8_input` path)
+/// and the labels (f32 on the device).
+pub fn upload_bytes(plan: &Plan, u8_input: bool) -> u64 {
+    let pixel = if u8_input { 1 } else { 4 };
+    (plan.tensor(plan.input).numel() * pixel + plan.batch() * 4) as u64
 }
 
 impl StepFigures {
-    pub fn of(calls: &Calls, amp: Amp) -> Self {
-        let mut f = StepFigures::default();
+    /// The figures of `calls`, a training step resolved from `step`.
+    pub fn of(calls: &Calls, step: &StepLayout) -> Self {
+        let (amp, u8_input) = (step.amp, step.paths.u8_input);
+        let mut f = StepFigures {
+            launches: u8_input as usize,
+            upload: upload_bytes(&step.plan, u8_input),
+            ..StepFigures::default()
+        };
         for (_, call) in calls {
             f.launches += call.kernel_launches();
             match call.op_traffic(amp) {
@@ -57,10 +75,11 @@ impl StepFigures {
     pub fn describe(&self) -> String {
         let mib = |t: Traffic| t.total() as f64 / (1 << 20) as f64;
         format!(
-            "{} kernel launches per step; bytes moved by model: batchnorm {:.1} MiB, pools {:.1} MiB (no time measured)",
+            "{} kernel launches per step; bytes moved by model: batchnorm {:.1} MiB, pools {:.1} MiB; uploaded {:.1} MiB (no time measured)",
             self.launches,
             mib(self.bn),
-            mib(self.pool)
+            mib(self.pool),
+            self.upload as f64 / (1 << 20) as f64
         )
     }
 }

@@ -46,6 +46,7 @@ pub mod graph;
 pub mod layout;
 pub mod nccl_sync;
 pub mod program;
+pub mod staging;
 pub mod trainer;
 pub mod verify;
 pub mod work;

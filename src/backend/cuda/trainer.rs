@@ -13,7 +13,9 @@
 //!   copy and the statistics, and an arena planned over the forward pass alone;
 //! - one fp32 workspace shared by every split-K weight gradient and BN reduction;
 //! - staging: the fp32 batch and labels (filled from pinned host buffers by async copies), the
-//!   padded stem input and weights, per-sample losses and the step report.
+//!   padded stem input and weights, per-sample losses and the step report; on the
+//!   `KernelPaths::u8_input` path a training batch arrives as u8 through [`U8Staging`] (a copy
+//!   stream into two device images) and is normalised into the fp32 batch on the device.
 //!
 //! Synchronisation policy: launches are queued on the device's stream (plus, in a data-parallel
 //! run on NCCL, the buckets' all-reduces on a communication stream ordered by events, see
@@ -44,8 +46,9 @@ use super::graph::{run_calls, StepGraphs};
 use super::layout::{StepArgs, StepLayout};
 use super::layout::{REPORT_OVERFLOW, REPORT_SCALE};
 use super::nccl_sync::NcclSync;
+use super::staging::U8Staging;
 use super::verify::verify_fast_convs;
-use crate::backend::{Backend, StepOutcome};
+use crate::backend::{Backend, Images, InputFormat, StepOutcome};
 use crate::dist::{Comm, GradReducer};
 use crate::gpu::{CudaDevice, KernelPaths, Launch};
 use crate::ops::softmax_ce::cuda::ScaleArg;
@@ -83,6 +86,8 @@ pub struct CudaTrainer {
     /// Data-parallel training: how the gradients are summed over the ranks between the backward
     /// pass and the overflow check.
     sync: GradSync,
+    /// The u8 upload of training batches (`KernelPaths::u8_input`, training only).
+    u8_staging: Option<U8Staging>,
 }
 
 /// What a training step's calls depend on besides addresses: the loss scale argument and the
@@ -203,6 +208,13 @@ impl CudaTrainer {
             .map_err(|e| oom_error(e, plan, &estimate))?;
         step.ptr = bufs.ptrs(&dev);
         let pinned = Pinned::alloc(&dev, &step.plan)?;
+        let u8_staging = match train && dev.paths.u8_input {
+            true => Some(U8Staging::new(
+                &dev,
+                step.plan.tensor(step.plan.input).numel(),
+            )?),
+            false => None,
+        };
         verify_fast_convs(&dev, &step.plan, step.stem);
         let infer_calls = step.program_calls(false, StepArgs::infer())?;
         let mut trainer = CudaTrainer {
@@ -219,6 +231,7 @@ impl CudaTrainer {
             train_calls: None,
             graphs: None,
             sync: GradSync::Local,
+            u8_staging,
         };
         trainer.upload(&model)?;
         Ok(trainer)
@@ -283,21 +296,43 @@ impl CudaTrainer {
         self.dev.synchronize()
     }
 
-    /// Copies a batch into pinned memory and queues its async upload to the staging buffers.
-    fn stage(&mut self, images: &[f32], labels: Option<&[u32]>) -> Result<()> {
+    /// Queues a batch's upload into the fp32 staging image: a u8 batch through [`U8Staging`]
+    /// when this trainer has it (normalised on the device), else as f32 (a u8 batch normalised
+    /// on the host first, as the CPU packing does).
+    fn stage_input(&mut self, images: Images<'_>, labels: Option<&[u32]>) -> Result<()> {
+        check_batch(&self.step.plan, images.len(), labels)?;
+        match images {
+            Images::U8 { pixels, norm } if self.u8_staging.is_some() => {
+                self.stage(None, labels)?;
+                let dst = self.step.ptr.images;
+                if let Some(staging) = &mut self.u8_staging {
+                    staging.stage(&self.dev, pixels, norm, dst)?;
+                }
+                Ok(())
+            }
+            images => self.stage(Some(&images.to_f32()), labels),
+        }
+    }
+
+    /// Copies a batch (when given) and labels into pinned memory and queues their async upload to
+    /// the staging buffers on the compute stream.
+    fn stage(&mut self, images: Option<&[f32]>, labels: Option<&[u32]>) -> Result<()> {
         // Everything is checked before a pinned buffer is touched: bailing out between refilling
         // the images and recording `inputs_read` would leave an upload in flight that the next
         // `stage` does not wait for before overwriting its source.
-        check_batch(&self.step.plan, images, labels)?;
+        let numel = self.step.plan.tensor(self.step.plan.input).numel();
+        check_batch(&self.step.plan, images.map_or(numel, <[f32]>::len), labels)?;
         let s = self.dev.stream.clone();
         // The previous batch's uploads must be done before its pinned buffers are overwritten.
         self.pinned.inputs_read.synchronize()?;
-        // A v4 batch of 128 is 137 MB of f32: copy it into pinned memory on every core.
-        let dst = self.pinned.images.as_mut_slice()?;
-        dst.par_chunks_mut(1 << 16)
-            .zip(images.par_chunks(1 << 16))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        s.memcpy_htod(&self.pinned.images, &mut self.bufs.images)?;
+        if let Some(images) = images {
+            // A v4 batch of 128 is 137 MB of f32: copy it into pinned memory on every core.
+            let dst = self.pinned.images.as_mut_slice()?;
+            dst.par_chunks_mut(1 << 16)
+                .zip(images.par_chunks(1 << 16))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            s.memcpy_htod(&self.pinned.images, &mut self.bufs.images)?;
+        }
         if let Some(labels) = labels {
             let dst = self.pinned.labels.as_mut_slice()?;
             dst.iter_mut().zip(labels).for_each(|(d, &l)| *d = l as f32);
@@ -371,14 +406,14 @@ impl Backend for CudaTrainer {
 
     fn train_step(
         &mut self,
-        images: &[f32],
+        images: Images<'_>,
         labels: &[u32],
         step: u64,
         lr: f32,
         scaler: &mut LossScaler,
     ) -> Result<Vec<StepOutcome>> {
         self.check_training()?;
-        self.stage(images, Some(labels))?;
+        self.stage_input(images, Some(labels))?;
         let dynamic = match *scaler {
             LossScaler::Dynamic {
                 growth_interval, ..
@@ -420,12 +455,19 @@ impl Backend for CudaTrainer {
         Ok(settled)
     }
 
+    fn input_format(&self) -> InputFormat {
+        match self.u8_staging {
+            Some(_) => InputFormat::U8,
+            None => InputFormat::F32,
+        }
+    }
+
     fn settle(&mut self, scaler: &mut LossScaler) -> Result<Vec<StepOutcome>> {
         Ok(self.settle_pending(scaler)?.into_iter().collect())
     }
 
     fn infer(&mut self, images: &[f32]) -> Result<Vec<f32>> {
-        self.stage(images, None)?;
+        self.stage(Some(images), None)?;
         run_calls(&self.dev, &self.infer_calls, &self.step.plan.name)?;
         self.read_tensor(self.step.plan.logits)
     }
@@ -477,5 +519,8 @@ impl Drop for CudaTrainer {
     /// cudarc's own pinned-buffer events are not recorded with a single stream (see [`Pinned`]).
     fn drop(&mut self) {
         let _ = self.dev.synchronize();
+        if let Some(staging) = &self.u8_staging {
+            let _ = staging.synchronize();
+        }
     }
 }

@@ -1,7 +1,14 @@
 //! The loader's transforms in u8: a crop-aware SIMD resize straight from the decoded image into
 //! the image's slot, then flip and colour jitter fused into one pass over the slot. Nothing is
 //! allocated per image once a thread's [`Scratch`] has grown to the image size. Normalisation to
-//! f32 happens once, when the batch is packed ([`normalize_u8_into`]).
+//! f32 happens once: when the batch is packed for the CPU ([`normalize_u8_into`]), on the device
+//! for CUDA.
+//!
+//! An image whose jitter stretches differences by more than [`U8_RESIZE_MAX_GAIN`] is resized
+//! at 16-bit precision (the crop widened to u16, resized, jittered from the u16 result) and
+//! rounded to u8 once, at the end: brightness, contrast and saturation stretch the values, so a
+//! rounding made before them would grow with their factors (up to about 2.7 levels for a
+//! 1.4 x 1.4 x 1.4 draw) and break the 2/255 bound against the reference.
 //!
 //! They follow the f32 reference transforms of [`super::transform`] (same draws, same filter:
 //! a triangle filter widened when shrinking, as PIL's antialiased bilinear resize), differing only
@@ -9,6 +16,7 @@
 
 use super::decode::DecodedImage;
 use super::transform::{CropBox, Normalization, TrainDraws};
+use crate::ops::normalize::normalize_u8;
 use anyhow::{Context, Result};
 use fast_image_resize as fir;
 
@@ -18,6 +26,10 @@ pub struct Scratch {
     resizer: fir::Resizer,
     /// One output row, planar (r, g, b), for the jitter pass.
     planes: Vec<f32>,
+    /// The crop's source pixels widened to u16 (x 257), for the 16-bit resize of jittered images.
+    wide_src: Vec<u16>,
+    /// The 16-bit resize result that the jitter pass reads.
+    wide_out: Vec<u16>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -90,6 +102,29 @@ impl Region {
     }
 }
 
+/// The smallest whole-pixel box `(x0, y0, x1, y1)` of a `width` x `height` image around `region`.
+fn pixel_box(region: &Region, width: usize, height: usize) -> (usize, usize, usize, usize) {
+    let x0 = (region.x.floor().max(0.0) as usize).min(width - 1);
+    let y0 = (region.y.floor().max(0.0) as usize).min(height - 1);
+    let x1 = ((region.x + region.width).ceil() as usize).clamp(x0 + 1, width);
+    let y1 = ((region.y + region.height).ceil() as usize).clamp(y0 + 1, height);
+    (x0, y0, x1, y1)
+}
+
+/// The resize options of `region` once the source is cut to `bx` (a bounded region's crop is
+/// relative to its pixel box).
+fn crop_options(region: &Region, bx: (usize, usize, usize, usize)) -> fir::ResizeOptions {
+    let (x0, y0, x1, y1) = bx;
+    let opts = fir::ResizeOptions::new()
+        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
+    opts.crop(
+        (region.x - x0 as f64).max(0.0),
+        (region.y - y0 as f64).max(0.0),
+        region.width.min((x1 - x0) as f64),
+        region.height.min((y1 - y0) as f64),
+    )
+}
+
 /// Resizes `region` of `img` to `size` x `size` RGB u8 in `out` (`size * size * 3` bytes).
 pub fn resize_region_u8(
     img: &DecodedImage,
@@ -108,13 +143,9 @@ pub fn resize_region_u8(
     let mut dst =
         fir::images::Image::from_slice_u8(size as u32, size as u32, out, fir::PixelType::U8x3)
             .context("output slot")?;
-    let opts = fir::ResizeOptions::new()
-        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
     if region.bounded {
-        let x0 = (region.x.floor().max(0.0) as usize).min(img.width - 1);
-        let y0 = (region.y.floor().max(0.0) as usize).min(img.height - 1);
-        let x1 = ((region.x + region.width).ceil() as usize).clamp(x0 + 1, img.width);
-        let y1 = ((region.y + region.height).ceil() as usize).clamp(y0 + 1, img.height);
+        let bx = pixel_box(&region, img.width, img.height);
+        let (x0, y0, x1, y1) = bx;
         let view = fir::images::CroppedImage::new(
             &src,
             x0 as u32,
@@ -122,21 +153,61 @@ pub fn resize_region_u8(
             (x1 - x0) as u32,
             (y1 - y0) as u32,
         )?;
-        let (w, h) = (
-            region.width.min((x1 - x0) as f64),
-            region.height.min((y1 - y0) as f64),
-        );
-        let opts = opts.crop(
-            (region.x - x0 as f64).max(0.0),
-            (region.y - y0 as f64).max(0.0),
-            w,
-            h,
-        );
-        scratch.resizer.resize(&view, &mut dst, &opts)?;
+        scratch
+            .resizer
+            .resize(&view, &mut dst, &crop_options(&region, bx))?;
     } else {
-        let opts = opts.crop(region.x, region.y, region.width, region.height);
+        let opts = fir::ResizeOptions::new()
+            .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
+            .crop(region.x, region.y, region.width, region.height);
         scratch.resizer.resize(&src, &mut dst, &opts)?;
     }
+    Ok(())
+}
+
+/// Resizes the bounded `region` of `img` to `size` x `size` RGB at 16-bit precision (0..=65535,
+/// u8 values x 257) into `scratch.wide_out`: the region's pixel box is widened into
+/// `scratch.wide_src` first, so only the pixels the filter reads are converted.
+fn resize_region_u16(
+    img: &DecodedImage,
+    region: Region,
+    size: usize,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let bx = pixel_box(&region, img.width, img.height);
+    let (x0, y0, x1, y1) = bx;
+    let (w, h) = (x1 - x0, y1 - y0);
+    scratch.wide_src.resize(w * h * 3, 0);
+    for (dst, y) in scratch.wide_src.chunks_exact_mut(w * 3).zip(y0..y1) {
+        let row = &img.pixels[(y * img.width + x0) * 3..(y * img.width + x1) * 3];
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = v as u16 * 257;
+        }
+    }
+    scratch.wide_out.resize(size * size * 3, 0);
+    let src = fir::images::ImageRef::new(
+        w as u32,
+        h as u32,
+        bytemuck::cast_slice(&scratch.wide_src),
+        fir::PixelType::U16x3,
+    )
+    .context("widened crop")?;
+    let mut dst = fir::images::Image::from_slice_u8(
+        size as u32,
+        size as u32,
+        bytemuck::cast_slice_mut(&mut scratch.wide_out),
+        fir::PixelType::U16x3,
+    )
+    .context("16-bit resize buffer")?;
+    let full = (0, 0, w, h);
+    let local = Region {
+        x: region.x - x0 as f64,
+        y: region.y - y0 as f64,
+        ..region
+    };
+    scratch
+        .resizer
+        .resize(&src, &mut dst, &crop_options(&local, full))?;
     Ok(())
 }
 
@@ -152,9 +223,42 @@ pub fn train_u8_into(
     scratch: &mut Scratch,
 ) -> Result<()> {
     let region = Region::train(draws.crop, full, (img.width, img.height));
-    resize_region_u8(img, region, size, out, scratch)?;
-    flip_jitter_u8(out, size, draws.flip, draws.jitter.as_ref(), scratch);
+    match &draws.jitter {
+        Some(ops) if jitter_gain(ops) > U8_RESIZE_MAX_GAIN => {
+            resize_region_u16(img, region, size, scratch)?;
+            scratch.planes.resize(3 * size, 0.0);
+            let wide = Some(scratch.wide_out.as_slice());
+            jitter_rows(
+                wide,
+                out,
+                size,
+                draws.flip,
+                ops,
+                &mut scratch.planes,
+                avx2(),
+            );
+        }
+        jitter => {
+            resize_region_u8(img, region, size, out, scratch)?;
+            flip_jitter_u8(out, size, draws.flip, jitter.as_ref(), scratch);
+        }
+    }
     Ok(())
+}
+
+/// The most a jitter draw may stretch differences (see [`jitter_gain`]) for its image to be
+/// resized in u8. The u8 resize is within about 1 level of the f32 reference (1.003 at worst in
+/// tests/data_fast.rs); the jitter multiplies that by at most its gain and the final rounding
+/// adds half a level: at most 1.4 x 1.003 + 0.5 = 1.91 levels, inside the 2-level bound. Draws
+/// that stretch more (about a fifth of them at jitter 0.4) take the 16-bit resize, which costs
+/// about 2.5 times the u8 one, so the rest keep the u8 speed.
+const U8_RESIZE_MAX_GAIN: f32 = 1.4;
+
+/// How much a jitter draw can stretch a difference between two pixels: brightness scales by its
+/// factor, contrast and saturation stretch about a mean or grey by theirs, so the product of the
+/// factors above 1.
+fn jitter_gain(ops: &[(u8, f32); 3]) -> f32 {
+    ops.iter().map(|o| o.1.max(1.0)).product()
 }
 
 /// The evaluation transform in u8 (resize the shorter side to `resize`, centre crop `size`) of
@@ -367,14 +471,34 @@ pub fn flip_jitter_u8(
         return;
     };
     scratch.planes.resize(3 * size, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
-    jitter_rows(img, size, flip, ops, &mut scratch.planes, avx2);
+    jitter_rows(None, img, size, flip, ops, &mut scratch.planes, avx2());
 }
 
+/// Whether the AVX2 plane operations can run.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Splits one interleaved RGB row of 16-bit values (u8 x 257) into planes in 0..=255.
+#[inline(always)]
+fn load_row_wide(row: &[u16], planes: &mut [f32], n: usize) {
+    let (r, rest) = planes.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    const INV: f32 = 1.0 / 257.0;
+    for (((px, r), g), b) in row[..3 * n].chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = px[0] as f32 * INV;
+        *g = px[1] as f32 * INV;
+        *b = px[2] as f32 * INV;
+    }
+}
+
+/// The jitter pass over a `size` x `size` image: reads each row from `wide` (a 16-bit resize
+/// result) when given, else from `img` itself, and writes the jittered, flipped row to `img`.
 fn jitter_rows(
+    wide: Option<&[u16]>,
     img: &mut [u8],
     size: usize,
     flip: bool,
@@ -383,43 +507,35 @@ fn jitter_rows(
     avx2: bool,
 ) {
     let row_len = size * 3;
+    let load = |y: usize, img: &[u8], planes: &mut [f32]| match wide {
+        Some(w) => load_row_wide(&w[y * row_len..(y + 1) * row_len], planes, size),
+        None => load_row(&img[y * row_len..(y + 1) * row_len], planes, size, avx2),
+    };
     let mut mean = 0.0f32;
     if let Some(k) = ops.iter().position(|o| o.0 == 1) {
         let mut sum = 0.0f64;
-        for row in img.chunks_exact(row_len) {
-            load_row(row, planes, size, avx2);
+        for y in 0..size {
+            load(y, img, planes);
             apply_ops(planes, size, &ops[..k], 0.0, avx2);
             sum += grey_sum(planes, size, avx2);
         }
         mean = (sum / (size * size) as f64) as f32;
     }
-    for row in img.chunks_exact_mut(row_len) {
-        load_row(row, planes, size, avx2);
+    for y in 0..size {
+        load(y, img, planes);
         apply_ops(planes, size, ops, mean, avx2);
-        store_row(planes, size, row, flip, avx2);
+        store_row(
+            planes,
+            size,
+            &mut img[y * row_len..(y + 1) * row_len],
+            flip,
+            avx2,
+        );
     }
 }
 
-/// RGB u8 (0..=255) -> `(x / 255 - mean) / std` per channel, written to `dst`.
+/// RGB u8 (0..=255) -> `(x / 255 - mean) / std` per channel, written to `dst`: the op's CPU
+/// reference, which the CUDA trainer's device normalisation is checked against.
 pub fn normalize_u8_into(src: &[u8], dst: &mut [f32], norm: &Normalization) {
-    assert_eq!(src.len(), dst.len());
-    // Sixteen pixels per step, so that the channel pattern lines up with the vector lanes.
-    const PX: usize = 16;
-    let mut mul = [0.0f32; 3 * PX];
-    let mut add = [0.0f32; 3 * PX];
-    for i in 0..3 * PX {
-        let c = i % 3;
-        mul[i] = 1.0 / (255.0 * norm.std[c]);
-        add[i] = -norm.mean[c] / norm.std[c];
-    }
-    let mut s = src.chunks_exact(3 * PX);
-    let mut d = dst.chunks_exact_mut(3 * PX);
-    for (s, d) in (&mut s).zip(&mut d) {
-        for i in 0..3 * PX {
-            d[i] = s[i] as f32 * mul[i] + add[i];
-        }
-    }
-    for (i, (v, o)) in s.remainder().iter().zip(d.into_remainder()).enumerate() {
-        *o = *v as f32 * mul[i] + add[i];
-    }
+    normalize_u8(src, dst, &norm.factors());
 }

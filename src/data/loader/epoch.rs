@@ -56,7 +56,7 @@ pub(super) struct Shared {
     pub(super) stats: Arc<Stats>,
     /// Chunk pixel buffers the consumer has finished with, and idle worker states.
     pub(super) reuse: Arc<Reuse>,
-    pub(super) batch_pool: Arc<Mutex<Vec<Vec<f32>>>>,
+    pub(super) batch_pool: Arc<Mutex<super::BatchPool>>,
 }
 
 impl Shared {
@@ -248,8 +248,8 @@ impl Epoch {
     }
 
     /// The item at the current position, waiting for its chunk if needed; a good item's pixels
-    /// are normalised into `dst` (skipped when `None`). `None`: stream over.
-    pub(super) fn next_item(&mut self, dst: Option<&mut [f32]>) -> Option<Item> {
+    /// are normalised or copied into `dst` (skipped when `None`). `None`: stream over.
+    pub(super) fn next_item(&mut self, dst: Option<Slot>) -> Option<Item> {
         let sh = self.shared.clone();
         if sh.stream_len.is_some_and(|len| self.position >= len) {
             return None;
@@ -273,12 +273,12 @@ impl Epoch {
         let item = chunk.items[*i];
         if let (Some(_), Some(dst)) = (item, dst) {
             let t = Instant::now();
-            let n = dst.len();
-            normalize_u8_into(
-                &chunk.pixels[*i * n..(*i + 1) * n],
-                dst,
-                &sh.cfg.normalization,
-            );
+            let n = sh.cfg.image_size * sh.cfg.image_size * 3;
+            let src = &chunk.pixels[*i * n..(*i + 1) * n];
+            match dst {
+                Slot::F32(dst) => normalize_u8_into(src, dst, &sh.cfg.normalization),
+                Slot::U8(dst) => dst.copy_from_slice(src),
+            }
             add_ns(&sh.stats.pack_ns, t);
             sh.stats.images.fetch_add(1, Ordering::Relaxed);
         }
@@ -308,6 +308,12 @@ impl Epoch {
     }
 }
 
+/// Where a good item's pixels go: normalised into an f32 batch, or copied into a u8 one.
+pub(super) enum Slot<'a> {
+    F32(&'a mut [f32]),
+    U8(&'a mut [u8]),
+}
+
 impl Iterator for Epoch {
     type Item = Batch;
 
@@ -322,22 +328,43 @@ impl Iterator for Epoch {
             return None;
         }
         let t = Instant::now();
-        let images = self.shared.batch_pool.lock().unwrap().pop();
-        let images = match images {
-            Some(v) if v.len() == b * pixels => v,
-            _ => vec![0.0; b * pixels],
-        };
+        let (mut images, mut bytes) = (vec![], vec![]);
+        {
+            let mut pool = self.shared.batch_pool.lock().unwrap();
+            if cfg.u8_batches {
+                bytes = pool
+                    .1
+                    .pop()
+                    .filter(|v| v.len() == b * pixels)
+                    .unwrap_or_default();
+                bytes.resize(b * pixels, 0);
+            } else {
+                images = pool
+                    .0
+                    .pop()
+                    .filter(|v| v.len() == b * pixels)
+                    .unwrap_or_default();
+                images.resize(b * pixels, 0.0);
+            }
+        }
         add_ns(&self.shared.stats.pack_ns, t);
         let mut batch = Batch {
             images,
+            pixels: bytes,
+            norm: cfg.normalization,
             labels: vec![0; b],
             indices: Vec::with_capacity(b),
             len: 0,
             skipped: 0,
         };
         while batch.len < b {
-            let slot = batch.len * pixels..(batch.len + 1) * pixels;
-            let Some(item) = self.next_item(Some(&mut batch.images[slot])) else {
+            let range = batch.len * pixels..(batch.len + 1) * pixels;
+            let slot = if batch.pixels.is_empty() {
+                Slot::F32(&mut batch.images[range])
+            } else {
+                Slot::U8(&mut batch.pixels[range])
+            };
+            let Some(item) = self.next_item(Some(slot)) else {
                 break;
             };
             match item {
@@ -357,7 +384,11 @@ impl Iterator for Epoch {
         }
         self.skipped += batch.skipped;
         // A recycled buffer holds old images past the real ones: slots past `len` are zero.
-        batch.images[batch.len * pixels..].fill(0.0);
+        if batch.pixels.is_empty() {
+            batch.images[batch.len * pixels..].fill(0.0);
+        } else {
+            batch.pixels[batch.len * pixels..].fill(0);
+        }
         if train {
             self.batches_left -= 1;
         }

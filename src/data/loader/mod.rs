@@ -20,6 +20,7 @@ use super::dataset::Dataset;
 use super::decode::{DecodedImage, Decoder, JpegBackend};
 use super::fast::{eval_u8_into, normalize_u8_into, train_u8_into, Region, Scratch};
 use super::transform::{draw_train, AugmentConfig, Normalization};
+use crate::backend::Images;
 use anyhow::{ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -62,6 +63,9 @@ pub struct LoaderConfig {
     pub jpeg: JpegBackend,
     /// Decode JPEGs at a reduced scale when the crop allows it (libjpeg-turbo only).
     pub scaled_decode: bool,
+    /// Hand out the u8 pixels (`Batch::pixels`) instead of normalised f32, for a backend that
+    /// normalises on its device ([`crate::backend::InputFormat::U8`]).
+    pub u8_batches: bool,
 }
 
 impl LoaderConfig {
@@ -80,6 +84,7 @@ impl LoaderConfig {
             prefetch: 4,
             jpeg: JpegBackend::Auto,
             scaled_decode: true,
+            u8_batches: false,
         }
     }
 
@@ -91,11 +96,16 @@ impl LoaderConfig {
     }
 }
 
-/// One batch, NHWC f32. Slots past `len` are zero images with label 0.
+/// One batch, NHWC: normalised f32 or (with `LoaderConfig::u8_batches`) u8 pixels. Slots past
+/// `len` are zero images with label 0.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// `batch_size * image_size * image_size * 3` values.
+    /// `batch_size * image_size * image_size * 3` values (empty for a u8 batch).
     pub images: Vec<f32>,
+    /// The u8 pixels of a u8 batch, as many values (empty for an f32 batch).
+    pub pixels: Vec<u8>,
+    /// The normalisation of the pixels.
+    pub norm: Normalization,
     /// `batch_size` labels.
     pub labels: Vec<u32>,
     /// Dataset index of each real image (`len` entries).
@@ -106,6 +116,23 @@ pub struct Batch {
     pub skipped: usize,
 }
 
+impl Batch {
+    /// The batch as a backend takes it.
+    pub fn input(&self) -> Images<'_> {
+        if self.images.is_empty() {
+            Images::U8 {
+                pixels: &self.pixels,
+                norm: self.norm.factors(),
+            }
+        } else {
+            Images::F32(&self.images)
+        }
+    }
+}
+
+/// Recycled batch buffers: f32 images and u8 pixels.
+pub(super) type BatchPool = (Vec<Vec<f32>>, Vec<Vec<u8>>);
+
 /// Hands out batches of a dataset; see the module docs.
 pub struct Loader {
     dataset: Arc<Dataset>,
@@ -114,7 +141,7 @@ pub struct Loader {
     warned: Arc<Mutex<HashSet<usize>>>,
     stats: Arc<Stats>,
     /// Batch buffers handed back by [`Loader::recycle`].
-    batch_pool: Arc<Mutex<Vec<Vec<f32>>>>,
+    batch_pool: Arc<Mutex<BatchPool>>,
     /// Kept across epochs: chunk buffers and the workers' decoders and buffers.
     reuse: Arc<Reuse>,
 }
@@ -201,6 +228,12 @@ impl Loader {
         &self.dataset
     }
 
+    /// Hands out u8 batches from the next epoch on (see [`LoaderConfig::u8_batches`]): the
+    /// backend, built after the loader, says which format it takes.
+    pub fn set_u8_batches(&mut self, on: bool) {
+        self.cfg.u8_batches = on;
+    }
+
     pub fn config(&self) -> &LoaderConfig {
         &self.cfg
     }
@@ -229,8 +262,11 @@ impl Loader {
     /// just dropped costs a fresh allocation).
     pub fn recycle(&self, batch: Batch) {
         let mut pool = self.batch_pool.lock().unwrap();
-        if pool.len() < 4 {
-            pool.push(batch.images);
+        if pool.0.len() < 4 && !batch.images.is_empty() {
+            pool.0.push(batch.images);
+        }
+        if pool.1.len() < 4 && !batch.pixels.is_empty() {
+            pool.1.push(batch.pixels);
         }
     }
 

@@ -4,7 +4,7 @@
 use super::eval::{evaluate_sharded, EvalResult};
 use super::log::{Progress, RunLog};
 use super::Schedule;
-use crate::backend::{self, resolve_device, Amp, Backend, Device, StepOutcome};
+use crate::backend::{self, resolve_device, Amp, Backend, Device, InputFormat, StepOutcome};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState};
 use crate::data::{AugmentConfig, Dataset, EpochPosition, Loader, LoaderConfig, Normalization};
 use crate::dist::{self, Comm, Single};
@@ -153,7 +153,7 @@ pub fn train_with(cfg: &TrainConfig, comm: Rc<dyn Comm>) -> Result<TrainSummary>
         .map(|p| open_eval_set(p, &classes).map(Arc::new))
         .transpose()?;
     let plan = plan::build(&cfg.plan, plan_config(cfg, classes.len()))?;
-    let loader = Loader::new(train_set, loader_config(cfg, comm.as_ref()))?;
+    let mut loader = Loader::new(train_set, loader_config(cfg, comm.as_ref()))?;
     let steps_per_epoch = loader.batches_per_epoch();
     let schedule = Schedule {
         lr_init: cfg.lr_init,
@@ -192,6 +192,7 @@ pub fn train_with(cfg: &TrainConfig, comm: Rc<dyn Comm>) -> Result<TrainSummary>
         engine_preprocessing(cfg.image_size, Normalization::IMAGENET),
     );
     let mut backend = rank_backend(device, amp, &plan, model, optim, &comm, cfg)?;
+    loader.set_u8_batches(backend.input_format() == InputFormat::U8);
     let mut log = match dist::is_primary() {
         true => RunLog::open(&cfg.out)?,
         false => RunLog::discard(),
@@ -365,7 +366,7 @@ fn run_epoch(
         dist::set_step(run.step + 1);
         dist::fault_point(run.step + 1);
         let mut outcomes =
-            backend.train_step(&batch.images, &batch.labels, run.step, lr, &mut run.scaler)?;
+            backend.train_step(batch.input(), &batch.labels, run.step, lr, &mut run.scaler)?;
         mean_losses(comm, &mut outcomes)?;
         loader.recycle(batch);
         run.step += 1;

@@ -13,6 +13,7 @@ use super::super::grad_sync::GradSync;
 use super::super::layout::StepArgs;
 use super::super::program::Stage;
 use super::CudaTrainer;
+use crate::backend::Images;
 use crate::gpu::{KernelPaths, Launch};
 use crate::ops::conv::count::ConvWork;
 use crate::ops::conv::cuda::ConvTarget;
@@ -33,9 +34,9 @@ impl CudaTrainer {
 
     /// Runs only the forward launches of a training step (a diagnostic: the tensors the backward
     /// will read are then intact in the arena, see [`Self::read_tensor`]).
-    pub fn forward_train(&mut self, images: &[f32], labels: &[u32], step: u64) -> Result<()> {
+    pub fn forward_train(&mut self, images: Images<'_>, labels: &[u32], step: u64) -> Result<()> {
         self.check_training()?;
-        self.stage(images, Some(labels))?;
+        self.stage_input(images, Some(labels))?;
         let args = StepArgs {
             train: true,
             step,
@@ -64,11 +65,12 @@ impl CudaTrainer {
 
     /// Kernel launches one training step runs, once a step has resolved its calls (a step
     /// replayed from a CUDA graph adds the launch that writes its step values; the host then
-    /// queues that launch and the graph, not each kernel).
+    /// queues that launch and the graph, not each kernel; a u8 batch adds its normalisation,
+    /// queued outside the graph).
     pub fn launches_per_step(&self) -> Option<usize> {
         let (_, calls) = self.train_calls.as_ref()?;
         let kernels: usize = calls.iter().map(|(_, c)| c.kernel_launches()).sum();
-        Some(kernels + self.dev.paths.graph as usize)
+        Some(kernels + self.dev.paths.graph as usize + self.u8_staging.is_some() as usize)
     }
 
     /// What one training step's convolutions issue with kernel paths `paths` on this device (its
@@ -87,7 +89,7 @@ impl CudaTrainer {
     /// launchers' model), once a step has resolved its calls.
     pub fn step_figures(&self) -> Option<StepFigures> {
         let (_, calls) = self.train_calls.as_ref()?;
-        Some(StepFigures::of(calls, self.step.amp))
+        Some(StepFigures::of(calls, &self.step))
     }
 
     /// Whether the device keeps tensor `id` at all (the fusion elides a BN output its ReLU
