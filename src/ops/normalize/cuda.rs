@@ -18,8 +18,9 @@ pub struct NormalizeU8 {
 impl Launch for NormalizeU8 {
     fn launch(&self, dev: &CudaDevice) -> Result<()> {
         let (src, dst, n) = (self.src, self.dst, self.count as u64);
-        let [m0, m1, m2] = self.factors.mul;
-        let [a0, a1, a2] = self.factors.add;
+        // Typed tuples rather than array patterns: tests/kernel_signatures.rs reads the types.
+        let (m0, m1, m2): (f32, f32, f32) = self.factors.mul.into();
+        let (a0, a1, a2): (f32, f32, f32) = self.factors.add.into();
         cuda_launch!(
             dev,
             "normalize_u8_f32",
