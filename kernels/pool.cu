@@ -54,7 +54,9 @@ __device__ __forceinline__ int window_count(const PoolParams& p, int oh, int ow)
     return max(h1 - h0, 0) * max(w1 - w0, 0);
 }
 
-template <class A>
+// SAVE_ARGMAX (the pool_argmax path) also writes each output's window position of its maximum
+// (dense, one byte per output).
+template <class A, bool SAVE_ARGMAX>
 __device__ __forceinline__ void maxpool_fwd_impl(const PoolParams& p) {
     const A* x = (const A*)p.x;
     GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
@@ -62,7 +64,8 @@ __device__ __forceinline__ void maxpool_fwd_impl(const PoolParams& p) {
         u32 pix = i / p.c;
         int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
         float m;
-        max_window_pos(p, x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
+        int pos = max_window_pos(p, x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
+        if (SAVE_ARGMAX) p.argmax[i] = (unsigned char)pos;
         ((A*)p.y)[(u64)pix * p.ldy + p.yoff + c] = from_f32<A>(m);
     }
 }
@@ -117,21 +120,6 @@ __device__ __forceinline__ void maxpool_bwd_impl(const PoolParams& p) {
     }
 }
 
-
-// maxpool_fwd, also saving each output's argmax (dense, one byte per output).
-template <class A>
-__device__ __forceinline__ void maxpool_fwd_argmax_impl(const PoolParams& p) {
-    const A* x = (const A*)p.x;
-    GRID_STRIDE(i, (u32)p.n * p.oh * p.ow * p.c) {
-        int c = (int)(i % p.c);
-        u32 pix = i / p.c;
-        int ow = (int)(pix % p.ow), oh = (int)(pix / p.ow % p.oh), n = (int)(pix / (u32)(p.ow * p.oh));
-        float m;
-        p.argmax[i] = (unsigned char)max_window_pos(p, x + (long long)n * p.h * p.w * p.c, oh, ow, c, &m);
-        ((A*)p.y)[(u64)pix * p.ldy + p.yoff + c] = from_f32<A>(m);
-    }
-}
-
 // maxpool_bwd through the saved argmax: a covering window contributes when its first maximum is
 // this input's position in it. No x is read.
 template <class A>
@@ -176,14 +164,14 @@ __device__ __forceinline__ void avgpool_bwd_impl(const PoolParams& p) {
     }
 }
 
-extern "C" __global__ void maxpool_fwd(const PoolParams p) { maxpool_fwd_impl<__half>(p); }
-extern "C" __global__ void maxpool_fwd_o0(const PoolParams p) { maxpool_fwd_impl<float>(p); }
+extern "C" __global__ void maxpool_fwd(const PoolParams p) { maxpool_fwd_impl<__half, false>(p); }
+extern "C" __global__ void maxpool_fwd_o0(const PoolParams p) { maxpool_fwd_impl<float, false>(p); }
 extern "C" __global__ void avgpool_fwd(const PoolParams p) { avgpool_fwd_impl<__half>(p); }
 extern "C" __global__ void avgpool_fwd_o0(const PoolParams p) { avgpool_fwd_impl<float>(p); }
 extern "C" __global__ void maxpool_bwd(const PoolParams p) { maxpool_bwd_impl<__half>(p); }
 extern "C" __global__ void maxpool_bwd_o0(const PoolParams p) { maxpool_bwd_impl<float>(p); }
-extern "C" __global__ void maxpool_fwd_argmax(const PoolParams p) { maxpool_fwd_argmax_impl<__half>(p); }
-extern "C" __global__ void maxpool_fwd_argmax_o0(const PoolParams p) { maxpool_fwd_argmax_impl<float>(p); }
+extern "C" __global__ void maxpool_fwd_argmax(const PoolParams p) { maxpool_fwd_impl<__half, true>(p); }
+extern "C" __global__ void maxpool_fwd_argmax_o0(const PoolParams p) { maxpool_fwd_impl<float, true>(p); }
 extern "C" __global__ void maxpool_bwd_argmax(const PoolParams p) { maxpool_bwd_argmax_impl<__half>(p); }
 extern "C" __global__ void maxpool_bwd_argmax_o0(const PoolParams p) { maxpool_bwd_argmax_impl<float>(p); }
 extern "C" __global__ void avgpool_bwd(const PoolParams p) { avgpool_bwd_impl<__half>(p); }
