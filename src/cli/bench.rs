@@ -15,6 +15,25 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::time::Instant;
 
+/// `println!` on rank 0 only: under mpirun every rank times its step and one reports (the
+/// others print only errors, as in training).
+macro_rules! say {
+    ($($t:tt)*) => {
+        if crate::dist::is_primary() {
+            println!($($t)*);
+        }
+    };
+}
+
+/// `eprintln!` (progress) on rank 0 only.
+macro_rules! say_err {
+    ($($t:tt)*) => {
+        if crate::dist::is_primary() {
+            eprintln!($($t)*);
+        }
+    };
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(subcommand)]
@@ -244,10 +263,10 @@ fn cuda_runs(
         let mut out = report(a, &times, &note);
         let figures = trainer.step_figures();
         if let Some(f) = &figures {
-            println!("  {}", f.describe());
+            say!("  {}", f.describe());
         }
         let of_limit = limit_ms.map(|l| l / step_ms);
-        println!(
+        say!(
             "  limit at {}: {} per step ({:.1} GFLOP and {:.1} MB of useful work){}; {} kernel launches per step{}",
             describe_rates(rates),
             limit_ms.map_or("unknown".into(), |ms| format!("{ms:.3} ms")),
@@ -265,7 +284,9 @@ fn cuda_runs(
         if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
             o.extend(e);
         }
-        if comm.world() > 1 {
+        if comm.world() > 1 && !nccl_on_every_rank(comm)? {
+            say!("  communication: not measured (NCCL cannot be loaded on every rank)");
+        } else if comm.world() > 1 {
             let time = |t: &mut CudaTrainer| -> Result<f64> {
                 Ok(mean(&time_steps(
                     a,
@@ -277,7 +298,7 @@ fn cuda_runs(
                 )?))
             };
             let overlap = overlap::measure(trainer, comm, a.bucket_mib, step_ms, time)?;
-            println!("  communication: {}", overlap.describe());
+            say!("  communication: {}", overlap.describe());
             if let Some(o) = out.as_object_mut() {
                 o.insert("overlap".into(), json!(overlap));
             }
@@ -285,6 +306,14 @@ fn cuda_runs(
         runs.push(out);
     }
     Ok(runs)
+}
+
+/// Whether every rank can load NCCL (the overlap figure needs it, and every rank must take the
+/// same path: its collectives would otherwise never meet).
+fn nccl_on_every_rank(comm: &dyn crate::dist::Comm) -> Result<bool> {
+    let mut found = [crate::gpu::nccl::ensure_nccl().is_ok() as u8 as f64];
+    comm.all_reduce_sum_f64(&mut found)?;
+    Ok(found[0] as usize == comm.world())
 }
 
 /// The rates the step's limit is computed at: the options', else measured on the card (not on
@@ -326,7 +355,7 @@ fn conv_work_line(trainer: &CudaTrainer) -> serde_json::Value {
     let Some(w) = trainer.conv_work(trainer.kernel_paths()) else {
         return serde_json::Value::Null;
     };
-    println!(
+    say!(
         "  conv work per step: {:.3e} tensor-core MMAs, {:.3e} plain FMAs, {:.1}% of the issued \
          multiply-adds useful",
         w.mmas as f64,
@@ -367,7 +396,7 @@ fn time_steps<B: Backend>(
     before_timed: impl FnOnce(&mut B),
     finish: impl FnOnce(&mut B) -> Result<()>,
 ) -> Result<Vec<f64>> {
-    eprintln!(
+    say_err!(
         "bench train: {} on {}, loss scale {:?}, batch {}, {}x{}, {} warm-up + {} timed steps",
         a.plan,
         backend.name(),
@@ -399,7 +428,7 @@ fn time_steps<B: Backend>(
         let loss = settled
             .last()
             .map_or(String::new(), |o| format!(", loss {:.4}", o.loss));
-        eprintln!("  step {}: {:.1} ms{loss}", s + 1, times[s]);
+        say_err!("  step {}: {:.1} ms{loss}", s + 1, times[s]);
     }
     let t = Instant::now();
     backend.settle(&mut scaler)?;
@@ -419,7 +448,7 @@ fn report(a: &TrainArgs, times: &[f64], memory: &str) -> serde_json::Value {
     let step_ms = mean(times);
     let best_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let ips = a.batch_size as f64 / (step_ms / 1000.0);
-    println!("{ips:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), {memory}");
+    say!("{ips:.1} images/s, {step_ms:.1} ms per step (best {best_ms:.1} ms), {memory}");
     json!({"plan": a.plan, "image_size": a.image_size, "batch_size": a.batch_size, "steps": a.steps, "step_ms": step_ms, "best_step_ms": best_ms, "images_per_sec": ips})
 }
 
