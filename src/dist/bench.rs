@@ -39,34 +39,47 @@ pub fn run(
     iters: usize,
 ) -> Result<Vec<AllreduceRow>> {
     let mut buf: Vec<f32> = (0..elems).map(|i| (i % 97) as f32 * 1e-3).collect();
-    let world = comm.world() as f64;
     let bytes = elems as f64 * 4.0;
     let mut rows = Vec::new();
     for &mib in buckets_mib {
         comm.set_bucket_elems(mib.map_or(elems, |m| (m << 20) / 4));
         comm.all_reduce_sum(&mut buf)?;
-        let mut times = Vec::with_capacity(iters);
-        for _ in 0..iters.max(1) {
-            let mut sync = [0.0f64];
-            comm.all_reduce_sum_f64(&mut sync)?;
-            let t = Instant::now();
-            comm.all_reduce_sum(&mut buf)?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        // Every rank reports the slowest rank's time: the step waits for it.
-        let mut slowest = times.clone();
-        max_over_ranks(comm, &mut slowest)?;
-        slowest.sort_by(f64::total_cmp);
-        let median = slowest[slowest.len() / 2];
-        rows.push(AllreduceRow {
-            bucket_mib: mib,
-            median_ms: median,
-            min_ms: slowest[0],
-            bus_gb_per_s: bytes * 2.0 * (world - 1.0) / world / (median * 1e-3) / 1e9,
-        });
+        rows.push(time_bucket(comm, mib, bytes, iters, || {
+            comm.all_reduce_sum(&mut buf)
+        })?);
     }
     comm.set_bucket_elems(super::DEFAULT_BUCKET_ELEMS);
     Ok(rows)
+}
+
+/// Times `iters` calls of `reduce` (all-reducing `bytes` in buckets of `mib`), each started
+/// together on every rank, into one row. Every rank reports the slowest rank's times: a step
+/// waits for it.
+pub(super) fn time_bucket(
+    comm: &dyn Comm,
+    mib: Option<usize>,
+    bytes: f64,
+    iters: usize,
+    mut reduce: impl FnMut() -> Result<()>,
+) -> Result<AllreduceRow> {
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let mut sync = [0.0f64];
+        comm.all_reduce_sum_f64(&mut sync)?;
+        let t = Instant::now();
+        reduce()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    max_over_ranks(comm, &mut times)?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let world = comm.world() as f64;
+    Ok(AllreduceRow {
+        bucket_mib: mib,
+        median_ms: median,
+        min_ms: times[0],
+        bus_gb_per_s: bytes * 2.0 * (world - 1.0) / world / (median * 1e-3) / 1e9,
+    })
 }
 
 /// Elementwise maximum over the ranks, from sums: each rank fills its own column.

@@ -5,9 +5,8 @@
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaContext, DevicePtr};
-use std::time::Instant;
 
-use super::bench::{max_over_ranks, AllreduceRow};
+use super::bench::{time_bucket, AllreduceRow};
 use super::Comm;
 use crate::gpu::nccl::{unique_id, NcclComm};
 
@@ -57,7 +56,7 @@ pub fn run(
         stream.synchronize()?;
         Ok(())
     };
-    let (world, bytes) = (comm.world() as f64, elems as f64 * 4.0);
+    let bytes = elems as f64 * 4.0;
     let mut rows = Vec::new();
     for (k, &mib) in buckets_mib.iter().enumerate() {
         let bucket = mib.map_or(elems, |m| (m << 20) / 4).max(1);
@@ -65,23 +64,7 @@ pub fn run(
         if k == 0 {
             check_first_sum(&stream.clone_dtoh(&buf)?, comm.world())?;
         }
-        let mut times = Vec::with_capacity(iters);
-        for _ in 0..iters.max(1) {
-            let mut sync = [0.0f64];
-            comm.all_reduce_sum_f64(&mut sync)?;
-            let t = Instant::now();
-            reduce(bucket)?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        max_over_ranks(comm, &mut times)?;
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
-        rows.push(AllreduceRow {
-            bucket_mib: mib,
-            median_ms: median,
-            min_ms: times[0],
-            bus_gb_per_s: bytes * 2.0 * (world - 1.0) / world / (median * 1e-3) / 1e9,
-        });
+        rows.push(time_bucket(comm, mib, bytes, iters, || reduce(bucket))?);
     }
     Ok(rows)
 }
